@@ -1,0 +1,156 @@
+"""The Python API: `merge(config, out_dir, **options)`; the CLI is a thin layer over it."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from mergesmith.config.loader import ConfigLike, load_config
+from mergesmith.errors import ConfigError, InputError
+from mergesmith.execute.pipeline import ExecutionOptions, execute_plan
+from mergesmith.io.model_card import render_model_card
+from mergesmith.io.output_folder import (
+    StagingFolder,
+    check_output_target,
+    copy_generation_config,
+    copy_tokenizer_files,
+    write_json,
+)
+from mergesmith.io.shard_writer import ShardWriter
+from mergesmith.io.tokenizer_output import resolve_chat_template, tokenizer_donor_name, write_chat_template
+from mergesmith.plan.planner import MergePlan, plan_merge
+
+
+@dataclass
+class MergeResult:
+    """What a merge produced. `peak_rss_bytes` is the process's peak resident memory."""
+
+    out_path: Path
+    tensors_written: int
+    bytes_written: int
+    seconds: float
+    peak_rss_bytes: int | None
+    num_layers: int
+    shard_files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' / '500M' / '2GiB' / 1000000 → bytes. As in mergekit, a bare 'B' suffix means billions ('1B')."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGTB]?)(I?B)?\s*", text.upper())
+    if not match:
+        raise ConfigError(f"--out-shard-size: cannot read size '{text}' (examples: 5GB, 500MB, 2GiB)")
+    number, unit, suffix = float(match[1]), match[2], match[3] or ""
+    base = 1024 if suffix == "IB" else 1000
+    powers = {"": 0, "K": 1, "M": 2, "G": 3, "B": 3, "T": 4}
+    return max(1, int(number * base ** powers[unit]))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device is available (use --device cpu or auto)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device: unknown device '{name}' (cpu, cuda, cuda:N or auto)") from None
+
+
+def prepare(config: ConfigLike, *, random_seed: int = 0, dtype: str | None = None) -> MergePlan:
+    """Load and validate a config and plan the merge: every check that needs no tensor data."""
+    parsed, label = load_config(config)
+    base_dir = Path(label).parent if label != "<config>" else None
+    plan = plan_merge(parsed, base_dir=base_dir, random_seed=random_seed, out_dtype_override=dtype)
+    donor_name = tokenizer_donor_name(parsed, plan.models[plan.donor].name)
+    resolve_chat_template(parsed.chat_template, [m.folder for m in plan.models])
+    plan.tokenizer_donor = next(i for i, m in enumerate(plan.models) if m.name == donor_name)
+    return plan
+
+
+def merge(
+    config: ConfigLike,
+    out_dir: str | os.PathLike,
+    *,
+    device: str = "cpu",
+    out_shard_size: str | int = "5GB",
+    dtype: str | None = None,
+    dry_run: bool = False,
+    copy_tokenizer: bool = True,
+    write_model_card: bool = True,
+    random_seed: int = 0,
+    overwrite: bool = False,
+    on_plan: Callable[[MergePlan], None] | None = None,
+    on_progress: Callable[[int, str], None] | None = None,
+) -> MergeResult:
+    """Merge the models a mergekit-style config names into a Hugging Face folder at `out_dir`.
+
+    Every check runs before any tensor is read; the folder appears only once complete.
+    """
+    started = time.perf_counter()
+    out_path = Path(out_dir)
+    max_shard = parse_size(out_shard_size)
+    torch_device = resolve_device(device)
+    plan = prepare(config, random_seed=random_seed, dtype=dtype)
+    check_output_target(out_path, overwrite)
+    if on_plan is not None:
+        on_plan(plan)
+    if dry_run:
+        return MergeResult(out_path, len(plan.tasks), plan.output_bytes, time.perf_counter() - started, _peak_rss(), plan.num_layers, warnings=plan.warnings, dry_run=True)
+
+    staging = StagingFolder(out_path)
+    try:
+        writer = ShardWriter(staging.path, [t.output for t in plan.tasks], max_shard, metadata={"merged_with": "mergesmith"})
+        try:
+            stats = execute_plan(plan, writer, ExecutionOptions(device=torch_device), on_progress)
+        finally:
+            writer.close()
+        writer.write_index()
+        _write_metadata(plan, staging.path, copy_tokenizer, write_model_card)
+        final = staging.commit()
+    except BaseException:
+        staging.discard()
+        raise
+    return MergeResult(
+        final,
+        stats.tensors_written,
+        stats.bytes_written,
+        time.perf_counter() - started,
+        _peak_rss(),
+        plan.num_layers,
+        shard_files=list(writer.file_names),
+        warnings=plan.warnings,
+    )
+
+
+def _write_metadata(plan: MergePlan, folder: Path, copy_tokenizer: bool, write_model_card: bool) -> None:
+    write_json(folder / "config.json", plan.out_config)
+    donor = plan.models[plan.tokenizer_donor if plan.tokenizer_donor is not None else plan.donor]
+    copy_generation_config(donor.folder, folder)
+    if copy_tokenizer:
+        copy_tokenizer_files(donor.folder, folder)
+        template = resolve_chat_template(plan.config.chat_template, [m.folder for m in plan.models])
+        if template:
+            write_chat_template(folder, template)
+    config_yaml = yaml.safe_dump(plan.config.to_yaml_dict(), sort_keys=False)
+    (folder / "mergekit_config.yml").write_text(config_yaml, encoding="utf-8")
+    if write_model_card:
+        (folder / "README.md").write_text(render_model_card(plan.config, config_yaml), encoding="utf-8")
+
+
+def _peak_rss() -> int | None:
+    try:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except (AttributeError, ValueError):
+        return None

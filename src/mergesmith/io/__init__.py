@@ -1,0 +1,1 @@
+"""Reading models and writing the output folder."""

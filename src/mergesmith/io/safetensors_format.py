@@ -1,0 +1,137 @@
+"""The safetensors file format, read and written directly.
+
+A file is an 8-byte little-endian header length, a JSON header mapping tensor names to
+`{dtype, shape, data_offsets}`, then raw little-endian tensor bytes. Reading the header alone tells us every
+tensor's shape and dtype without touching data, which is what validation and planning need; reading a
+tensor (or a range of its rows) is one `pread` of a contiguous byte range, which releases the GIL and lets
+the reader thread overlap with compute.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class SafetensorsFormatError(ValueError):
+    """The file is not a valid safetensors file."""
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lives in a file, known from the header alone."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset of the first element
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_header(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+    """Parse a safetensors header: tensors by name (in file order) and the `__metadata__` strings."""
+    with open(path, "rb") as fh:
+        raw_len = fh.read(8)
+        if len(raw_len) != 8:
+            raise SafetensorsFormatError(f"{path}: file too short to be safetensors")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > MAX_HEADER_BYTES:
+            raise SafetensorsFormatError(f"{path}: header length {header_len} is not plausible")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SafetensorsFormatError(f"{path}: header is not valid JSON ({exc})") from None
+    data_start = 8 + header_len
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, StoredTensor] = {}
+    for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise SafetensorsFormatError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        tensors[name] = StoredTensor(path, dtype, tuple(info["shape"]), data_start + begin, data_start + end)
+    return tensors, metadata
+
+
+def read_tensor(stored: StoredTensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Read a tensor (or rows [a, b) of its first dimension) with one positioned read."""
+    shape = list(stored.shape)
+    start, end = stored.start, stored.end
+    if rows is not None and shape:
+        row_bytes = (end - start) // shape[0] if shape[0] else 0
+        start, end = start + rows[0] * row_bytes, start + rows[1] * row_bytes
+        shape[0] = rows[1] - rows[0]
+    size = end - start
+    buffer = bytearray(size)
+    if size:
+        fd = os.open(stored.file, os.O_RDONLY)
+        try:
+            view = memoryview(buffer)
+            done = 0
+            while done < size:
+                got = os.preadv(fd, [view[done:]], start + done)
+                if got == 0:
+                    raise SafetensorsFormatError(f"{stored.file}: file ends inside tensor data")
+                done += got
+        finally:
+            os.close(fd)
+    if size == 0:
+        return torch.empty(shape, dtype=stored.dtype)
+    return torch.frombuffer(buffer, dtype=stored.dtype).reshape(shape)
+
+
+def encode_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
+    """Build a header for tensors stored back to back in the given order.
+
+    Returns the bytes to write at the start of the file (length prefix included, padded to 8 bytes so that
+    the data is aligned) and each tensor's absolute offset.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    relative = 0
+    relative_offsets = []
+    for name, dtype, shape in entries:
+        nbytes = math.prod(shape) * _itemsize(dtype)
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [relative, relative + nbytes]}
+        relative_offsets.append(relative)
+        relative += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    prefix = struct.pack("<Q", len(encoded)) + encoded
+    return prefix, [len(prefix) + r for r in relative_offsets]
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,41 @@
+"""Linear merge ("model soup", arXiv 2203.05482): a weighted average of the models' tensors."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mergesmith.methods.registry import MethodInputError, Param, merge_method
+
+ZERO_SUM_PROBLEM = "weights sum to 0, so normalize: true would divide by zero (set normalize: false or change the weights)"
+
+
+def _check_weight_sum(params: dict) -> str | None:
+    if params.get("normalize", True) and abs(sum(params["weight"])) < 1e-12:
+        return ZERO_SUM_PROBLEM
+    return None
+
+
+@merge_method(
+    "linear",
+    params=[
+        Param("weight", float, per_model=True, doc="Relative weight of the model."),
+        Param("normalize", bool, default=True, doc="Divide by the sum of the weights."),
+    ],
+    elementwise=True,
+    reference="https://arxiv.org/abs/2203.05482",
+    check=_check_weight_sum,
+)
+def linear(tensors: Sequence[torch.Tensor], *, weight: Sequence[float], normalize: bool = True) -> torch.Tensor:
+    """Weighted sum of the tensors, divided by the sum of weights when `normalize` is set."""
+    result = torch.zeros_like(tensors[0])
+    for tensor, w in zip(tensors, weight):
+        result.add_(tensor, alpha=float(w))
+    if normalize:
+        total = float(sum(weight))
+        if abs(total) < 1e-12:
+            # mergekit divides by zero here and writes inf/nan; a clear refusal is better.
+            raise MethodInputError(ZERO_SUM_PROBLEM)
+        result.div_(total)
+    return result
