@@ -8,6 +8,10 @@ import torch
 
 from mergesmith.methods.registry import MethodInputError, Param, merge_method
 
+class ZeroWeightSumError(MethodInputError):
+    """Normalizing by a weight sum of zero would divide by zero."""
+
+
 ZERO_SUM_PROBLEM = "weights sum to 0, so normalize: true would divide by zero (set normalize: false or change the weights)"
 
 
@@ -36,6 +40,6 @@ def linear(tensors: Sequence[torch.Tensor], *, weight: Sequence[float], normaliz
         total = float(sum(weight))
         if abs(total) < 1e-12:
             # mergekit divides by zero here and writes inf/nan; a clear refusal is better.
-            raise MethodInputError(ZERO_SUM_PROBLEM)
+            raise ZeroWeightSumError(ZERO_SUM_PROBLEM)
         result.div_(total)
     return result
