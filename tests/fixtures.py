@@ -16,6 +16,10 @@ TINY_CONFIGS = {
         vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True,
     ),
+    "llama_wide": lambda: transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=48, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False,
+    ),
     "mistral": lambda: transformers.MistralConfig(
         vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=64,

@@ -68,11 +68,11 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"--device: unknown device '{name}' (cpu, cuda, cuda:N or auto)") from None
 
 
-def prepare(config: ConfigLike, *, random_seed: int = 0, dtype: str | None = None) -> MergePlan:
+def prepare(config: ConfigLike, *, random_seed: int = 0, dtype: str | None = None, allow_crimes: bool = False) -> MergePlan:
     """Load and validate a config and plan the merge: every check that needs no tensor data."""
     parsed, label = load_config(config)
     base_dir = Path(label).parent if label != "<config>" else None
-    plan = plan_merge(parsed, base_dir=base_dir, random_seed=random_seed, out_dtype_override=dtype)
+    plan = plan_merge(parsed, base_dir=base_dir, random_seed=random_seed, out_dtype_override=dtype, allow_crimes=allow_crimes)
     donor_name = tokenizer_donor_name(parsed, plan.models[plan.donor].name)
     resolve_chat_template(parsed.chat_template, [m.folder for m in plan.models])
     plan.tokenizer_donor = next(i for i, m in enumerate(plan.models) if m.name == donor_name)
@@ -91,6 +91,7 @@ def merge(
     write_model_card: bool = True,
     random_seed: int = 0,
     overwrite: bool = False,
+    allow_crimes: bool = False,
     on_plan: Callable[[MergePlan], None] | None = None,
     on_progress: Callable[[int, str], None] | None = None,
 ) -> MergeResult:
@@ -102,7 +103,7 @@ def merge(
     out_path = Path(out_dir)
     max_shard = parse_size(out_shard_size)
     torch_device = resolve_device(device)
-    plan = prepare(config, random_seed=random_seed, dtype=dtype)
+    plan = prepare(config, random_seed=random_seed, dtype=dtype, allow_crimes=allow_crimes)
     check_output_target(out_path, overwrite)
     if on_plan is not None:
         on_plan(plan)

@@ -109,6 +109,7 @@ def run_merge(args: argparse.Namespace) -> int:
             write_model_card=args.write_model_card,
             random_seed=args.random_seed,
             overwrite=args.overwrite,
+            allow_crimes=args.allow_crimes,
             on_plan=on_plan,
             on_progress=bar.update,
         )

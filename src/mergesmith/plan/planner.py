@@ -109,7 +109,12 @@ def parse_dtype(name: str | None, key: str) -> torch.dtype | None:
 
 
 def plan_merge(
-    config: MergeConfiguration, *, base_dir: Path | None = None, random_seed: int = 0, out_dtype_override: str | None = None
+    config: MergeConfiguration,
+    *,
+    base_dir: Path | None = None,
+    random_seed: int = 0,
+    out_dtype_override: str | None = None,
+    allow_crimes: bool = False,
 ) -> MergePlan:
     """Build the plan, or raise a MergesmithError listing every problem found.
 
@@ -123,7 +128,12 @@ def plan_merge(
         raise NotYetSupportedError("'modules:' configs (per-module merges of multimodal models) are not supported yet; use 'models:' or 'slices:'")
     _check_parameter_names(config, method)
     names, models = _open_models(config, base_dir)
+    crime = _architecture_mismatch(models)
+    if crime and not allow_crimes:
+        raise CompatibilityError(f"{crime}; pass --allow-crimes to merge them anyway (tensor names and shapes must still match)")
     builder = _PlanBuilder(config, method, models, out_dtype, random_seed)
+    if crime:
+        builder.warnings.append(crime)
     slices = builder.slices(names)
     return builder.build(slices)
 
@@ -158,6 +168,14 @@ def _check_parameter_names(config: MergeConfiguration, method: MethodSpec) -> No
                 problems.append(f"{where}: '{name}' is a global parameter of {method.name}; set it under the top-level 'parameters:'")
     if problems:
         raise ConfigError(problems)
+
+
+def _architecture_mismatch(models: list[SourceModel]) -> str | None:
+    """Describe differing `architectures` classes (mergekit calls merging them a crime), or None."""
+    classes = {m.name: ",".join(m.config.get("architectures") or ["?"]) for m in models}
+    if len(set(classes.values())) <= 1:
+        return None
+    return "architectures differ: " + ", ".join(f"'{name}' {cls}" for name, cls in classes.items())
 
 
 def _open_models(config: MergeConfiguration, base_dir: Path | None) -> tuple[list[str], list[SourceModel]]:
