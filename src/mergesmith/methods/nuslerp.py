@@ -1,0 +1,98 @@
+"""NuSLERP: slerp between two models whose interpolation factor comes from per-model weights.
+
+With weights w₀, w₁ the factor is t = w₁ / (w₀ + w₁) (0.5 when the sum is within 1e-6 of zero). Given
+a base model, the two task vectors (model − base) are slerped and the result added back to the base;
+otherwise the models themselves are slerped.
+
+What counts as "a vector" is chosen by two flags, as in mergekit:
+
+* `nuslerp_flatten` (default true): the whole tensor is one vector;
+* otherwise each slice along the last axis is slerped on its own, or, with `nuslerp_row_wise: true`,
+  each slice along the first axis (the axes are swapped, so for a 2-D weight these are its columns;
+  the name is mergekit's).
+
+For each vector pair, u = v/max(‖v‖, 1e-7), cos θ = u₀·u₁ clamped to [−1, 1]; where 1 − cos²θ ≤ 1e-16
+the pair is treated as colinear and linearly interpolated, otherwise
+result = (sin((1−t)θ)·v₀ + sin(tθ)·v₁) / sin θ. Zero vectors get cos θ = 0, so the result is finite.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mergesmith.methods._linalg import reduce_dtype
+from mergesmith.methods.registry import Param, merge_method
+
+NORM_FLOOR = 1e-7
+COLINEAR_EPS = 1e-8
+
+
+def nuslerp_tensors(
+    t: float,
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    *,
+    flatten: bool = True,
+    row_wise: bool = False,
+) -> torch.Tensor:
+    """Slerp `v0` → `v1` by `t`, per whole tensor (`flatten`) or per slice along the last/first axis."""
+    shape = v0.shape
+    if v0.numel() == 0:
+        return v0.clone()
+    if flatten or v0.dim() == 0:
+        a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    elif row_wise:
+        a, b = v0.transpose(0, -1), v1.transpose(0, -1)
+    else:
+        a, b = v0, v1
+    work = reduce_dtype(v0)
+    a32, b32 = a.to(work), b.to(work)
+    norm_a = torch.linalg.vector_norm(a32, dim=-1, keepdim=True).clamp_(min=NORM_FLOOR)
+    norm_b = torch.linalg.vector_norm(b32, dim=-1, keepdim=True).clamp_(min=NORM_FLOOR)
+    cos = (a32 * b32).sum(dim=-1, keepdim=True).div_(norm_a).div_(norm_b).clamp_(-1.0, 1.0)
+    colinear = (1 - cos.square()) <= COLINEAR_EPS**2
+    theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
+    sin_theta = torch.where(colinear, torch.ones_like(theta), torch.sin(theta))
+    c0 = torch.where(colinear, torch.full_like(cos, 1.0 - t), torch.sin((1.0 - t) * theta) / sin_theta)
+    c1 = torch.where(colinear, torch.full_like(cos, t), torch.sin(t * theta) / sin_theta)
+    out = a32 * c0
+    out.addcmul_(b32, c1)
+    if row_wise and not flatten and v0.dim() > 0:
+        out = out.transpose(0, -1)
+    return out.reshape(shape).to(v0.dtype)
+
+
+def interpolation_factor(weights: Sequence[float]) -> float:
+    total = float(weights[0]) + float(weights[1])
+    return 0.5 if abs(total) < 1e-6 else float(weights[1]) / total
+
+
+@merge_method(
+    "nuslerp",
+    params=[
+        Param("weight", float, per_model=True, doc="Relative weight of the model; t = w₁ / (w₀ + w₁)."),
+        Param("nuslerp_flatten", bool, default=True, doc="Treat the whole tensor as one vector."),
+        Param("nuslerp_row_wise", bool, default=False, doc="When not flattened, slerp slices along the first axis."),
+    ],
+    base="optional",
+    min_models=2,
+    max_models=2,
+)
+def nuslerp(
+    tensors: Sequence[torch.Tensor],
+    *,
+    base: torch.Tensor | None = None,
+    weight: Sequence[float],
+    nuslerp_flatten: bool = True,
+    nuslerp_row_wise: bool = False,
+) -> torch.Tensor:
+    """Slerp two models (or their task vectors, given a base) with t = w₁ / (w₀ + w₁)."""
+    t = interpolation_factor(weight)
+    if base is None:
+        return nuslerp_tensors(t, tensors[0], tensors[1], flatten=nuslerp_flatten, row_wise=nuslerp_row_wise)
+    delta = nuslerp_tensors(
+        t, tensors[0] - base, tensors[1] - base, flatten=nuslerp_flatten, row_wise=nuslerp_row_wise
+    )
+    return delta.add_(base)
