@@ -13,10 +13,10 @@ from typing import Sequence
 import torch
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-# Above this many vectors, stacking them and using one matrix product beats pairwise dot products.
-_PAIRWISE_MAX = 4
-# Elements per chunk when the Gram matrix is accumulated in float64 on a reduced-precision GPU path.
-_CHUNK = 1 << 22
+# Up to this many vectors, pairwise dot products; above, blocked matrix products (data read once).
+_PAIRWISE_MAX = 8
+# Columns per block in the blocked path (CPU: cache-sized; GPU: 64x larger, to limit kernel launches).
+_CHUNK = 1 << 16
 
 
 def reduce_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -32,20 +32,17 @@ def as_reduce(tensor: torch.Tensor) -> torch.Tensor:
 def gram(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Inner products between all pairs of `vectors` (any shapes, equal numel), as a float64 CPU matrix.
 
-    The sums run on the vectors' device in float32 (float64 inputs: float64). On CUDA with TF32 or
-    bf16 matmuls enabled, a matrix product would silently lose precision, so the products are then
-    accumulated chunk by chunk in float64 instead.
+    The sums run on the vectors' device in float32 (float64 inputs: float64), and only the N x N
+    result is copied to the host (one sync).
     """
     flats = [as_reduce(v) for v in vectors]
     n = len(flats)
     if n == 0:
         return torch.zeros((0, 0), dtype=torch.float64)
     if n <= _PAIRWISE_MAX:
-        entries = []
-        for i in range(n):
-            for j in range(i, n):
-                entries.append(torch.dot(flats[i], flats[j]))
-        values = torch.stack(entries).to(device="cpu", dtype=torch.float64)
+        # Pairwise dot products: no extra copies of the data, and BLAS dot is not subject to TF32.
+        entries = [torch.dot(flats[i], flats[j]) for i in range(n) for j in range(i, n)]
+        values = torch.stack(entries).to(device="cpu", dtype=torch.float64).tolist()
         out = torch.empty((n, n), dtype=torch.float64)
         k = 0
         for i in range(n):
@@ -53,16 +50,17 @@ def gram(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
                 out[i, j] = out[j, i] = values[k]
                 k += 1
         return out
-    matrix = torch.stack(flats)
-    exact_matmul = matrix.device.type == "cpu" or torch.get_float32_matmul_precision() == "highest"
-    if exact_matmul or matrix.dtype == torch.float64:
-        result = matrix @ matrix.T
-    else:
-        result = torch.zeros((n, n), dtype=torch.float64, device=matrix.device)
-        for start in range(0, matrix.shape[1], _CHUNK):
-            block = matrix[:, start : start + _CHUNK].to(torch.float64)
-            result += block @ block.T
-    return result.to(device="cpu", dtype=torch.float64)
+    # Many vectors: stack cache-sized column blocks and use matrix products, reading the data once.
+    # On CUDA a float32 matmul may run in TF32, so the blocks are then multiplied in float64.
+    exact = flats[0].device.type == "cpu" or torch.get_float32_matmul_precision() == "highest"
+    block_dtype = flats[0].dtype if exact else torch.float64
+    result = torch.zeros((n, n), dtype=torch.float64, device=flats[0].device)
+    length = flats[0].numel()
+    chunk = _CHUNK if flats[0].device.type == "cpu" else _CHUNK << 6
+    for start in range(0, length, chunk):
+        block = torch.stack([f[start : start + chunk] for f in flats]).to(block_dtype)
+        result += (block @ block.T).to(torch.float64)
+    return result.cpu()
 
 
 def combine(
@@ -70,8 +68,17 @@ def combine(
     coefficients: Sequence[float],
     *,
     start: torch.Tensor | None = None,
+    scratch: bool = False,
 ) -> torch.Tensor:
-    """`start + Σ cᵢ·vᵢ` (start defaults to zero), in the dtype and device of the first vector."""
+    """`start + Σ cᵢ·vᵢ` (start defaults to zero), in the dtype and device of the first vector.
+
+    With `scratch`, the vectors are temporaries the caller owns and the first one holds the result.
+    """
+    if scratch:
+        out = vectors[0].mul_(float(coefficients[0]))
+        for vector, c in zip(vectors[1:], coefficients[1:]):
+            out.add_(vector, alpha=float(c))
+        return out if start is None else out.add_(start)
     if start is None:
         out = vectors[0] * float(coefficients[0])
         rest = zip(vectors[1:], coefficients[1:])

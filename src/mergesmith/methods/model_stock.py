@@ -66,8 +66,8 @@ def model_stock(tensors: Sequence[torch.Tensor], *, base: torch.Tensor, filter_w
                 dot = (d[i] * d[j]).sum(dim=-1)
                 total += (dot / (row_norms[i] * row_norms[j]).clamp(min=PAIR_NORM_FLOOR)).clamp(-1.0, 1.0)
         t = stock_ratio(total / (n * (n - 1) // 2), n).unsqueeze(-1).to(base.dtype)
-    average = tensors[0].clone()
-    for w in tensors[1:]:
-        average.add_(w)
-    average.div_(n)
-    return torch.lerp(base, average, t)
+    # t·mean(wᵢ) + (1 − t)·w₀ = w₀ + t·mean(δᵢ), accumulated in the scratch task vectors.
+    total = deltas[0]
+    for d in deltas[1:]:
+        total.add_(d)
+    return total.mul_(t / n).add_(base)

@@ -87,4 +87,4 @@ def multislerp(
         return tensors[0]
     vectors = list(tensors) if base is None else [t - base for t in tensors]
     coefficients = multislerp_coefficients(gram(vectors), weight, normalize=normalize_weights, eps=eps)
-    return combine(vectors, coefficients, start=base)
+    return combine(vectors, coefficients, start=base, scratch=base is not None)

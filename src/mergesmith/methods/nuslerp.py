@@ -36,8 +36,12 @@ def nuslerp_tensors(
     *,
     flatten: bool = True,
     row_wise: bool = False,
+    inplace: bool = False,
 ) -> torch.Tensor:
-    """Slerp `v0` → `v1` by `t`, per whole tensor (`flatten`) or per slice along the last/first axis."""
+    """Slerp `v0` → `v1` by `t`, per whole tensor (`flatten`) or per slice along the last/first axis.
+
+    With `inplace`, `v0` is a scratch tensor the caller owns and may be overwritten by the result.
+    """
     shape = v0.shape
     if v0.numel() == 0:
         return v0.clone()
@@ -51,13 +55,17 @@ def nuslerp_tensors(
     a32, b32 = a.to(work), b.to(work)
     norm_a = torch.linalg.vector_norm(a32, dim=-1, keepdim=True).clamp_(min=NORM_FLOOR)
     norm_b = torch.linalg.vector_norm(b32, dim=-1, keepdim=True).clamp_(min=NORM_FLOOR)
-    cos = (a32 * b32).sum(dim=-1, keepdim=True).div_(norm_a).div_(norm_b).clamp_(-1.0, 1.0)
+    if a32.shape[0] == 1 and a32.dim() == 2:
+        dot = torch.dot(a32[0], b32[0]).reshape(1, 1)  # no full-size temporary
+    else:
+        dot = (a32 * b32).sum(dim=-1, keepdim=True)
+    cos = dot.div_(norm_a).div_(norm_b).clamp_(-1.0, 1.0)
     colinear = (1 - cos.square()) <= COLINEAR_EPS**2
     theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
     sin_theta = torch.where(colinear, torch.ones_like(theta), torch.sin(theta))
     c0 = torch.where(colinear, torch.full_like(cos, 1.0 - t), torch.sin((1.0 - t) * theta) / sin_theta)
     c1 = torch.where(colinear, torch.full_like(cos, t), torch.sin(t * theta) / sin_theta)
-    out = a32 * c0
+    out = a32.mul_(c0) if inplace and a32 is a else a32 * c0
     out.addcmul_(b32, c1)
     if row_wise and not flatten and v0.dim() > 0:
         out = out.transpose(0, -1)
@@ -93,6 +101,6 @@ def nuslerp(
     if base is None:
         return nuslerp_tensors(t, tensors[0], tensors[1], flatten=nuslerp_flatten, row_wise=nuslerp_row_wise)
     delta = nuslerp_tensors(
-        t, tensors[0] - base, tensors[1] - base, flatten=nuslerp_flatten, row_wise=nuslerp_row_wise
+        t, tensors[0] - base, tensors[1] - base, flatten=nuslerp_flatten, row_wise=nuslerp_row_wise, inplace=True
     )
     return delta.add_(base)

@@ -32,18 +32,28 @@ from mergesmith.methods.registry import Param, merge_method
 EPSILON = Param("epsilon", float, default=1e-5, doc="Task-vector magnitude above which an entry contributes.")
 
 
-def _masked_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float):
-    """(task vectors zeroed where they do not contribute, contribution masks, contributor counts)."""
-    deltas, masks = [], []
-    counts = torch.zeros(base.shape, dtype=torch.int16 if len(tensors) < 32000 else torch.int32, device=base.device)
+def _masked_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float, keep: bool):
+    """Masked task-vector sum, contributor counts (float) and, with `keep`, per-model (delta, mask) pairs.
+
+    The deltas are zeroed where they do not contribute. Scratch buffers are reused across models.
+    """
+    total = torch.zeros_like(base)
+    counts = torch.zeros_like(base)
+    kept = []
+    delta = torch.empty_like(base)
+    flag = torch.empty_like(base)
     for t in tensors:
-        delta = t - base
-        mask = delta.abs() > epsilon
-        delta.masked_fill_(~mask, 0)
-        counts.add_(mask)
-        deltas.append(delta)
-        masks.append(mask)
-    return deltas, masks, counts
+        if keep:
+            delta = torch.empty_like(base)
+        torch.sub(t, base, out=delta)
+        torch.abs(delta, out=flag)
+        torch.gt(flag, epsilon, out=flag)  # 1.0 where the entry contributes, else 0.0
+        delta.mul_(flag)
+        counts.add_(flag)
+        total.add_(delta)
+        if keep:
+            kept.append((delta, flag.bool()))
+    return total, counts, kept
 
 
 @merge_method(
@@ -58,10 +68,7 @@ def ram(tensors: Sequence[torch.Tensor], *, base: torch.Tensor, epsilon: float =
     """base + the sum of contributing task-vector entries divided by their contributor count."""
     if not tensors:
         return base
-    deltas, _, counts = _masked_deltas(tensors, base, float(epsilon))
-    total = deltas[0]
-    for d in deltas[1:]:
-        total.add_(d)
+    total, counts, _ = _masked_deltas(tensors, base, float(epsilon), keep=False)
     return total.div_(counts.clamp_(min=1)).add_(base)
 
 
@@ -87,17 +94,15 @@ def ramplus_tl(
     """RAM with each model's unique contributions scaled by λᵢ = 1 + r·clamp(shared/unique, 0, alpha)."""
     if not tensors:
         return base
-    deltas, masks, counts = _masked_deltas(tensors, base, float(epsilon))
+    shared_sum, counts, kept = _masked_deltas(tensors, base, float(epsilon), keep=True)
     unique = counts == 1
-    shared_sum = torch.zeros_like(base)
     unique_sum = torch.zeros_like(base)
-    for delta, mask in zip(deltas, masks):
+    for delta, mask in kept:
         contributing = torch.count_nonzero(mask)
         unique_count = torch.count_nonzero(mask & unique)
         shared_count = contributing - unique_count
         rho = shared_count.to(torch.float32) / unique_count.to(torch.float32).clamp(min=float(epsilon))
         lam = (1 + float(r) * rho.clamp(0.0, float(alpha))).to(base.dtype)  # 0-d, stays on the device
-        unique_sum.add_(delta * lam)
-        shared_sum.add_(delta)
+        unique_sum.addcmul_(delta, lam)
     shared_sum.div_(counts.clamp_(min=1))
     return torch.where(unique, unique_sum, shared_sum).add_(base)
