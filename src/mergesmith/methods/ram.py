@@ -97,11 +97,12 @@ def ramplus_tl(
     shared_sum, counts, kept = _masked_deltas(tensors, base, float(epsilon), keep=True)
     unique = counts == 1
     unique_sum = torch.zeros_like(base)
+    work = torch.float64 if base.dtype == torch.float64 else torch.float32
     for delta, mask in kept:
         contributing = torch.count_nonzero(mask)
         unique_count = torch.count_nonzero(mask & unique)
         shared_count = contributing - unique_count
-        rho = shared_count.to(torch.float32) / unique_count.to(torch.float32).clamp(min=float(epsilon))
+        rho = shared_count.to(work) / unique_count.to(work).clamp(min=float(epsilon))
         lam = (1 + float(r) * rho.clamp(0.0, float(alpha))).to(base.dtype)  # 0-d, stays on the device
         unique_sum.addcmul_(delta, lam)
     shared_sum.div_(counts.clamp_(min=1))

@@ -1,0 +1,59 @@
+import numpy as np
+import torch
+
+from mergesmith.methods import get_method
+
+from _methods_ref import finetunes, rng, t
+
+arcee_fusion = get_method("arcee_fusion").func
+
+
+def reference(base, other):
+    def softmax(x):
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    p = softmax(other) + 1e-8
+    q = softmax(base) + 1e-8
+    kl = (p * np.log(p / q)).sum(axis=-1, keepdims=True)
+    imp = np.abs(other - base) * kl
+    s = np.sort(imp.ravel())
+    k = s.size - 1
+    q1, med, q3 = s[k // 4], s[k // 2], s[(3 * k) // 4]
+    mask = imp >= med + 1.5 * (q3 - q1)
+    return np.where(mask, other, base)
+
+
+def test_matches_reference():
+    for shape in [(8, 16), (101,), (3, 4, 10)]:
+        base, (m,) = finetunes(len(shape), shape, 1, scale=0.5)
+        out = arcee_fusion([t(m)], base=t(base))
+        np.testing.assert_allclose(out.numpy(), reference(base, m), atol=1e-14)
+
+
+def test_keeps_only_outliers():
+    r = rng(4)
+    base = r.normal(size=(20, 20))
+    other = base + 1e-3 * r.normal(size=(20, 20))
+    other[3, 5] += 5.0  # one big change in a row whose distribution it shifts
+    out = arcee_fusion([t(other)], base=t(base)).numpy()
+    assert out[3, 5] == other[3, 5]
+    assert (out == base).mean() > 0.8
+
+
+def test_identical_and_zeros():
+    base, _ = finetunes(5, (6, 6), 1)
+    assert torch.equal(arcee_fusion([t(base)], base=t(base)), t(base))
+    z = torch.zeros(6, 6)
+    out = arcee_fusion([z], base=z)
+    assert torch.equal(out, z)
+
+
+def test_float32_large_uses_exact_quartiles():
+    # n > 10^6: mergekit would sample; we are exact and deterministic
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1100, 1000, generator=g)
+    other = base + 0.1 * torch.randn(1100, 1000, generator=g)
+    a = arcee_fusion([other], base=base)
+    b = arcee_fusion([other], base=base)
+    assert torch.equal(a, b)

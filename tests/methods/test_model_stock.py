@@ -1,0 +1,71 @@
+import numpy as np
+import torch
+
+from mergesmith.methods import get_method
+
+from _methods_ref import finetunes, rng, t
+
+model_stock = get_method("model_stock").func
+
+
+def reference(base, ms, rows=False):
+    """Paper formula, explicit loops over pairs (and rows)."""
+    n = len(ms)
+    b2 = base.reshape(-1, base.shape[-1]) if rows and base.ndim > 1 else base.reshape(1, -1)
+    w2 = [m.reshape(b2.shape) for m in ms]
+    out = np.empty_like(b2)
+    for r in range(b2.shape[0]):
+        ds = [w[r] - b2[r] for w in w2]
+        cs = []
+        for i in range(n):
+            for j in range(i + 1, n):
+                cs.append(np.clip(ds[i] @ ds[j] / max(np.linalg.norm(ds[i]) * np.linalg.norm(ds[j]), 1e-6), -1, 1))
+        c = float(np.mean(cs))
+        tt = min(max(n * c / (1 + (n - 1) * c), 0.0), 1.0) if c > 0 else 0.0
+        out[r] = tt * np.mean([w[r] for w in w2], axis=0) + (1 - tt) * b2[r]
+    return out.reshape(base.shape)
+
+
+def correlated(seed, shape, n):
+    r = rng(seed)
+    base = r.normal(size=shape)
+    shared = r.normal(size=shape)
+    return base, [base + 0.01 * (shared + r.normal(size=shape)) for _ in range(n)]
+
+
+def test_whole_tensor_and_filter_wise():
+    for n in (2, 3, 4):
+        base, ms = correlated(n, (6, 8), n)
+        out = model_stock([t(m) for m in ms], base=t(base))
+        np.testing.assert_allclose(out.numpy(), reference(base, ms), atol=1e-12)
+        out = model_stock([t(m) for m in ms], base=t(base), filter_wise=True)
+        np.testing.assert_allclose(out.numpy(), reference(base, ms, rows=True), atol=1e-12)
+
+
+def test_paper_ratio_for_known_angle():
+    # two orthonormal-ish task vectors at 60 degrees: cos = 0.5, t = 2*0.5/1.5 = 2/3
+    base = np.zeros(3)
+    m1, m2 = np.array([1.0, 0, 0]), np.array([0.5, np.sqrt(3) / 2, 0])
+    out = model_stock([t(m1), t(m2)], base=t(base)).numpy()
+    np.testing.assert_allclose(out, (2 / 3) * (m1 + m2) / 2, atol=1e-12)
+
+
+def test_negative_cosine_is_clamped_to_base():
+    base, (m,) = finetunes(5, (10,), 1)
+    opposite = 2 * base - m  # task vector exactly -delta
+    out = model_stock([t(m), t(opposite)], base=t(base))
+    assert torch.allclose(out, t(base))  # mergekit: t = 2c/(1+c) singular at c = -1
+    r = rng(6)
+    d = r.normal(size=10)
+    near = [base + d, base - 0.9 * d + 0.1 * r.normal(size=10)]
+    out = model_stock([t(x) for x in near], base=t(base))
+    assert torch.allclose(out, t(base))
+
+
+def test_identical_and_zeros_nan_free():
+    base, ms = finetunes(7, (4, 4), 3)
+    assert torch.allclose(model_stock([t(base)] * 3, base=t(base)), t(base))
+    same = [t(ms[0])] * 2
+    assert torch.allclose(model_stock(same, base=t(base)), t(ms[0]))  # cos 1 -> t 1
+    z = torch.zeros(4, 4)
+    assert torch.equal(model_stock([z, z], base=z, filter_wise=True), z)
