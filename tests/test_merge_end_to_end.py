@@ -238,3 +238,13 @@ def test_output_folder_has_card_config_and_tokenizer(tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert tokenizer("hello world")["input_ids"] == [1, 2]
     assert "<|im_start|>" in tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+
+def test_base_model_outside_models_is_an_input_as_in_mergekit(llama_family, tmp_path):
+    f = llama_family
+    cfg = write_config(tmp_path, {"merge_method": "linear", "base_model": str(f["base"]), "parameters": {"weight": 1.0},
+                                  "models": [{"model": str(f["math"])}, {"model": str(f["code"])}]})  # fmt: skip
+    mergesmith.merge(cfg, tmp_path / "out")
+    base, a, b, out = (read_state(p) for p in (f["base"], f["math"], f["code"], tmp_path / "out"))
+    name = "model.layers.3.mlp.gate_proj.weight"
+    torch.testing.assert_close(out[name], (base[name] + a[name] + b[name]) / 3)

@@ -216,7 +216,9 @@ class _PlanBuilder:
         if config.models:
             sources = [self._full_range(index[m.model], m.parameters) for m in config.models]
             base = index.get(config.base_model) if config.base_model else None
-            if base is not None and self.method.base != "ignored" and all(s.model != base for s in sources):
+            # As in mergekit, a base_model missing from `models:` is added as an input, for every method
+            # (so linear with a base_model averages the base too, and needs its weight).
+            if base is not None and all(s.model != base for s in sources):
                 sources.append(self._full_range(base, None))
             out = [self._make_slice(0, sources, None, config.base_model)]
         else:
