@@ -168,6 +168,8 @@ CASES: list[Case] = [
     Case("karcher 4 random", "karcher", models=4, base=False, inputs="random", seed=2),
     Case("karcher 6 random", "karcher", models=6, base=False, inputs="random", seed=3,
          params={"max_iter": 20, "tol": 1e-6}),
+    Case("karcher 10 (blocked Gram)", "karcher", models=10, base=False, inputs="random", seed=6),
+    Case("multislerp 10 (blocked Gram)", "multislerp", models=10, model_params=_w(*range(1, 11)), seed=7),
     Case("karcher 1-D", "karcher", shape=(333,), models=3, base=False, inputs="random", seed=4),
     Case("karcher identical", "karcher", models=3, inputs="identical"),
     Case("karcher zeros", "karcher", models=2, inputs="zeros"),
