@@ -140,7 +140,7 @@ def test_allow_crimes_merges_matching_shapes_across_classes(models, tmp_path, ca
 def test_mergekit_flags_are_accepted(models, tmp_path, capsys):
     config = write(tmp_path, f"merge_method: linear\nmodels:\n  - model: {models['ft']}\n    parameters: {{weight: 1}}\n")
     code, err = run_cli(
-        capsys, "merge", str(config), str(tmp_path / "out"), "--lazy-unpickle", "--low-cpu-memory", "--allow-crimes",
+        capsys, "merge", str(config), str(tmp_path / "out"), "--lazy-unpickle", "--no-low-cpu-memory", "--no-allow-crimes", "-v", "--no-cuda", "-j", "2",
         "--copy-tokenizer", "--write-model-card", "--trust-remote-code", "--random-seed", "3", "--out-shard-size", "1B", "--quiet",
     )  # fmt: skip
     assert code == 0, err

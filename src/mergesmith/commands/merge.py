@@ -15,6 +15,7 @@ MERGEKIT_NO_OPS = {
     "--read-to-gpu": "mergekit flag; inputs go to --device as they are computed",
     "--multi-gpu": "mergekit flag; one device is used",
     "--verbose": "mergekit flag; accepted",
+    "--unsafe-truncate-embeddings": "mergekit flag; embeddings of different vocab sizes are always merged on their common rows, with a warning",
 }
 
 
@@ -23,22 +24,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="mergekit-style YAML config")
     p.add_argument("out_dir", help="output folder (appears only when the merge is complete)")
     p.add_argument("--device", default="cpu", help="where the math runs: cpu, cuda, cuda:N or auto (default cpu)")
-    p.add_argument("--cuda", action="store_true", help="same as --device cuda (mergekit flag)")
+    p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=False, help="same as --device cuda (mergekit flag)")
     p.add_argument("--out-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB; as in mergekit '1B' means 10^9 bytes (default 5GB)")
     p.add_argument("--dtype", default=None, help="output dtype (float32, float16, bfloat16); overrides out_dtype/dtype of the config")
     p.add_argument("--dry-run", action="store_true", help="validate and plan, print the plan, write nothing")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "-q", action=argparse.BooleanOptionalAction, default=False, help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder that holds no previous merge")
     p.add_argument("--random-seed", type=int, default=0, help="seed for random methods (DARE, DELLA); same seed, same output")
     p.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", default=True, help="copy the tokenizer files (default)")
     p.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", help="do not copy tokenizer files")
     p.add_argument("--write-model-card", dest="write_model_card", action="store_true", default=True, help="write README.md (default)")
     p.add_argument("--no-write-model-card", dest="write_model_card", action="store_false", help="do not write README.md")
-    p.add_argument("--allow-crimes", action="store_true", help="mergekit flag; allow merging different architecture classes whose tensors match (the tensor checks still apply)")
+    p.add_argument("--allow-crimes", action=argparse.BooleanOptionalAction, default=False, help="mergekit flag; allow merging different architecture classes whose tensors match (the tensor checks still apply)")
     for flag, why in MERGEKIT_NO_OPS.items():
-        p.add_argument(flag, action="store_true", help=f"no-op: {why}")
-    for flag in ("--lora-merge-cache", "--transformers-cache", "--num-threads"):
+        p.add_argument(flag, action=argparse.BooleanOptionalAction, default=False, help=f"no-op: {why}")
+    p.add_argument("--gpu-rich", action="store_true", help="mergekit alias; here the same as --device cuda")
+    p.add_argument("-v", dest="verbosity", action="count", default=0, help="no-op: mergekit verbosity flag")
+    for flag in ("--lora-merge-cache", "--lora-merge-dtype", "--transformers-cache", "--write-threads"):
         p.add_argument(flag, default=None, help="no-op: mergekit option, accepted for compatibility")
+    p.add_argument("-j", "--num-threads", default=None, help="no-op: mergekit option; torch uses every core")
     p.set_defaults(handler=run)
 
 
@@ -46,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from mergesmith.api import merge
     from mergesmith.commands.progress import ProgressBar, describe_plan
 
-    device = "cuda" if args.cuda else args.device
+    device = "cuda" if (args.cuda or args.gpu_rich) else args.device
     bar = ProgressBar(enabled=not args.quiet and not args.dry_run)
 
     def on_plan(plan):
