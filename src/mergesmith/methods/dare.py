@@ -1,0 +1,78 @@
+"""DARE (arXiv 2311.03099): drop each task-vector entry at random, keeping a fraction `density`, and rescale.
+
+* `dare_ties`: DARE drop, then TIES sign election and disjoint merge (mergekit defaults: normalize off,
+  rescale on).
+* `dare_linear`: DARE drop, then a weighted sum of the task vectors (normalize off, rescale on).
+
+`rescale` follows mergekit, not the paper's exact 1/density: the kept entries are scaled so the task
+vector's L1 norm is unchanged, which is 1/density in expectation. The keep mask is drawn with the seeded
+`generator` (see `_sparsify.uniform`); the same seed gives the same output.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mergesmith.methods._sparsify import random_drop
+from mergesmith.methods._task_vectors import CONSENSUS, merge_task_vectors, task_vector_params
+from mergesmith.methods.registry import merge_method
+
+
+def _dare(tensors, base, weight, density, normalize, rescale, lambda_, consensus, generator):
+    dens = density or [1.0] * len(tensors)
+    return merge_task_vectors(
+        tensors, base, weight,
+        sparsify=lambda d, i: random_drop(d, dens[i], rescale=rescale, generator=generator),
+        consensus=consensus, normalize=normalize, scale=lambda_,
+    )
+
+
+@merge_method(
+    "dare_ties",
+    params=task_vector_params(normalize=False, rescale=True, extra=(CONSENSUS,)),
+    base="required",
+    min_models=0,
+    random=True,
+    reference="https://arxiv.org/abs/2311.03099",
+)
+def dare_ties(
+    tensors: Sequence[torch.Tensor],
+    *,
+    base: torch.Tensor,
+    weight: Sequence[float],
+    density: Sequence[float] | None = None,
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    consensus_method: str = "sum",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random drop with rescale, elect sign, disjoint merge."""
+    return _dare(tensors, base, weight, density, normalize, rescale, lambda_, consensus_method, generator)
+
+
+@merge_method(
+    "dare_linear",
+    params=task_vector_params(normalize=False, rescale=True),
+    base="required",
+    min_models=0,
+    random=True,
+    reference="https://arxiv.org/abs/2311.03099",
+)
+def dare_linear(
+    tensors: Sequence[torch.Tensor],
+    *,
+    base: torch.Tensor,
+    weight: Sequence[float],
+    density: Sequence[float] | None = None,
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random drop with rescale, then a weighted sum of the task vectors."""
+    return _dare(tensors, base, weight, density, normalize, rescale, lambda_, None, generator)

@@ -1,0 +1,87 @@
+"""DELLA-Merging (arXiv 2406.11617): MagPrune drops task-vector entries at random with keep probabilities
+ranked by magnitude within each row (density - epsilon for the smallest, density + epsilon for the largest),
+then rescales.
+
+* `della`: then TIES sign election and disjoint merge (mergekit defaults: normalize on, rescale on).
+* `della_linear`: then a weighted sum (normalize off, rescale on).
+
+As in mergekit, `rescale` matches each task vector's L1 norm (the paper divides each kept entry by its own
+probability), and 0 < density with density ± epsilon outside (0, 1) is an error (caught at plan time here).
+Ranks come from one integer sort per row, in row chunks, instead of mergekit's two argsorts of the whole
+tensor. A row of length 1 (e.g. an (n, 1) tensor) gets probability `density`, where mergekit computes 0/0.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mergesmith.methods._sparsify import check_della, della_magprune
+from mergesmith.methods._task_vectors import CONSENSUS, EPSILON, merge_task_vectors, per_model_check, task_vector_params
+from mergesmith.methods.registry import merge_method
+
+_check = per_model_check("DELLA", check_della, "density", "epsilon")
+
+
+def _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_, consensus, generator):
+    dens = density or [1.0] * len(tensors)
+    eps = epsilon or [0.15] * len(tensors)
+    return merge_task_vectors(
+        tensors, base, weight,
+        sparsify=lambda d, i: della_magprune(d, dens[i], eps[i], rescale=rescale, generator=generator),
+        consensus=consensus, normalize=normalize, scale=lambda_,
+    )
+
+
+@merge_method(
+    "della",
+    params=task_vector_params(normalize=True, rescale=True, extra=(EPSILON, CONSENSUS)),
+    base="required",
+    min_models=0,
+    random=True,
+    reference="https://arxiv.org/abs/2406.11617",
+    check=_check,
+)
+def della(
+    tensors: Sequence[torch.Tensor],
+    *,
+    base: torch.Tensor,
+    weight: Sequence[float],
+    density: Sequence[float] | None = None,
+    epsilon: Sequence[float] | None = None,
+    normalize: bool = True,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    consensus_method: str = "sum",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """MagPrune with rescale, elect sign, disjoint merge."""
+    return _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_, consensus_method, generator)
+
+
+@merge_method(
+    "della_linear",
+    params=task_vector_params(normalize=False, rescale=True, extra=(EPSILON,)),
+    base="required",
+    min_models=0,
+    random=True,
+    reference="https://arxiv.org/abs/2406.11617",
+    check=_check,
+)
+def della_linear(
+    tensors: Sequence[torch.Tensor],
+    *,
+    base: torch.Tensor,
+    weight: Sequence[float],
+    density: Sequence[float] | None = None,
+    epsilon: Sequence[float] | None = None,
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """MagPrune with rescale, then a weighted sum of the task vectors."""
+    return _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_, None, generator)

@@ -1,0 +1,46 @@
+"""TIES-Merging (arXiv 2306.01708): trim each task vector to its largest magnitudes, elect a sign per entry,
+and average the entries that agree with it.
+
+Parameters and defaults follow mergekit's `ties` (normalize on, rescale off), plus `consensus_method`
+(mergekit always uses "sum"). The trim keeps max(1, floor(density * n)) entries, as mergekit does; it selects
+the k-th largest magnitude in O(n) instead of argsorting (see `_sparsify`), and breaks ties at the threshold
+by position.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mergesmith.methods._sparsify import magnitude
+from mergesmith.methods._task_vectors import CONSENSUS, merge_task_vectors, task_vector_params
+from mergesmith.methods.registry import merge_method
+
+
+@merge_method(
+    "ties",
+    params=task_vector_params(normalize=True, rescale=False, extra=(CONSENSUS,)),
+    base="required",
+    min_models=0,
+    reference="https://arxiv.org/abs/2306.01708",
+)
+def ties(
+    tensors: Sequence[torch.Tensor],
+    *,
+    base: torch.Tensor,
+    weight: Sequence[float],
+    density: Sequence[float] | None = None,
+    normalize: bool = True,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    consensus_method: str = "sum",
+) -> torch.Tensor:
+    """Trim (top-k magnitude), elect sign, disjoint merge."""
+    dens = density or [1.0] * len(tensors)
+    return merge_task_vectors(
+        tensors, base, weight,
+        sparsify=lambda d, i: magnitude(d, dens[i], rescale=rescale),
+        consensus=consensus_method, normalize=normalize, scale=lambda_,
+    )
