@@ -1,0 +1,83 @@
+"""Plain numpy references for the task-vector methods, written from the papers / mergekit's semantics.
+
+Deliberately naive (full argsorts, explicit loops) and independent of mergesmith's helpers. Ties in
+magnitude are ordered "larger magnitude first, then earlier position first" (mergesmith's documented rule).
+"""
+
+import numpy as np
+import torch
+
+from mergesmith.methods import get_method
+
+
+def call(name, base, models, **params):
+    """Call a registered method on float64 numpy inputs; numpy result."""
+    out = get_method(name).func([torch.tensor(m) for m in models], base=torch.tensor(base), **params)
+    return out.numpy()
+
+
+def desc_order(x):
+    """Flat indices by magnitude, largest first, ties by position."""
+    return np.argsort(-np.abs(x).ravel(), kind="stable")
+
+
+def magnitude(x, density):
+    if density >= 1:
+        return x.copy()
+    n = x.size
+    if density <= 0 or n == 0:
+        return np.zeros_like(x)
+    k = max(1, int(density * n))
+    keep = np.zeros(n, bool)
+    keep[desc_order(x)[:k]] = True
+    return np.where(keep.reshape(x.shape), x, 0.0)
+
+
+def outliers(x, density, gamma):
+    if density >= 1:
+        return x.copy()
+    n = x.size
+    keep_n, top_n = int(density * n), int(gamma * n)
+    bot_n = max(0, n - keep_n - top_n)
+    asc = desc_order(x)[::-1]
+    keep = np.zeros(n, bool)
+    keep[asc[bot_n: bot_n + keep_n]] = True
+    return np.where(keep.reshape(x.shape), x, 0.0)
+
+
+def rescale(orig, masked, eps=1e-7):
+    before, after = np.abs(orig).sum(), np.abs(masked).sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * before / after
+
+
+def gta(base, models, weights, sparsify=None, consensus=None, normalize=False, lam=1.0):
+    """Generalized task arithmetic: sparsify, weight, (elect sign + disjoint merge), normalize, scale."""
+    deltas = []
+    for i, m in enumerate(models):
+        d = m - base
+        deltas.append(sparsify(d, i) if sparsify else d)
+    w = np.array(weights, dtype=float).reshape((-1,) + (1,) * base.ndim)
+    wd = np.stack(deltas) * w
+    if consensus is None:
+        mixed = wd.sum(0)
+        div = float(np.sum(weights))
+        if abs(div) < 1e-8:
+            div = 1.0
+    else:
+        votes = wd.sum(0) if consensus == "sum" else np.sign(wd).sum(0)
+        maj = np.where(votes >= 0, 1.0, -1.0)
+        agree = np.sign(wd) == maj
+        mixed = (wd * agree).sum(0)
+        div = (w * agree).sum(0)
+        div[div == 0] = 1.0
+    if normalize:
+        mixed = mixed / div
+    return base + lam * mixed
+
+
+def finetunes(seed, shape, n, scale=0.01):
+    r = np.random.default_rng(seed)
+    base = r.normal(size=shape)
+    return base, [base + scale * r.normal(size=shape) for _ in range(n)]
