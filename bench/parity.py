@@ -10,7 +10,7 @@ then run, from the repository root:
 
 For every method both tools merge a tiny Llama family (a base and three fine-tunes = base + low-rank and
 sparse deltas) and the script prints, per method, the largest absolute difference over all tensors and
-that difference in units of the bf16 spacing at the tensor's scale (≤ 1 means "equal to bf16 rounding").
+that difference in bf16 ulps at the tensor's largest magnitude (≤ 1 means "equal to bf16 rounding").
 """
 
 from __future__ import annotations
@@ -34,8 +34,12 @@ SAMPLE = {"weight": 0.6, "density": 0.5, "t": 0.3, "gamma": 0.01, "epsilon": 0.0
 RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
 
 
-def make_family(folder: Path, seed: int = 0, layers: int = 4, hidden: int = 64) -> dict[str, Path]:
-    """A base and three fine-tunes of it, as HF folders with float32 safetensors."""
+def make_family(folder: Path, seed: int = 0, layers: int = 4, hidden: int = 64, dtype: str = "float32") -> dict[str, Path]:
+    """A base and three fine-tunes of it, as HF folders whose safetensors are stored in `dtype`.
+
+    Storing in the merge dtype matters: mergekit rounds its inputs to `dtype` before merging, which changes
+    results (e.g. RAM's "did this entry change" masks) when the files hold more precision than that.
+    """
     import transformers
 
     if (folder / "done").exists():
@@ -46,9 +50,9 @@ def make_family(folder: Path, seed: int = 0, layers: int = 4, hidden: int = 64) 
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
     )  # fmt: skip
     torch.manual_seed(seed)
-    base = transformers.LlamaForCausalLM(config)
+    base = transformers.LlamaForCausalLM(config).to(getattr(torch, dtype))
     base.save_pretrained(folder / "base")
-    state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    state = {k: v.detach().float().clone() for k, v in base.state_dict().items()}
     gen = torch.Generator().manual_seed(seed + 1)
     for i in range(1, 4):
         tuned = {}
@@ -60,7 +64,7 @@ def make_family(folder: Path, seed: int = 0, layers: int = 4, hidden: int = 64) 
                 delta = 0.002 * low_rank + 0.01 * sparse
             else:
                 delta = 0.01 * torch.randn(tensor.shape, generator=gen)
-            tuned[name] = (tensor + delta).contiguous()
+            tuned[name] = (tensor + delta).to(getattr(torch, dtype)).contiguous()
         out = folder / f"ft{i}"
         out.mkdir(parents=True)
         save_file(tuned, out / "model.safetensors", metadata={"format": "pt"})
@@ -123,7 +127,7 @@ def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> t
             return float("nan"), float("nan"), f"{name}: shapes {list(a.shape)} vs {list(b.shape)}"
         diff = (a - b).abs()
         scale = b.abs().max().clamp_min(1e-12)
-        bf16_spacing = scale * 2.0**-8  # bf16 keeps 8 significant bits
+        bf16_spacing = 2.0 ** (torch.floor(torch.log2(scale)) - 7)  # one bf16 ulp at the tensor's largest magnitude
         worst_abs = max(worst_abs, float(diff.max()))
         worst_ulps = max(worst_ulps, float(diff.max() / bf16_spacing))
     return worst_abs, worst_ulps, ""
@@ -144,7 +148,7 @@ def main() -> int:
     )  # fmt: skip
     theirs_methods = set(listed.stdout.split()) if listed.returncode == 0 else set(method_names())
     methods = [m for m in (args.methods.split(",") if args.methods else method_names()) if m in theirs_methods]
-    family = make_family(CACHE / "family")
+    family = make_family(CACHE / f"family-{args.dtype}", dtype=args.dtype)
     work = CACHE / "runs"
     rows = []
     for method in methods:
@@ -165,7 +169,7 @@ def main() -> int:
         if method in RANDOM_METHODS:
             note = note or "random: different RNG streams, not comparable element-wise (statistics are tested)"
         rows.append((method, f"{worst_abs:.2e}", f"{worst_ulps:.2f}", f"{t_ours:.1f} / {t_theirs:.1f}", note))
-    print(f"| method | max abs diff | in bf16 spacings | seconds (mergesmith / mergekit) | note |")
+    print(f"| method | max abs diff | in bf16 ulps | seconds (mergesmith / mergekit) | note |")
     print("|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
