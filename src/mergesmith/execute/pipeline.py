@@ -27,7 +27,9 @@ from mergesmith.plan.planner import MergePlan, TensorInput, TensorTask
 class ExecutionOptions:
     device: torch.device = torch.device("cpu")
     compute_dtype: torch.dtype = torch.float32
-    prefetch_bytes: int = 1 << 30  # input bytes read ahead of the computation
+    # Inputs read ahead of the computation (counted in compute-dtype bytes). Reads are a small share of the
+    # time (bench/speed.py), so a few tensors' worth keeps the reader busy without growing peak memory.
+    prefetch_bytes: int = 384 << 20
     chunk_bytes: int = 256 << 20  # elementwise tensors larger than this (in compute dtype) go in row chunks
     max_pending_writes: int = 4
 

@@ -33,13 +33,15 @@ def _check_weight_sum(params: dict) -> str | None:
 )
 def linear(tensors: Sequence[torch.Tensor], *, weight: Sequence[float], normalize: bool = True) -> torch.Tensor:
     """Weighted sum of the tensors, divided by the sum of weights when `normalize` is set."""
-    result = torch.zeros_like(tensors[0])
-    for tensor, w in zip(tensors, weight):
-        result.add_(tensor, alpha=float(w))
+    scale = 1.0
     if normalize:
         total = float(sum(weight))
         if abs(total) < 1e-12:
             # mergekit divides by zero here and writes inf/nan; a clear refusal is better.
             raise ZeroWeightSumError(ZERO_SUM_PROBLEM)
-        result.div_(total)
+        scale = 1.0 / total
+    # Folding the normalisation into the weights saves a zero-fill and a division pass over the tensor.
+    result = tensors[0] * (float(weight[0]) * scale)
+    for tensor, w in zip(tensors[1:], weight[1:]):
+        result.add_(tensor, alpha=float(w) * scale)
     return result
