@@ -25,7 +25,7 @@ def render_model_card(config: MergeConfiguration, config_yaml: str, extra_sectio
     if not base_models:
         del front["base_model"]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", "# Merged model", ""]
-    lines.append(f"This model was made by merging the models below with [mergesmith](https://pypi.org/project/mergesmith/) using the `{config.merge_method}` method.")
+    lines.append(f"This model was made by merging the models below with mergesmith using the `{config.merge_method}` method.")
     lines += ["", "## Models merged", ""]
     base = config.base_model
     for m in models:
