@@ -83,6 +83,36 @@ def tied_embedding_name(tensor_names: Iterable[str]) -> str | None:
     return None
 
 
+# Keys of lists with one entry per layer whose names do not say "layer" (Gemma3n-style per-layer widths,
+# MiniMax attention kinds); lists whose key contains "layer" (layer_types, no_rope_layers) always qualify.
+_PER_LAYER_LIST_KEYS = ("intermediate_size", "activation_sparsity_pattern", "attn_type_list", "block_types")
+# Lists that hold layer *indices*, not one entry per layer: never treated as per-layer even at the right length.
+_LAYER_INDEX_LIST_KEYS = ("mlp_only_layers", "full_attn_idxs", "swa_layers")
+
+
+def remap_per_layer_lists(config: dict[str, Any], old_count: int, origins: list[int]) -> dict[str, Any]:
+    """A copy of config.json whose per-layer lists (`layer_types`, `no_rope_layers`, ...) follow the layers they describe.
+
+    `origins[k]` is the source layer index of output layer k. Only the top level and `text_config` are
+    scanned: a vision tower's lists describe its own layers.
+    """
+    updated = dict(config)
+    for key, value in list(updated.items()):
+        if key == "text_config" and isinstance(value, dict):
+            updated[key] = remap_per_layer_lists(value, old_count, origins)
+        elif _is_per_layer_list(key, value, old_count):
+            updated[key] = [value[min(o, old_count - 1)] for o in origins]
+    return updated
+
+
+def _is_per_layer_list(key: str, value: Any, old_count: int) -> bool:
+    if not isinstance(value, list) or len(value) != old_count or key in _LAYER_INDEX_LIST_KEYS:
+        return False
+    if not all(isinstance(v, (str, int, float, bool)) or v is None for v in value):
+        return False
+    return "layer" in key or key in _PER_LAYER_LIST_KEYS
+
+
 def with_layer_count(config: dict[str, Any], old: int, new: int) -> dict[str, Any]:
     """A copy of config.json with every layer-count key (and per-layer lists) rewritten for `new` layers."""
     updated = dict(config)

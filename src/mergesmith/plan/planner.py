@@ -17,7 +17,8 @@ import torch
 
 from mergesmith.config.schema import InputSliceDefinition, MergeConfiguration, OutputSliceDefinition
 from mergesmith.errors import CompatibilityError, ConfigError, InputError, MergesmithError, NotYetSupportedError, did_you_mean
-from mergesmith.io.model_ref import ModelReference, resolve_model_folder
+from mergesmith.io.model_ref import ModelReference
+from mergesmith.io.open_model import open_model
 from mergesmith.io.shard_writer import PlannedTensor
 from mergesmith.io.source_model import SourceModel
 from mergesmith.methods.registry import MethodSpec, get_method, method_names
@@ -25,6 +26,7 @@ from mergesmith.plan.architecture import (
     OUTPUT_HEAD_NAMES,
     LayerLayout,
     infer_layout,
+    remap_per_layer_lists,
     tied_embedding_name,
     with_layer_count,
 )
@@ -134,6 +136,7 @@ def plan_merge(
     builder = _PlanBuilder(config, method, models, out_dtype, random_seed)
     if crime:
         builder.warnings.append(crime)
+    builder.warnings.extend(w for m in models for w in getattr(m, "warnings", []))  # e.g. GGUF tensors skipped
     slices = builder.slices(names)
     return builder.build(slices)
 
@@ -185,7 +188,7 @@ def _open_models(config: MergeConfiguration, base_dir: Path | None) -> tuple[lis
     for name in names:
         try:
             ref = ModelReference.parse(name)
-            models.append(SourceModel.open(name, resolve_model_folder(ref, base_dir=base_dir)))
+            models.append(open_model(name, ref, base_dir=base_dir))  # a HF folder or a GGUF file
         except MergesmithError as exc:
             problems.extend(exc.problems)
             if isinstance(exc, NotYetSupportedError) and len(names) == 1:
@@ -403,7 +406,7 @@ class _PlanBuilder:
         donor_layers = self.layouts[donor].num_layers
         if out_layers != donor_layers and donor_layers:
             config = with_layer_count(config, donor_layers, out_layers)
-            _remap_per_layer_lists(config, donor_layers, self._layer_origins(slices, donor))
+            config = remap_per_layer_lists(config, donor_layers, self._layer_origins(slices, donor))
         dtypes = {t.output.dtype for t in self.tasks if not t.copy_only}
         if len(dtypes) == 1:
             name = str(next(iter(dtypes))).removeprefix("torch.")
@@ -421,12 +424,3 @@ class _PlanBuilder:
             origins.extend(range(src.start, src.end))
         return origins
 
-
-def _remap_per_layer_lists(config: dict[str, Any], old_count: int, origins: list[int]) -> None:
-    """Lists with one entry per layer (e.g. `layer_types`) follow the layers they describe."""
-    for holder in (config, config.get("text_config") if isinstance(config.get("text_config"), dict) else None):
-        if holder is None:
-            continue
-        for key, value in list(holder.items()):
-            if isinstance(value, list) and len(value) == old_count and key.startswith("layer"):
-                holder[key] = [value[min(o, old_count - 1)] for o in origins]
