@@ -17,8 +17,7 @@ import torch
 
 from mergesmith.config.schema import InputSliceDefinition, MergeConfiguration, OutputSliceDefinition
 from mergesmith.errors import CompatibilityError, ConfigError, InputError, MergesmithError, NotYetSupportedError, did_you_mean
-from mergesmith.io.model_ref import ModelReference
-from mergesmith.io.open_model import open_model
+from mergesmith.io.model_ref import ModelReference, resolve_model_folder
 from mergesmith.io.shard_writer import PlannedTensor
 from mergesmith.io.source_model import SourceModel
 from mergesmith.methods.registry import MethodSpec, get_method, method_names
@@ -136,7 +135,6 @@ def plan_merge(
     builder = _PlanBuilder(config, method, models, out_dtype, random_seed)
     if crime:
         builder.warnings.append(crime)
-    builder.warnings.extend(w for m in models for w in getattr(m, "warnings", []))  # e.g. GGUF tensors skipped
     slices = builder.slices(names)
     return builder.build(slices)
 
@@ -188,7 +186,7 @@ def _open_models(config: MergeConfiguration, base_dir: Path | None) -> tuple[lis
     for name in names:
         try:
             ref = ModelReference.parse(name)
-            models.append(open_model(name, ref, base_dir=base_dir))  # a HF folder or a GGUF file
+            models.append(SourceModel.open(name, resolve_model_folder(ref, base_dir=base_dir)))
         except MergesmithError as exc:
             problems.extend(exc.problems)
             if isinstance(exc, NotYetSupportedError) and len(names) == 1:
