@@ -26,7 +26,9 @@ from mergesmith.io.output_folder import (
 )
 from mergesmith.io.shard_writer import ShardWriter
 from mergesmith.io.tokenizer_output import resolve_chat_template, tokenizer_donor_name, write_chat_template
+from mergesmith.io.source_model import SourceModel
 from mergesmith.plan.planner import MergePlan, plan_merge
+from mergesmith.validate.compatibility import check_compatibility
 
 
 @dataclass
@@ -68,11 +70,30 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"--device: unknown device '{name}' (cpu, cuda, cuda:N or auto)") from None
 
 
-def prepare(config: ConfigLike, *, random_seed: int = 0, dtype: str | None = None, allow_crimes: bool = False) -> MergePlan:
-    """Load and validate a config and plan the merge: every check that needs no tensor data."""
+def prepare(
+    config: ConfigLike,
+    *,
+    random_seed: int = 0,
+    dtype: str | None = None,
+    allow_crimes: bool = False,
+    on_models: Callable[[list[SourceModel]], None] | None = None,
+) -> MergePlan:
+    """Load and validate a config and plan the merge: every check that needs no tensor data.
+
+    `on_models` sees the opened input models before they are checked (`mergesmith check` lists them even
+    when they turn out to be incompatible).
+    """
     parsed, label = load_config(config)
     base_dir = Path(label).parent if label != "<config>" else None
-    plan = plan_merge(parsed, base_dir=base_dir, random_seed=random_seed, out_dtype_override=dtype, allow_crimes=allow_crimes)
+
+    def check_models(models: list[SourceModel]) -> list[str]:
+        if on_models is not None:
+            on_models(models)
+        return check_compatibility(models, allow_crimes=allow_crimes)
+
+    plan = plan_merge(
+        parsed, base_dir=base_dir, random_seed=random_seed, out_dtype_override=dtype, allow_crimes=allow_crimes, check_models=check_models
+    )
     donor_name = tokenizer_donor_name(parsed, plan.models[plan.donor].name)
     resolve_chat_template(parsed.chat_template, [m.folder for m in plan.models])
     plan.tokenizer_donor = next(i for i, m in enumerate(plan.models) if m.name == donor_name)

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from mergesmith.errors import MergesmithError
 
-COMMANDS = ("merge", "methods")
+COMMANDS = ("merge", "check", "methods")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

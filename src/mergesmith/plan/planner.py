@@ -11,7 +11,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -116,8 +116,12 @@ def plan_merge(
     random_seed: int = 0,
     out_dtype_override: str | None = None,
     allow_crimes: bool = False,
+    check_models: Callable[[list[SourceModel]], list[str]] | None = None,
 ) -> MergePlan:
     """Build the plan, or raise a MergesmithError listing every problem found.
+
+    `check_models` (the validate layer's compatibility check, passed in by the API) runs on the opened
+    models before any tensor is planned; it raises on problems and returns warnings.
 
     The output dtype is `out_dtype_override` (the CLI's --dtype), else `out_dtype`, else `dtype`, else each
     tensor's stored dtype. Computation itself always happens in float32.
@@ -128,13 +132,23 @@ def plan_merge(
     if config.modules:
         raise NotYetSupportedError("'modules:' configs (per-module merges of multimodal models) are not supported yet; use 'models:' or 'slices:'")
     _check_parameter_names(config, method)
-    names, models = _open_models(config, base_dir)
+    names, models = open_models(config, base_dir)
     crime = _architecture_mismatch(models)
+    problems: list[str] = []
     if crime and not allow_crimes:
-        raise CompatibilityError(f"{crime}; pass --allow-crimes to merge them anyway (tensor names and shapes must still match)")
+        problems.append(f"{crime}; pass --allow-crimes to merge them anyway (tensor names and shapes must still match)")
+    checked_warnings: list[str] = []
+    if check_models is not None:
+        try:
+            checked_warnings = check_models(models)
+        except CompatibilityError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise CompatibilityError(problems)
     builder = _PlanBuilder(config, method, models, out_dtype, random_seed)
     if crime:
         builder.warnings.append(crime)
+    builder.warnings.extend(checked_warnings)
     slices = builder.slices(names)
     return builder.build(slices)
 
@@ -179,7 +193,8 @@ def _architecture_mismatch(models: list[SourceModel]) -> str | None:
     return "architectures differ: " + ", ".join(f"'{name}' {cls}" for name, cls in classes.items())
 
 
-def _open_models(config: MergeConfiguration, base_dir: Path | None) -> tuple[list[str], list[SourceModel]]:
+def open_models(config: MergeConfiguration, base_dir: Path | None) -> tuple[list[str], list[SourceModel]]:
+    """Open every model the config names (headers only), reporting every unreadable one at once."""
     names = config.referenced_models()
     models: list[SourceModel] = []
     problems: list[str] = []
