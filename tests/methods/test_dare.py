@@ -37,12 +37,12 @@ def test_same_seed_same_output(fn):
 
 
 def test_kept_fraction_and_rescale():
-    base, (model,) = inputs(1, (200, 200), 1)
+    base, (model,) = inputs(1, (120, 120), 1)
     delta = model - base
     for density in (0.1, 0.5, 0.9):
         out = dare_linear([model], base=base, weight=[1], density=[density], rescale=False, generator=gen(0)) - base
         kept = out != 0
-        assert abs(kept.double().mean().item() - density) < 0.01
+        assert abs(kept.double().mean().item() - density) < 0.015
         assert torch.equal(out[kept], delta[kept])
         scaled = dare_linear([model], base=base, weight=[1], density=[density], generator=gen(0)) - base
         # L1 norm preserved exactly; the factor is ≈ 1/density

@@ -23,10 +23,18 @@ def elect_sign(weighted: Sequence[torch.Tensor], method: str = "sum") -> torch.T
     """+1/-1 per entry: the majority sign of `weighted` (one tensor per model) by `method`."""
     if method not in CONSENSUS_METHODS:
         raise ValueError(f"unknown consensus method {method!r} (expected sum or count)")
-    total = torch.zeros_like(weighted[0])
-    for w in weighted:
-        total.add_(w if method == "sum" else w.sign())
+    votes = (lambda w: w) if method == "sum" else torch.sign
+    total = votes(weighted[0]).clone() if method == "sum" else votes(weighted[0])
+    for w in weighted[1:]:
+        total.add_(votes(w))
+    # total >= 0 -> +1, else -1, written into total's own storage
     return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+
+
+def agreement(weighted: torch.Tensor, majority: torch.Tensor) -> torch.Tensor:
+    """1.0 where the entry's sign equals the elected one, else 0.0 (zero entries never agree); float, in the
+    dtype of `weighted`, so it multiplies and accumulates without conversions."""
+    return weighted.sign().mul_(majority).clamp_(min=0)
 
 
 def agrees(weighted: torch.Tensor, majority: torch.Tensor) -> torch.Tensor:
@@ -43,13 +51,17 @@ def disjoint_merge(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ agreeing entries, Σ weights of the agreeing models) per entry.
 
-    With `in_place` the tensors of `weighted` are overwritten (their disagreeing entries zeroed).
+    With `in_place` the tensors of `weighted` are overwritten (their disagreeing entries zeroed, the first
+    one becoming the sum).
     """
-    mixed = torch.zeros_like(weighted[0])
-    divisor = torch.zeros_like(weighted[0])
+    mixed = divisor = None
     for w, weight in zip(weighted, weights):
-        agree = agrees(w, majority)
+        agree = agreement(w, majority)
         kept = w.mul_(agree) if in_place else w * agree
-        mixed.add_(kept)
-        divisor.add_(agree, alpha=float(weight))
+        if mixed is None:
+            mixed = kept
+            divisor = agree.mul_(float(weight))
+        else:
+            mixed.add_(kept)
+            divisor.add_(agree, alpha=float(weight))
     return mixed, divisor

@@ -14,6 +14,7 @@ select instead of sorting whole tensors:
   magnitude of the row) to density + epsilon (largest). Ranks come from one sort of each row's magnitudes
   reinterpreted as integers (same order for non-negative floats, and a much faster kernel), in row
   chunks so that the int64 sort indices never cover the whole tensor at once.
+* `inplace=True` (used by the methods, which own their task vectors) masks without a copy.
 * `rescale_l1`: after masking, scale so the L1 norm matches the unmasked vector (mergekit's `rescale`).
 
 Ties at a threshold: mergekit keeps exactly k elements and breaks ties in whatever order its (unstable)
@@ -81,7 +82,7 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
         hi = torch.kthvalue(sample, hi_rank).values
         above = values > hi
         inside = ~above if inside is None else inside.logical_and_(~above)
-        n_above = int(above.sum())
+        n_above = int(torch.count_nonzero(above))
     else:
         n_above = 0
     if inside is None:
@@ -102,38 +103,43 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones(n, dtype=torch.bool, device=values.device)
     threshold = kth_largest(values, k)
     mask = values >= threshold
-    count = int(mask.sum())
+    count = int(torch.count_nonzero(mask))
     if count > k:  # ties at the threshold: keep the earliest of them
         mask = values > threshold
         tied = values == threshold
         ctype = torch.int32 if n < 2**31 else torch.int64
-        mask |= tied & (tied.cumsum(0, dtype=ctype) <= k - int(mask.sum()))
+        mask |= tied & (tied.cumsum(0, dtype=ctype) <= k - int(torch.count_nonzero(mask)))
     return mask
 
 
-def apply_mask(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """A copy of `tensor` with the entries outside the (flat or same-shape) boolean `keep` set to zero."""
-    return tensor.masked_fill(~keep.reshape(tensor.shape), 0)
+def apply_mask(tensor: torch.Tensor, keep: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """`tensor` with the entries outside the (flat or same-shape) boolean `keep` set to zero (a copy unless
+    `inplace`)."""
+    keep = keep.reshape(tensor.shape)
+    if inplace:  # masked_fill_ avoids mul_'s bool-to-float conversion copy
+        return tensor.masked_fill_(keep.logical_not(), 0)
+    return tensor * keep
 
 
-def rescale_l1(original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Scale `masked` (in place) so its L1 norm equals `original`'s; unchanged when either norm < eps.
-
-    The condition is evaluated on the device (no host sync).
+def rescale_l1(original: torch.Tensor | None, masked: torch.Tensor, eps: float = 1e-7, *, before: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale `masked` (in place) so its L1 norm equals `original`'s (or `before`, that norm computed
+    earlier); unchanged when either norm < eps. The condition is evaluated on the device (no host sync).
     """
-    before = original.abs().sum()
+    if before is None:
+        before = original.abs().sum()
     after = masked.abs().sum()
     small = (before < eps) | (after < eps)
     scale = torch.where(small, torch.ones_like(before), before / torch.where(small, torch.ones_like(after), after))
     return masked.mul_(scale)
 
 
-def _finish(tensor: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
-    masked = apply_mask(tensor, keep)
-    return rescale_l1(tensor, masked) if rescale else masked
+def _finish(tensor: torch.Tensor, keep: torch.Tensor, rescale: bool, inplace: bool) -> torch.Tensor:
+    before = tensor.abs().sum() if rescale else None
+    masked = apply_mask(tensor, keep, inplace=inplace)
+    return rescale_l1(None, masked, before=before) if rescale else masked
 
 
-def magnitude(tensor: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
+def magnitude(tensor: torch.Tensor, density: float, *, rescale: bool = False, inplace: bool = False) -> torch.Tensor:
     """Keep the max(1, floor(density * n)) largest-magnitude entries (TIES trimming); density >= 1 is a no-op.
 
     density <= 0 (or an empty tensor) keeps nothing. A positive density always keeps at least one entry, as
@@ -145,10 +151,12 @@ def magnitude(tensor: torch.Tensor, density: float, *, rescale: bool = False) ->
     if density <= 0 or n == 0:
         return torch.zeros_like(tensor)
     k = max(1, int(density * n))
-    return _finish(tensor, top_k_mask(magnitudes(tensor), k), rescale)
+    return _finish(tensor, top_k_mask(magnitudes(tensor), k), rescale, inplace)
 
 
-def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float, *, rescale: bool = False) -> torch.Tensor:
+def magnitude_outliers(
+    tensor: torch.Tensor, density: float, gamma: float, *, rescale: bool = False, inplace: bool = False
+) -> torch.Tensor:
     """Model Breadcrumbs: drop the int(gamma * n) largest magnitudes, then the smallest, keeping int(density * n).
 
     When density + gamma > 1 the outlier cut shrinks so the kept count is still int(density * n). gamma = 0
@@ -168,7 +176,7 @@ def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float, *, re
     dropped_top = n - bottom_n - keep_n
     if dropped_top > 0:
         keep &= ~top_k_mask(values, dropped_top)
-    return _finish(tensor, keep, rescale)
+    return _finish(tensor, keep, rescale, inplace)
 
 
 def uniform(shape: torch.Size | tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
@@ -179,12 +187,19 @@ def uniform(shape: torch.Size | tuple[int, ...], device: torch.device, generator
     return u.to(device)
 
 
-def random_drop(tensor: torch.Tensor, density: float, *, rescale: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_drop(
+    tensor: torch.Tensor,
+    density: float,
+    *,
+    rescale: bool = False,
+    generator: torch.Generator | None = None,
+    inplace: bool = False,
+) -> torch.Tensor:
     """DARE: keep each entry independently with probability `density`; density >= 1 is a no-op (no draw)."""
     if density >= 1:
         return tensor
     keep = uniform(tensor.shape, tensor.device, generator) < density
-    return _finish(tensor, keep, rescale)
+    return _finish(tensor, keep, rescale, inplace)
 
 
 def della_probabilities(tensor: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -229,6 +244,7 @@ def della_magprune(
     *,
     rescale: bool = False,
     generator: torch.Generator | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """DELLA MagPrune: keep entries with magnitude-ranked probabilities around `density` (see `della_probabilities`)."""
     if density >= 1:
@@ -239,7 +255,7 @@ def della_magprune(
     if problem:
         raise MethodInputError(problem)
     keep = uniform(tensor.shape, tensor.device, generator) < della_probabilities(tensor, density, epsilon)
-    return _finish(tensor, keep, rescale)
+    return _finish(tensor, keep, rescale, inplace)
 
 
 def variance_topk(task_vectors: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -54,7 +54,7 @@ def task_vector_params(*, normalize: bool, rescale: bool, extra: Sequence[Param]
 
 
 Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]
-"""(task vector, model index) -> sparsified task vector."""
+"""(task vector, model index) -> sparsified task vector; may work in place (the task vector is a fresh tensor)."""
 
 
 def merge_task_vectors(

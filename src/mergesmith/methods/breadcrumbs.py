@@ -26,7 +26,7 @@ def _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lamb
     gam = gamma or [0.01] * len(tensors)
     return merge_task_vectors(
         tensors, base, weight,
-        sparsify=lambda d, i: magnitude_outliers(d, dens[i], gam[i], rescale=rescale),
+        sparsify=lambda d, i: magnitude_outliers(d, dens[i], gam[i], rescale=rescale, inplace=True),
         consensus=consensus, normalize=normalize, scale=lambda_,
     )
 

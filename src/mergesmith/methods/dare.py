@@ -24,7 +24,7 @@ def _dare(tensors, base, weight, density, normalize, rescale, lambda_, consensus
     dens = density or [1.0] * len(tensors)
     return merge_task_vectors(
         tensors, base, weight,
-        sparsify=lambda d, i: random_drop(d, dens[i], rescale=rescale, generator=generator),
+        sparsify=lambda d, i: random_drop(d, dens[i], rescale=rescale, generator=generator, inplace=True),
         consensus=consensus, normalize=normalize, scale=lambda_,
     )
 

@@ -29,7 +29,7 @@ def _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_,
     eps = epsilon or [0.15] * len(tensors)
     return merge_task_vectors(
         tensors, base, weight,
-        sparsify=lambda d, i: della_magprune(d, dens[i], eps[i], rescale=rescale, generator=generator),
+        sparsify=lambda d, i: della_magprune(d, dens[i], eps[i], rescale=rescale, generator=generator, inplace=True),
         consensus=consensus, normalize=normalize, scale=lambda_,
     )
 

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from mergesmith.methods._consensus import agrees, elect_sign
+from mergesmith.methods._consensus import agreement, elect_sign
 from mergesmith.methods._sparsify import variance_topk
 from mergesmith.methods._task_vectors import CONSENSUS
 from mergesmith.methods.registry import Param, merge_method
@@ -68,7 +68,7 @@ def sce(
     merged = torch.zeros_like(base)
     divisor = torch.zeros_like(base)
     for row, w in zip(rows, weights.tolist()):
-        agree = agrees(row, majority)
+        agree = agreement(row, majority)
         merged.add_(row.mul_(w).mul_(agree))
         divisor.add_(agree, alpha=w)
     return base + merged / divisor.clamp_(min=1e-6)

@@ -41,6 +41,6 @@ def ties(
     dens = density or [1.0] * len(tensors)
     return merge_task_vectors(
         tensors, base, weight,
-        sparsify=lambda d, i: magnitude(d, dens[i], rescale=rescale),
+        sparsify=lambda d, i: magnitude(d, dens[i], rescale=rescale, inplace=True),
         consensus=consensus_method, normalize=normalize, scale=lambda_,
     )
