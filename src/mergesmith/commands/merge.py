@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     for flag in ("--lora-merge-cache", "--lora-merge-dtype", "--transformers-cache", "--write-threads"):
         p.add_argument(flag, default=None, help="no-op: mergekit option, accepted for compatibility")
     p.add_argument("-j", "--num-threads", default=None, help="no-op: mergekit option; torch uses every core")
+    p.add_argument("--gguf", default=None, metavar="TYPE", choices=("f32", "f16", "bf16", "q8_0"),
+                   help="also export the merge to GGUF (f32, f16, bf16 or q8_0), as <out_dir>/<name>.<TYPE>.gguf")  # fmt: skip
+    p.add_argument("--gguf-path", default=None, help="where --gguf writes the file instead")
     p.set_defaults(handler=run)
 
 
@@ -81,4 +84,16 @@ def run(args: argparse.Namespace) -> int:
     if not result.dry_run and not args.quiet:
         gb = result.bytes_written / 1e9
         print(f"wrote {result.tensors_written} tensors ({gb:.2f} GB, {result.num_layers} layers) to {result.out_path} in {result.seconds:.1f} s")
+    if args.gguf and not result.dry_run:
+        from pathlib import Path
+
+        from mergesmith.io.gguf_writer import export_gguf
+
+        out = Path(result.out_path)
+        gguf_path = Path(args.gguf_path) if args.gguf_path else out / f"{out.name}.{args.gguf.upper()}.gguf"
+        exported = export_gguf(out, gguf_path, args.gguf, overwrite=args.overwrite)
+        for warning in exported.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        if not args.quiet:
+            print(f"wrote {exported.path} ({exported.bytes / 1e9:.2f} GB, {args.gguf})")
     return 0

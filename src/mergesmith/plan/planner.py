@@ -17,7 +17,8 @@ import torch
 
 from mergesmith.config.schema import InputSliceDefinition, MergeConfiguration, OutputSliceDefinition
 from mergesmith.errors import CompatibilityError, ConfigError, InputError, MergesmithError, NotYetSupportedError, did_you_mean
-from mergesmith.io.model_ref import ModelReference, resolve_model_folder
+from mergesmith.io.model_ref import ModelReference
+from mergesmith.io.open_model import open_model
 from mergesmith.io.shard_writer import PlannedTensor
 from mergesmith.io.source_model import SourceModel
 from mergesmith.methods.registry import MethodSpec, get_method, method_names
@@ -149,6 +150,7 @@ def plan_merge(
     if crime:
         builder.warnings.append(crime)
     builder.warnings.extend(checked_warnings)
+    builder.warnings.extend(w for m in models for w in getattr(m, "warnings", []))  # e.g. GGUF tensors skipped
     slices = builder.slices(names)
     return builder.build(slices)
 
@@ -201,7 +203,7 @@ def open_models(config: MergeConfiguration, base_dir: Path | None) -> tuple[list
     for name in names:
         try:
             ref = ModelReference.parse(name)
-            models.append(SourceModel.open(name, resolve_model_folder(ref, base_dir=base_dir)))
+            models.append(open_model(name, ref, base_dir=base_dir))  # a HF folder or a GGUF file
         except MergesmithError as exc:
             problems.extend(exc.problems)
             if isinstance(exc, NotYetSupportedError) and len(names) == 1:
