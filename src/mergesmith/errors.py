@@ -10,6 +10,10 @@ from __future__ import annotations
 import difflib
 from typing import Iterable, Sequence
 
+# Not an error: the exit code of `mergesmith eval` / `merge --eval` when the verdict is "failed merge", so that
+# scripts can gate on it. A normal return value of the command, never raised.
+EXIT_FAILED_MERGE = 3
+
 
 class MergesmithError(Exception):
     """Base of every error that the CLI reports as plain lines."""
