@@ -9,7 +9,7 @@ import _tv_ref as ref
 sce = get_method("sce").func
 
 
-def reference(base, models, topk, consensus="sum"):
+def reference(base, models, topk, consensus="sum", energy_floor=1e-6):
     tv = np.stack([m - base for m in models])
     if topk < 1:
         var = tv.var(axis=0).ravel()
@@ -18,7 +18,8 @@ def reference(base, models, topk, consensus="sum"):
         mask[np.argsort(-var, kind="stable")[:k]] = True
         tv = tv * mask.reshape(base.shape)
     energy = (tv ** 2).reshape(len(models), -1).mean(axis=1)
-    eta = energy / energy.sum() if energy.sum() > 0 else np.full(len(models), 1 / len(models))
+    uniform = energy.sum() == 0 or energy.sum() < energy_floor
+    eta = np.full(len(models), 1 / len(models)) if uniform else energy / energy.sum()
     votes = tv.sum(0) if consensus == "sum" else np.sign(tv).sum(0)
     agree = np.sign(tv) == np.where(votes >= 0, 1.0, -1.0)
     w = eta.reshape((-1,) + (1,) * base.ndim) * agree
@@ -37,10 +38,15 @@ def test_matches_reference(topk, shape, consensus):
 def test_large_and_small_scale_deltas():
     base, models = ref.finetunes(2, (300, 230), 2)
     np.testing.assert_allclose(ref.call("sce", base, models, select_topk=0.3), reference(base, models, 0.3), atol=1e-12)
-    # tiny task vectors (mean square ~1e-10): still energy-weighted (mergekit would switch to uniform weights)
+    # tiny task vectors (mean square ~1e-10): uniform weights by default, as in mergekit; energy-weighted with
+    # energy_floor 0; the two really differ here
     base, models = ref.finetunes(3, (10, 10), 2, scale=1e-5)
     models[1] = base + 3 * (models[1] - base)
-    np.testing.assert_allclose(ref.call("sce", base, models, select_topk=1.0), reference(base, models, 1.0), atol=1e-15)
+    default = ref.call("sce", base, models, select_topk=1.0)
+    weighted = ref.call("sce", base, models, select_topk=1.0, energy_floor=0.0)
+    np.testing.assert_allclose(default, reference(base, models, 1.0), atol=1e-15)
+    np.testing.assert_allclose(weighted, reference(base, models, 1.0, energy_floor=0.0), atol=1e-15)
+    assert np.abs(default - weighted).max() > 1e-7
 
 
 def test_edge_cases():
