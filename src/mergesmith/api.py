@@ -176,3 +176,55 @@ def _peak_rss() -> int | None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     except (AttributeError, ValueError):
         return None
+
+
+def evaluate_merge(
+    config: ConfigLike,
+    out_dir: str | os.PathLike,
+    *,
+    probes: str | os.PathLike | None = None,
+    texts: list[str | os.PathLike] | tuple = (),
+    device: str = "cpu",
+    max_tokens: int = 16,
+    on_model: Callable | None = None,
+):
+    """Evaluate a finished merge against the config's models (`mergesmith merge --eval`); returns an EvalReport.
+
+    The merged folder is judged against the config's models (base_model as "base", the others as sources)
+    and the Markdown table goes into the folder's README.md as an "## Evaluation" section (replacing an
+    earlier one), when the folder has a model card.
+    """
+    from mergesmith.eval import EvalOptions, ModelSpec, evaluate, load_probes, load_texts
+    from mergesmith.io.model_ref import ModelReference, resolve_model_folder
+
+    parsed, label = load_config(config)
+    base_dir = Path(label).parent if label != "<config>" else None
+    out_path = Path(out_dir)
+    specs = [
+        ModelSpec(name, resolve_model_folder(ModelReference.parse(name), base_dir=base_dir), "base" if name == parsed.base_model else "source")
+        for name in parsed.referenced_models()
+    ]
+    specs.sort(key=lambda s: s.role == "base")  # table order: sources, base, merged (stable otherwise)
+    specs.append(ModelSpec(out_path.name or str(out_path), out_path, "merged"))
+    report = evaluate(
+        specs,
+        texts=load_texts(list(texts)) if texts else None,
+        probes=load_probes(probes) if probes else None,
+        options=EvalOptions(device=device, max_tokens=max_tokens),
+        on_model=on_model,
+    )
+    card = out_path / "README.md"
+    if card.is_file():
+        card.write_text(_with_section(card.read_text(encoding="utf-8"), report.render_markdown("## Evaluation")), encoding="utf-8")
+    return report
+
+
+def _with_section(card: str, section: str) -> str:
+    """`card` with `section` (starting with its "## " heading) replacing the section of that heading, or appended."""
+    heading = section.splitlines()[0]
+    lines = card.splitlines()
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        return "\n".join(lines[:start] + section.rstrip("\n").splitlines() + [""] + lines[end:]).rstrip("\n") + "\n"
+    return card.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"

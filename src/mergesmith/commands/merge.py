@@ -46,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gguf", default=None, metavar="TYPE", choices=("f32", "f16", "bf16", "q8_0"),
                    help="also export the merge to GGUF (f32, f16, bf16 or q8_0), as <out_dir>/<name>.<TYPE>.gguf")  # fmt: skip
     p.add_argument("--gguf-path", default=None, help="where --gguf writes the file instead")
+    p.add_argument("--eval", dest="eval_probes", default=None, metavar="PROBES",
+                   help="after merging, evaluate the merge against the config's models on these probes (YAML or a folder of <skill>.jsonl), "
+                        "add the table to README.md, and exit 3 if the verdict is 'failed merge'")  # fmt: skip
+    p.add_argument("--eval-text", action="append", default=[], metavar="FILE|DIR", help="held-out text for --eval's perplexity (repeatable; also allowed without --eval)")
     p.set_defaults(handler=run)
 
 
@@ -54,6 +58,11 @@ def run(args: argparse.Namespace) -> int:
     from mergesmith.commands.progress import ProgressBar, describe_plan
 
     device = "cuda" if (args.cuda or args.gpu_rich) else args.device
+    if args.eval_probes or args.eval_text:  # a typo in a probe file should not cost a whole merge: read them first
+        from mergesmith.eval import load_probes, load_texts
+
+        load_probes(args.eval_probes) if args.eval_probes else None
+        load_texts(args.eval_text) if args.eval_text else None
     bar = ProgressBar(enabled=not args.quiet and not args.dry_run)
 
     def on_plan(plan):
@@ -96,4 +105,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: {warning}", file=sys.stderr)
         if not args.quiet:
             print(f"wrote {exported.path} ({exported.bytes / 1e9:.2f} GB, {args.gguf})")
+    if (args.eval_probes or args.eval_text) and not result.dry_run:
+        return _evaluate(args, device, result.out_path)
     return 0
+
+
+def _evaluate(args: argparse.Namespace, device: str, out_path) -> int:
+    """`--eval`: judge the merge against the config's models; the table goes to stdout and README.md."""
+    from mergesmith.api import evaluate_merge
+    from mergesmith.errors import EXIT_FAILED_MERGE
+
+    def on_model(spec):
+        if not args.quiet:
+            print(f"evaluating {spec.name} ({spec.role}) ...", file=sys.stderr)
+
+    report = evaluate_merge(args.config, out_path, probes=args.eval_probes, texts=args.eval_text, device=device, on_model=on_model)
+    print(report.render_text())
+    return EXIT_FAILED_MERGE if report.verdict is not None and report.verdict.status == "failed merge" else 0
