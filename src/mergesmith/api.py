@@ -28,6 +28,7 @@ from mergesmith.io.shard_writer import ShardWriter
 from mergesmith.io.tokenizer_output import resolve_chat_template, tokenizer_donor_name, write_chat_template
 from mergesmith.io.source_model import SourceModel
 from mergesmith.plan.planner import MergePlan, plan_merge
+from mergesmith.tokenizer.output import write_output_tokenizer
 from mergesmith.validate.compatibility import check_compatibility
 
 
@@ -94,9 +95,12 @@ def prepare(
     plan = plan_merge(
         parsed, base_dir=base_dir, random_seed=random_seed, out_dtype_override=dtype, allow_crimes=allow_crimes, check_models=check_models
     )
-    donor_name = tokenizer_donor_name(parsed, plan.models[plan.donor].name)
+    if plan.vocabulary is not None:  # tokenizer_source / tokenizer: planned with the vocabulary
+        plan.tokenizer_donor = plan.vocabulary.donor
+    else:
+        donor_name = tokenizer_donor_name(parsed, plan.models[plan.donor].name)
+        plan.tokenizer_donor = next(i for i, m in enumerate(plan.models) if m.name == donor_name)
     resolve_chat_template(parsed.chat_template, [m.folder for m in plan.models])
-    plan.tokenizer_donor = next(i for i, m in enumerate(plan.models) if m.name == donor_name)
     return plan
 
 
@@ -162,6 +166,8 @@ def _write_metadata(plan: MergePlan, folder: Path, copy_tokenizer: bool, write_m
     copy_generation_config(donor.folder, folder)
     if copy_tokenizer:
         copy_tokenizer_files(donor.folder, folder)
+        if plan.vocabulary is not None:
+            write_output_tokenizer(plan.vocabulary, folder)
         template = resolve_chat_template(plan.config.chat_template, [m.folder for m in plan.models])
         if template:
             write_chat_template(folder, template)

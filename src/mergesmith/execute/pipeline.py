@@ -21,6 +21,7 @@ from mergesmith.errors import ConfigError
 from mergesmith.io.shard_writer import ShardWriter
 from mergesmith.methods.registry import MethodInputError
 from mergesmith.plan.planner import MergePlan, TensorInput, TensorTask
+from mergesmith.tokenizer.embed import merge_vocab_rows
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def work_units(plan: MergePlan, options: ExecutionOptions) -> list[WorkUnit]:
     for task in plan.tasks:
         shape = task.output.shape
         full = math.prod(shape) * itemsize
-        chunkable = task.method.elementwise and not task.method.random and not task.copy_only and len(shape) >= 2
+        chunkable = task.method.elementwise and not task.method.random and not task.copy_only and task.row_maps is None and len(shape) >= 2
         if chunkable and full > options.chunk_bytes and shape[0] > 1:
             rows_per_chunk = max(1, options.chunk_bytes // (full // shape[0]))
             for start in range(0, shape[0], rows_per_chunk):
@@ -144,15 +145,47 @@ def compute(task: TensorTask, tensors: list[torch.Tensor], base: torch.Tensor | 
         return tensors[0].to(task.output.dtype)
     device, dtype = options.device, options.compute_dtype
     inputs = [t.to(device=device, dtype=dtype, non_blocking=True) for t in tensors]
-    kwargs = dict(task.kwargs)
+    base_in = base.to(device=device, dtype=dtype, non_blocking=True) if base is not None else None
+    if task.row_maps is not None:
+        result = _compute_vocab_rows(task, inputs, base_in, device)
+    else:
+        result = _apply_method(task, inputs, base_in, task.kwargs, device)
+    return result.to(dtype=task.output.dtype).to("cpu")
+
+
+def _apply_method(task: TensorTask, inputs: list[torch.Tensor], base: torch.Tensor | None, task_kwargs: dict, device: torch.device) -> torch.Tensor:
+    kwargs = dict(task_kwargs)
     if task.base is not None or task.method.base == "required":
-        kwargs["base"] = base.to(device=device, dtype=dtype, non_blocking=True) if base is not None else None
+        kwargs["base"] = base
     elif task.method.base == "optional":
         kwargs["base"] = None
     if task.method.random:
         kwargs["generator"] = torch.Generator(device=device).manual_seed(task.seed or 0)
     try:
-        result = task.method.func(inputs, **kwargs)
+        return task.method.func(inputs, **kwargs)
     except MethodInputError as exc:
         raise ConfigError(f"merge_method {task.method.name}, tensor {task.output.name}: {exc}") from None
-    return result.to(dtype=task.output.dtype).to("cpu")
+
+
+def _compute_vocab_rows(task: TensorTask, inputs: list[torch.Tensor], base: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Rebuild a vocabulary tensor for the output tokenizer: the method runs on the rows that several inputs share.
+
+    Rows a subset of the inputs has are merged by the method over that subset (its per-model parameters
+    subset alike). When the method needs a base and the base lacks the token, the mean of the present
+    rows stands in for it; a subset too small for the method (slerp with only one side) takes the mean.
+    """
+    per_model = [p.arg for p in task.method.model_params]
+    method = task.method
+
+    def combine(positions: list[int], rows: list[torch.Tensor], base_rows: torch.Tensor | None) -> torch.Tensor:
+        too_few = len(rows) < method.min_models or (method.max_models is not None and len(rows) > method.max_models)
+        if too_few:
+            return torch.stack(rows + ([base_rows] if base_rows is not None else [])).mean(dim=0)
+        kwargs = {k: ([v[j] for j in positions] if k in per_model else v) for k, v in task.kwargs.items()}
+        if base_rows is None and method.base == "required":
+            base_rows = torch.stack(rows).mean(dim=0)
+        return _apply_method(task, rows, base_rows, kwargs, device)
+
+    maps = [m.to(device) for m in task.row_maps or ()]
+    base_map = task.base_row_map.to(device) if task.base_row_map is not None else None
+    return merge_vocab_rows(inputs, base, maps, base_map, task.explicit_rows, combine)

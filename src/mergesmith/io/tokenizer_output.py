@@ -1,7 +1,7 @@
 """Which model's tokenizer the output gets, and the chat template written with it.
 
-Rebuilding a vocabulary (`tokenizer_source: union`, per-token embedding sources) changes the embedding
-matrices and belongs to the tokenizer work; until then those configs get a clear "not yet supported".
+A config with `tokenizer_source` or a `tokenizer:` block gets its tokenizer from the vocabulary plan
+(`mergesmith.tokenizer`); `tokenizer_donor_name` answers for the others.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from mergesmith.config.schema import MergeConfiguration
-from mergesmith.errors import ConfigError, NotYetSupportedError, did_you_mean
+from mergesmith.errors import ConfigError, did_you_mean
 
 BUILTIN_CHAT_TEMPLATES = {
     "chatml": (
@@ -38,13 +38,11 @@ BUILTIN_CHAT_TEMPLATES = {
 
 def tokenizer_donor_name(config: MergeConfiguration, default: str) -> str:
     """The model whose tokenizer files are copied: `tokenizer_source` (base or a model), else the config donor."""
-    if config.tokenizer is not None:
-        raise NotYetSupportedError("the 'tokenizer:' block (vocabulary rebuilding) is not supported yet; use tokenizer_source: base or a model name")
-    source = config.tokenizer_source
+    source = config.tokenizer.source if config.tokenizer is not None else config.tokenizer_source
     if source is None:
         return default
     if source == "union":
-        raise NotYetSupportedError("tokenizer_source: union (vocabulary rebuilding) is not supported yet; use base or a model name")
+        return config.base_model or default
     if source == "base":
         if config.base_model is None:
             raise ConfigError("tokenizer_source: base needs a base_model")

@@ -31,6 +31,7 @@ from mergesmith.plan.architecture import (
     with_layer_count,
 )
 from mergesmith.plan.parameters import MissingParameter, resolve_parameter
+from mergesmith.tokenizer.build import VocabularyPlan, plan_vocabulary
 
 DTYPE_ALIASES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -56,6 +57,12 @@ class TensorTask:
     keep_rows: int | None = None  # trim every input to its first rows (embeddings of different vocab sizes)
     seed: int | None = None
     copy_only: bool = False  # non-float tensors (buffers, masks) are copied from the first input
+    # Vocabulary-indexed tensors rebuilt for the output tokenizer: per input (then the base), output row ->
+    # input row (-1 where that model lacks the token); rows forced by `tokenizer: tokens:` as
+    # (output row, input position or None for zeros, input row). The executor gathers; see tokenizer.embed.
+    row_maps: tuple[torch.Tensor, ...] | None = None
+    base_row_map: torch.Tensor | None = None
+    explicit_rows: tuple[tuple[int, int | None, int], ...] = ()
 
 
 @dataclass
@@ -70,6 +77,7 @@ class MergePlan:
     base: int | None
     warnings: list[str] = field(default_factory=list)
     tokenizer_donor: int | None = None  # set once the tokenizer source is resolved; None means `donor`
+    vocabulary: VocabularyPlan | None = None  # the output tokenizer, when the config asks for one
 
     @property
     def output_bytes(self) -> int:
@@ -147,6 +155,9 @@ def plan_merge(
     if problems:
         raise CompatibilityError(problems)
     builder = _PlanBuilder(config, method, models, out_dtype, random_seed)
+    builder.vocabulary = plan_vocabulary(config, models)
+    if builder.vocabulary is not None:
+        builder.warnings.extend(builder.vocabulary.warnings)
     if crime:
         builder.warnings.append(crime)
     builder.warnings.extend(checked_warnings)
@@ -226,6 +237,7 @@ class _PlanBuilder:
         self.warnings: list[str] = []
         self._missing_reported: set[tuple[str, str]] = set()
         self._checked_problems: set[str] = set()
+        self.vocabulary: VocabularyPlan | None = None
 
     # -- slices --------------------------------------------------------------------------------------
     def slices(self, names: list[str]) -> list[_Slice]:
@@ -286,7 +298,7 @@ class _PlanBuilder:
         donor = self._template(first)
         donor_layout = self.layouts[donor]
         for name in donor_layout.pre_weights:
-            self._plan_tensor(name, first, [name] * len(first.sources), t=0.0)
+            self._plan_tensor(name, first, [name] * len(first.sources), t=0.0, outside_layers=True)
         out_layer = 0
         for sl in slices:
             tsource = sl.sources[sl.base if sl.base is not None else 0]
@@ -302,12 +314,14 @@ class _PlanBuilder:
                 out_layer += 1
         last_template = self._template(last)
         for name in self.layouts[last_template].post_weights:
-            self._plan_tensor(name, last, [name] * len(last.sources), t=0.0)
+            self._plan_tensor(name, last, [name] * len(last.sources), t=0.0, outside_layers=True)
         if self.problems:
             raise CompatibilityError(self.problems)
         out_config = self._output_config(donor, slices, out_layer)
         base = first.sources[first.base].model if first.base is not None else None
-        return MergePlan(self.config, self.method, self.models, self.tasks, out_config, out_layer, donor, base, self.warnings)
+        plan = MergePlan(self.config, self.method, self.models, self.tasks, out_config, out_layer, donor, base, self.warnings)
+        plan.vocabulary = self.vocabulary
+        return plan
 
     def _template(self, sl: _Slice) -> int:
         """The model whose tensor names define the output: the base when it is an input, else the first source."""
@@ -321,7 +335,7 @@ class _PlanBuilder:
             return tied_embedding_name(tensors)
         return None
 
-    def _plan_tensor(self, out_name: str, sl: _Slice, in_names: Sequence[str], t: float) -> None:
+    def _plan_tensor(self, out_name: str, sl: _Slice, in_names: Sequence[str], t: float, outside_layers: bool = False) -> None:
         resolved: list[TensorInput] = []
         for s, name in zip(sl.sources, in_names):
             actual = self._input_name(s.model, name)
@@ -332,7 +346,11 @@ class _PlanBuilder:
         infos = [self.models[r.model].tensors[r.name] for r in resolved]
         shapes = [i.shape for i in infos]
         keep_rows = None
-        if len(set(shapes)) > 1:
+        vocab = self.vocabulary if self.vocabulary is not None and self.vocabulary.remap else None
+        remap = vocab is not None and outside_layers and all(self._is_vocab_tensor(r, s) for r, s in zip(resolved, shapes))
+        if remap and len({s[1:] for s in shapes}) == 1:
+            shapes = [(vocab.num_rows, *s[1:]) for s in shapes]
+        elif len(set(shapes)) > 1:
             keep_rows = self._reconcile_shapes(out_name, resolved, shapes)
             if keep_rows is None:
                 return
@@ -357,7 +375,42 @@ class _PlanBuilder:
             seed=seed,
             copy_only=copy_only,
         )
+        if remap:
+            self._add_row_maps(task, resolved, sl.base, vocab)
         self.tasks.append(task)
+
+    def _is_vocab_tensor(self, tin: TensorInput, shape: tuple[int, ...]) -> bool:
+        """A non-layer tensor indexed by token: its first dimension is the model's vocab_size (not positions)."""
+        config = self.models[tin.model].config
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+        vocab_size = config.get("vocab_size") or text.get("vocab_size")
+        if not shape or shape[0] != vocab_size or any(h in tin.name for h in ("position", "wpe", "token_type")):
+            return False
+        return True
+
+    def _add_row_maps(self, task: TensorTask, resolved: list[TensorInput], base_pos: int | None, vocab: VocabularyPlan) -> None:
+        def clamp(tin: TensorInput) -> torch.Tensor:
+            row_map = vocab.row_maps[tin.model]
+            rows = self.models[tin.model].tensors[tin.name].shape[0]
+            return torch.where(row_map < rows, row_map, torch.full_like(row_map, -1))
+
+        if task.copy_only:
+            self.problems.append(f"tensor {task.output.name}: cannot rebuild a non-float vocabulary tensor for the output tokenizer")
+            return
+        task.row_maps = tuple(clamp(t) for t in task.inputs)
+        task.base_row_map = clamp(task.base) if task.base is not None else None
+        positions = {t.model: j for j, t in enumerate(task.inputs)}
+        if task.base is not None:
+            positions.setdefault(task.base.model, len(task.inputs))
+        explicit = []
+        for entry in vocab.explicit:
+            if entry.model is not None and entry.model not in positions:
+                self.problems.append(
+                    f"tokenizer.tokens: the row of token {entry.row} comes from '{self.models[entry.model].name}', which is not an input of {task.output.name}"
+                )
+                continue
+            explicit.append((entry.row, None if entry.model is None else positions[entry.model], entry.source_row or 0))
+        task.explicit_rows = tuple(explicit)
 
     def _reconcile_shapes(self, out_name: str, inputs: list[TensorInput], shapes: list[tuple[int, ...]]) -> int | None:
         """Embeddings of different vocab sizes merge on their common rows (as mergekit does); other mismatches are errors."""
@@ -429,6 +482,13 @@ class _PlanBuilder:
             for key in keys:
                 config[key] = name
         config.pop("_name_or_path", None)
+        if self.vocabulary is not None and self.vocabulary.remap:
+            rows = self.vocabulary.num_rows
+            text = config.get("text_config")
+            if "vocab_size" in config or not isinstance(text, dict):
+                config["vocab_size"] = rows
+            if isinstance(text, dict) and "vocab_size" in text:
+                config["text_config"] = {**text, "vocab_size": rows}
         return config
 
     def _layer_origins(self, slices: list[_Slice], donor: int) -> list[int]:
