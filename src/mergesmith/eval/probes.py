@@ -206,7 +206,8 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_tokens: int = 
     """Greedy continuations of `prompts`, cut at the first newline, batched with left padding.
 
     Left padding keeps every prompt's last token at the end of its row, where generation continues; the
-    attention mask keeps the padding out of the computation.
+    attention mask keeps the padding out of the computation. Prompts are batched in order of length so that
+    little of each batch is padding; the answers come back in the prompts' order.
     """
     import torch
 
@@ -217,10 +218,12 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_tokens: int = 
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     model.eval()
-    answers: list[str] = []
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[str] = [""] * len(prompts)
     try:
-        for i in range(0, len(prompts), max(1, batch_size)):
-            batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
+        for i in range(0, len(order), max(1, batch_size)):
+            rows = order[i : i + batch_size]
+            batch = tokenizer([prompts[r] for r in rows], return_tensors="pt", padding=True)
             batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
             with torch.no_grad():
                 out = model.generate(
@@ -229,8 +232,8 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_tokens: int = 
                     temperature=None, top_p=None, top_k=None,
                 )
             new = out[:, batch["input_ids"].shape[1] :].cpu()
-            for text in tokenizer.batch_decode(new, skip_special_tokens=True):
-                answers.append(text.split("\n", 1)[0])
+            for r, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                answers[r] = text.split("\n", 1)[0]
     finally:
         tokenizer.padding_side = old_side
         if old_pad is None:
