@@ -37,7 +37,7 @@ def test_pairwise_and_multi_model_counts_by_hand():
     na, nb, nc = (float(x.square().sum()) for x in (a, b, c))
     assert s["norm"] == pytest.approx([math.sqrt(na), math.sqrt(nb), math.sqrt(nc)])
     dot_ab = 4 * -5 + -3 * -6 + 2 * 0.1 + 1 * 0.2 + 0.1 * 7 + 0.2 * 0.3
-    assert s["cosine"][0][1] == pytest.approx(dot_ab / math.sqrt(na * nb))
+    assert s["cosine"][0][1] == pytest.approx(dot_ab / math.sqrt(na * nb), rel=1e-5)
     # masks: a = {00,01,02,03}, b = {00,01,10,11}, c = {00,01,02,13}
     assert st.topk.tolist() == [4, 4, 4]
     # a∧b = {00,01}: signs (+,-) vs (-,-) → one conflict of two; a∨b has 6

@@ -16,7 +16,7 @@ ratios are taken only at the end. Nothing here knows about files or models.
 - norm retained          = ‖mean θ‖ / mean ‖θᵢ‖ per tensor (how much a linear average shrinks the weights; the same
                           for task vectors δ), averaged over tensors weighted by their size
 - mass fraction          = the fewest entries that carry 90 % of Σ δ² (their share of all entries), read from a
-                          log-magnitude histogram (32 bins per octave), exact when the crossing bin holds one value
+                          magnitude histogram (32 bins per octave), exact when the crossing bin holds one value
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 MASS_LEVEL = 0.9
-# log2|x| histogram: 32 bins per octave from 2^-48 to 2^24; smaller magnitudes share the first bin.
+# magnitude histogram: 32 bins per octave from 2^-48 to 2^24; smaller (larger) magnitudes share the first (last) bin.
 _HIST_LO, _HIST_HI, _HIST_PER_OCTAVE = -48, 24, 32
 HIST_BINS = (_HIST_HI - _HIST_LO) * _HIST_PER_OCTAVE
 RANK_ROWS = 512
@@ -60,8 +60,14 @@ def effective_rank(matrix: torch.Tensor, *, max_rows: int = RANK_ROWS, seed: int
         gen = torch.Generator().manual_seed(seed)
         rows = torch.randperm(m.shape[0], generator=gen)[:max_rows].sort().values
         m = m.index_select(0, rows)
+    if m.shape[0] > m.shape[1]:
+        m = m.T
     bound = min(m.shape)
-    s = torch.linalg.svdvals(m).double()
+    # σ² are the eigenvalues of the small Gram matrix m mᵀ (r × r), far cheaper than an SVD of a wide matrix;
+    # in float32 its rounding noise is below r·ε·λ_max, so smaller eigenvalues count as zero.
+    eig = torch.linalg.eigvalsh((m @ m.T).double())
+    tol = float(eig.max()) * bound * torch.finfo(torch.float32).eps if eig.numel() else 0.0
+    s = torch.where(eig > tol, eig, torch.zeros_like(eig)).sqrt()
     total = s.sum()
     if bound == 0 or total <= 0 or not torch.isfinite(total):
         return 0.0, bound
@@ -71,15 +77,19 @@ def effective_rank(matrix: torch.Tensor, *, max_rows: int = RANK_ROWS, seed: int
 
 
 def magnitude_histogram(delta: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(count, Σ x²) per log2-magnitude bin of the non-zero entries."""
-    x = delta.flatten().float()
-    x = x[x != 0]
+    """(count, Σ x²) per magnitude bin of the non-zero entries.
+
+    A bin is a float32 exponent and the top five bits of the mantissa (32 bins per octave), read straight from
+    the bit pattern: no logarithm, one shift.
+    """
+    x = delta.detach().flatten().float().contiguous()
     if x.numel() == 0:
         return np.zeros(HIST_BINS), np.zeros(HIST_BINS)
-    a = x.abs()
-    index = ((a.log2() - _HIST_LO) * _HIST_PER_OCTAVE).floor().clamp_(0, HIST_BINS - 1).long()
+    bits = x.view(torch.int32) & 0x7FFFFFFF
+    index = ((bits >> 18) - (127 + _HIST_LO) * _HIST_PER_OCTAVE).clamp_(0, HIST_BINS - 1).long()
     counts = torch.bincount(index, minlength=HIST_BINS).double().numpy()
-    mass = torch.bincount(index, weights=a.double().square(), minlength=HIST_BINS).numpy()
+    counts[0] -= int((bits == 0).sum())  # zeros carry no mass and are not counted
+    mass = torch.bincount(index, weights=x.double().square(), minlength=HIST_BINS).numpy()
     return counts, mass
 
 
@@ -190,14 +200,16 @@ def tensor_stats(
     """Statistics of one tensor of n models against `reference` (the base; None: the models' mean)."""
     n = len(weights)
     thetas = [w.float() for w in weights]
-    mean = torch.stack(thetas).mean(0) if n else None
+    mean = sum(thetas[1:], thetas[0].clone()) / n if n else None
     ref = reference.float() if reference is not None else mean
     deltas = [t - ref for t in thetas]
     st = TensorStats(n, tensors=1, numel=ref.numel())
-    st.ref_norm2 = float(ref.double().square().sum())
-    flat = [d.flatten().double() for d in deltas]
+    ref_flat = ref.flatten()
+    st.ref_norm2 = float(ref_flat @ ref_flat)
+    flat = [d.flatten() for d in deltas]  # float32 dot products (BLAS, blocked sums): ample for these ratios
     for i in range(n):
-        st.weight_norm2[i] = float(thetas[i].double().square().sum())
+        theta = thetas[i].flatten()
+        st.weight_norm2[i] = float(theta @ theta)
         for j in range(i, n):
             st.dot[i, j] = st.dot[j, i] = float(flat[i] @ flat[j])
         st.norm2[i] = st.dot[i, i]
@@ -205,27 +217,35 @@ def tensor_stats(
         numel = ref.numel()
         mean_weight_norm = float(mean.double().norm())
         st.retained_sum = numel * (_ratio(mean_weight_norm, float(np.sqrt(st.weight_norm2).mean())) or 1.0)
-        st.tv_retained_sum = numel * (_ratio(float(torch.stack(flat).mean(0).norm()), float(np.sqrt(st.norm2).mean())) or 1.0)
+        st.tv_retained_sum = numel * (_ratio(float((sum(flat[1:], flat[0].clone()) / n).norm()), float(np.sqrt(st.norm2).mean())) or 1.0)
     if embedding:
         st.embedding_norm2 = st.norm2.copy()
 
     masks = [topk_mask(d, top_k) for d in deltas]
     positive = [d > 0 for d in deltas]
-    active = torch.zeros(ref.shape, dtype=torch.int16)
-    pos_active = torch.zeros(ref.shape, dtype=torch.int16)
     for i in range(n):
         st.topk[i] = int(masks[i].sum())
-        active += masks[i]
-        pos_active += masks[i] & positive[i]
+    for i in range(n):
         for j in range(i + 1, n):
             both = masks[i] & masks[j]
             st.both[i, j] = st.both[j, i] = int(both.sum())
-            st.either[i, j] = st.either[j, i] = int((masks[i] | masks[j]).sum())
+            st.either[i, j] = st.either[j, i] = st.topk[i] + st.topk[j] - st.both[i, j]
             st.pair_conflict[i, j] = st.pair_conflict[j, i] = int((both & (positive[i] != positive[j])).sum())
-    overlap = active >= 2
-    st.overlap = int(overlap.sum())
-    st.conflict = int((overlap & (pos_active > 0) & (pos_active < active)).sum())
-    st.union = int((active >= 1).sum())
+    if n == 2:  # the multi-model counts are the pair's
+        st.overlap, st.conflict, st.union = int(st.both[0, 1]), int(st.pair_conflict[0, 1]), int(st.either[0, 1])
+    elif n > 2:
+        active = torch.zeros(ref.shape, dtype=torch.int16)
+        pos_active = torch.zeros(ref.shape, dtype=torch.int16)
+        for i in range(n):
+            active += masks[i]
+            pos_active += masks[i] & positive[i]
+        overlap = active >= 2
+        st.overlap = int(overlap.sum())
+        st.conflict = int((overlap & (pos_active > 0) & (pos_active < active)).sum())
+        st.union = int((active >= 1).sum())
+    else:
+        st.union = int(st.topk[0])
+    del masks, positive
 
     for i, d in enumerate(deltas):
         c, m = magnitude_histogram(d)

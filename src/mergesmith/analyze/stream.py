@@ -39,7 +39,7 @@ def family_from_config(config: ConfigLike) -> Family:
     plan = prepare(config)
     base = plan.models[plan.base] if plan.base is not None else None
     models = [m for i, m in enumerate(plan.models) if i != plan.base]
-    label = str(config) if isinstance(config, (str, Path)) and Path(str(config)).is_file() else None
+    label = str(config) if isinstance(config, (str, Path)) and "\n" not in str(config) and Path(str(config)).is_file() else None
     return Family(models, base, label)
 
 
