@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -78,9 +80,11 @@ def test_two_independent_dense_fine_tunes_get_nuslerp_and_the_config_merges(base
     config.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(base),
                                       "models": [{"model": m, "parameters": {"weight": 1.0}} for m in models]}))  # fmt: skip
     out = tmp_path / "out.yml"
-    assert main(["analyze", str(config), "--emit-config", str(out), "-q"]) == 0
+    assert main(["analyze", str(config), "--emit-config", str(out), "--json", str(tmp_path / "a.json"), "-q"]) == 0
     emitted = yaml.safe_load(out.read_text())
     assert emitted["merge_method"] == "nuslerp" and emitted["base_model"] == str(base.resolve())
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert saved["recommendation"]["method"] == "nuslerp" and saved["format"] == "mergesmith-analysis/1"
     assert main(["merge", str(out), str(tmp_path / "merged"), "--quiet"]) == 0
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 

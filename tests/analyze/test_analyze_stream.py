@@ -95,3 +95,24 @@ def test_bad_inputs_are_one_line_errors(hand_family, capsys):
     assert "folder not found" in capsys.readouterr().err
     assert main(["analyze", "--base", str(pb), "--models", str(pa), "--top-k", "1.5"]) == 2
     assert main(["analyze"]) == 2
+
+
+def test_reads_one_tensor_of_each_model_at_a_time(hand_family, monkeypatch):
+    from mergesmith.io.source_model import SourceModel
+
+    _, base, _, _, pb, pa, pbb = hand_family
+    reads: list[tuple[str, str]] = []
+    original = SourceModel.read
+
+    def spy(self, name, rows=None):
+        reads.append((self.name, name))
+        return original(self, name, rows)
+
+    monkeypatch.setattr(SourceModel, "read", spy)
+    analyze(models=[str(pa), str(pbb)], base=str(pb))
+    # every tensor is read once per model, and all reads of one tensor come before the next tensor's
+    assert len(reads) == 3 * len(base)
+    names = [name for _, name in reads]
+    for k in range(0, len(names), 3):
+        assert len(set(names[k : k + 3])) == 1 and {m for m, _ in reads[k : k + 3]} == {str(pa), str(pbb), str(pb)}
+    assert len(set(names)) == len(base)
