@@ -93,3 +93,27 @@ def test_model_without_logits_to_keep_gives_the_same(model_and_tokenizer):
     b = sequence_nll(Plain(model), ids, window=10, stride=4, batch_size=3)
     assert a.tokens == b.tokens
     assert a.nll_sum == pytest.approx(b.nll_sum, rel=1e-5)
+
+
+def test_logits_budget_splits_batches_without_changing_the_result(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    calls = []
+
+    def count(module, args, kwargs):
+        calls.append(kwargs["input_ids"].shape)
+
+    ids = tokenizer(TEXT)["input_ids"]
+    handle = model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        wide = sequence_nll(model, ids, window=8, stride=4, batch_size=16)
+        n_wide = len(calls)
+        vocab = model.config.vocab_size
+        narrow = sequence_nll(model, ids, window=8, stride=4, batch_size=16, max_logits=vocab * 10)
+    finally:
+        handle.remove()
+    n_windows = len(plan_windows(len(ids), 8, 4))
+    assert n_wide == 1 and calls[0][0] == n_windows
+    # 10 logit rows allowed: two windows of 5 kept rows (stride 4 + 1) per pass; the first window (8 rows) alone
+    assert [shape[0] for shape in calls[1:]] == [1] + [2] * ((n_windows - 1) // 2) + [1] * ((n_windows - 1) % 2)
+    assert narrow.tokens == wide.tokens
+    assert narrow.nll_sum == pytest.approx(wide.nll_sum, rel=1e-5)

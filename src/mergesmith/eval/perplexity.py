@@ -5,8 +5,10 @@ Every token but the first is scored exactly once, each with at least `window - s
 did not. The result is the token-weighted mean over all windows, exp(sum of NLL / number of scored tokens),
 which is what a single forward pass gives when the text fits in one window.
 
-Memory stays bounded: windows go through the model `batch_size` at a time, and where the model supports
-`logits_to_keep` only the logits of the scored positions are materialised (vocab x stride, not vocab x window).
+Memory stays bounded: windows go through the model at most `batch_size` at a time and never more than
+`max_logits` logits per forward pass (a 150k vocabulary makes logits the largest tensor by far), and where the
+model supports `logits_to_keep` only the logits of the scored positions are materialised (vocab x stride, not
+vocab x window).
 """
 
 from __future__ import annotations
@@ -84,11 +86,13 @@ def sequence_nll(
     stride: int | None = None,
     batch_size: int = 4,
     device: torch.device | str | None = None,
+    max_logits: int = 2**28,
 ) -> PerplexityResult:
     """Summed negative log-likelihood of `input_ids` (one text) under a causal LM, scored by sliding windows.
 
     Windows of equal length are batched; the last (shorter) window is padded on the right with its padding
-    masked out of both attention and loss, which leaves the real positions' logits unchanged.
+    masked out of both attention and loss, which leaves the real positions' logits unchanged. A batch holds
+    at most `batch_size` windows and `max_logits` logits (default 2^28: 1 GiB in float32), and at least one window.
     """
     ids = torch.as_tensor(input_ids, dtype=torch.long).flatten()
     stride = stride if stride is not None else max(1, window // 2)
@@ -99,8 +103,8 @@ def sequence_nll(
     model.eval()
     nll = 0.0
     tokens = 0
-    for i in range(0, len(windows), max(1, batch_size)):
-        batch = windows[i : i + batch_size]
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+    for batch in _batches(windows, max(1, batch_size), max_logits // vocab if vocab else None, keep_logits):
         length = max(w.end - w.begin for w in batch)
         x = torch.zeros(len(batch), length, dtype=torch.long)
         mask = torch.zeros(len(batch), length, dtype=torch.long)
@@ -124,6 +128,28 @@ def sequence_nll(
         nll += float(losses)
         tokens += int((tgt != -100).sum())
     return PerplexityResult(nll, tokens)
+
+
+def _kept_positions(batch: list[Window], keep_logits: bool) -> int:
+    """Logit rows per window a batch materialises: from the earliest first-scored position to the end."""
+    length = max(w.end - w.begin for w in batch)
+    if not keep_logits:
+        return length
+    return max(length - (w.score_from - w.begin - 1) for w in batch)
+
+
+def _batches(windows: list[Window], batch_size: int, max_positions: int | None, keep_logits: bool):
+    """Consecutive windows, at most `batch_size` per batch and `max_positions` logit rows in all (one at least)."""
+    i = 0
+    while i < len(windows):
+        n = 1
+        while n < batch_size and i + n < len(windows):
+            candidate = windows[i : i + n + 1]
+            if max_positions is not None and (n + 1) * _kept_positions(candidate, keep_logits) > max_positions:
+                break
+            n += 1
+        yield windows[i : i + n]
+        i += n
 
 
 def perplexity(model: torch.nn.Module, input_ids: Sequence[int] | torch.Tensor, **kwargs) -> float:

@@ -99,7 +99,7 @@ def evaluate(
 
 def _evaluate_one(spec: ModelSpec, texts, probes, options: EvalOptions, device: torch.device, fallback_tokenizer) -> ModelScores:
     model, tokenizer = _load(spec, device, fallback_tokenizer)
-    scores = ModelScores(spec.name, str(spec.folder), spec.role)
+    scores = ModelScores(spec.name, str(spec.folder.absolute()), spec.role)
     try:
         for name, text in texts.items():
             result = text_perplexity(model, tokenizer, text, window=options.window, stride=options.stride, batch_size=options.batch_size)
@@ -145,10 +145,15 @@ def _load(spec: ModelSpec, device: torch.device, fallback_tokenizer: Path | None
         raise InputError(f"model '{spec.name}': cannot load the tokenizer from {tok_folder} ({exc})") from None
     # float32 on CPU (bf16 matmuls are slow there); the checkpoint's own dtype on a GPU.
     dtype = torch.float32 if device.type == "cpu" else "auto"
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # one "evaluating ..." line per model is enough
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(spec.folder, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise InputError(f"model '{spec.name}': cannot load {spec.folder} as a causal LM ({exc})") from None
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     return model.to(device).eval(), tokenizer
 
 
