@@ -91,6 +91,10 @@ def test_eval_errors_are_one_line(char_family, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing"), "--probes", str(bad)]) == 2
     assert main(["eval", "--text", str(bad)]) == 2
     assert "no models to evaluate" in capsys.readouterr().err
+    blank = tmp_path / "blank.txt"
+    blank.write_text(" \n")
+    assert main(["eval", str(char_family["a"]), "--text", str(blank)]) == 2
+    assert capsys.readouterr().err.strip().endswith("is empty")
 
 
 def test_merge_eval_reads_the_probes_before_merging(char_family, tmp_path, capsys):

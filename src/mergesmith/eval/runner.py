@@ -103,6 +103,8 @@ def _evaluate_one(spec: ModelSpec, texts, probes, options: EvalOptions, device: 
     try:
         for name, text in texts.items():
             result = text_perplexity(model, tokenizer, text, window=options.window, stride=options.stride, batch_size=options.batch_size)
+            if result.tokens == 0:
+                raise ConfigError(f"--text '{name}': too short to score (it needs at least 2 tokens)")
             scores.perplexity[name] = result.perplexity if math.isfinite(result.nll_sum) else float("inf")
         if probes:
             scores.skills.update(score_probes(model, tokenizer, probes, max_tokens=options.max_tokens, batch_size=max(8, options.batch_size * 4)))
