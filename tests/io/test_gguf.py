@@ -276,6 +276,55 @@ def test_cli_convert_export_and_merge_gguf(tmp_path, capsys):
     assert "not a .gguf file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_architectures_round_trip(tmp_path, arch):
+    """Qwen2 (arch qwen2: q/k/v biases, no permutation) and Mistral (exported as llama) come back with the same logits."""
+    kwargs = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, initializer_range=0.3)  # fmt: skip
+    config = transformers.Qwen2Config(**kwargs) if arch == "qwen2" else transformers.MistralConfig(**kwargs)
+    torch.manual_seed(3)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    if arch == "qwen2":
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("bias"):
+                    param.normal_(0, 0.5)  # non-zero biases, so a lost or permuted bias shows
+    model.save_pretrained(tmp_path / "hf")
+    make_tokenizer(tmp_path / "hf")
+    export_gguf(tmp_path / "hf", tmp_path / "m.gguf", "f32")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["general.architecture"].contents() == ("qwen2" if arch == "qwen2" else "llama")
+    assert ("blk.0.attn_q.bias" in {t.name for t in reader.tensors}) == (arch == "qwen2")
+    convert_gguf_to_hf(tmp_path / "m.gguf", tmp_path / "back")
+    state, back = read_state(tmp_path / "hf"), read_state(tmp_path / "back")
+    assert set(back) == set(state) and all(torch.equal(back[n], state[n]) for n in state)
+    ids = torch.tensor([[1, 40, 57, 99, 7, 250, 2]])
+    torch.testing.assert_close(logits(tmp_path / "back", ids), logits(tmp_path / "hf", ids), rtol=1e-5, atol=1e-5)
+
+
+def test_vocab_with_bos_and_llama3_pre_tokenizer_round_trips(tiny, tmp_path):
+    """A Llama-3-style GGUF vocabulary (pre `llama-bpe`, add_bos_token) becomes a tokenizer that splits like llama.cpp's
+    regex and prepends BOS, and exporting that tokenizer finds `llama-bpe` and add_bos_token again."""
+    from mergesmith.io.gguf_reader import read_metadata
+    from mergesmith.io.gguf_vocab import gguf_vocab_from_hf, write_hf_tokenizer
+
+    meta = read_metadata(gguf.GGUFReader(tiny["f16"]))
+    meta |= {"tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.add_bos_token": True}
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    assert write_hf_tokenizer(meta, folder) == []
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    ids = tok("Hello 12345")["input_ids"]
+    assert ids[0] == meta["tokenizer.ggml.bos_token_id"]
+    pieces = [p for p, _ in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("Hello 12345")]
+    assert pieces == ["Hello", "Ġ", "123", "45"]  # llama.cpp's llama-bpe regex: digits in groups of three
+    back, warnings = gguf_vocab_from_hf(folder, {}, 320)
+    assert warnings == [] and back["tokenizer.ggml.pre"] == "llama-bpe" and back["tokenizer.ggml.add_bos_token"] is True
+    assert back["tokenizer.ggml.tokens"] == meta["tokenizer.ggml.tokens"]
+    assert back["tokenizer.ggml.token_type"] == meta["tokenizer.ggml.token_type"]
+    assert back["tokenizer.ggml.merges"] == meta["tokenizer.ggml.merges"]
+
+
 def test_gguf_errors_are_user_errors(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF\x03\x00\x00\x00garbage")

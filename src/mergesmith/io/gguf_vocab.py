@@ -63,7 +63,8 @@ def write_hf_tokenizer(meta: dict[str, Any], folder: Path) -> list[str]:
     if pre not in candidates:
         warnings.append(f"GGUF pre-tokenizer '{pre}' is not known to mergesmith; using GPT-2's byte-level split")
         pre = "gpt2"
-    vocab = {tok: i for i, tok in enumerate(tokens)}
+    # UNUSED entries are llama.cpp's padding up to the embedding's rows ([PAD123]); HF leaves those ids without a token
+    vocab = {tok: i for i, (tok, ty) in enumerate(zip(tokens, types)) if ty != UNUSED}
     tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=(pre == "llama-bpe"), fuse_unk=False))
     if pre == "qwen2":
         tk.normalizer = normalizers.NFC()
