@@ -16,7 +16,7 @@ from typing import Sequence
 
 from mergesmith.errors import MergesmithError
 
-COMMANDS = ("merge", "check", "methods", "eval", "convert", "export_gguf", "analyze", "report")
+COMMANDS = ("merge", "demo", "check", "methods", "eval", "convert", "export_gguf", "analyze", "report")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

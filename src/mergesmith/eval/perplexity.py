@@ -162,7 +162,16 @@ def text_perplexity(model: torch.nn.Module, tokenizer, text: str, *, window: int
 
     The window defaults to the model's context length, capped at 1024 tokens to keep CPU runs quick.
     """
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    # The whole text is tokenized at once on purpose (windows come later), so the tokenizer's
+    # "longer than the maximum sequence length" warning does not apply.
+    saved = getattr(tokenizer, "model_max_length", None)
+    if saved is not None:
+        tokenizer.model_max_length = int(1e30)
+    try:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    finally:
+        if saved is not None:
+            tokenizer.model_max_length = saved
     if window is None:
         window = min(1024, int(getattr(model.config, "max_position_embeddings", 1024) or 1024))
     return sequence_nll(model, ids, window=window, **kwargs)
