@@ -272,6 +272,11 @@ def test_cli_convert_export_and_merge_gguf(tmp_path, capsys):
     assert main(["merge", str(cfg), str(tmp_path / "merged"), "-q", "--gguf", "q8_0"]) == 0
     out = gguf.GGUFReader(tmp_path / "merged" / "merged.Q8_0.gguf")
     assert {t.tensor_type for t in out.tensors} == {Q.F32, Q.Q8_0}
+    # a GGUF re-quantized to q8_0 (GGUF in, GGUF out): same tensors as a q8_0 export of the folder it came from
+    assert main(["export-gguf", str(tmp_path / "m.gguf"), str(tmp_path / "m8.gguf"), "--type", "q8_0", "-q"]) == 0
+    assert main(["export-gguf", str(tmp_path / "back"), str(tmp_path / "b8.gguf"), "--type", "q8_0", "-q"]) == 0
+    m8 = {t.name: bytes(t.data) for t in gguf.GGUFReader(tmp_path / "m8.gguf").tensors}
+    assert m8 == {t.name: bytes(t.data) for t in gguf.GGUFReader(tmp_path / "b8.gguf").tensors}
     assert main(["convert", str(tmp_path / "nothing.gguf"), str(tmp_path / "x")]) == 2
     assert "not a .gguf file" in capsys.readouterr().err
 

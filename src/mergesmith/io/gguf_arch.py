@@ -146,8 +146,8 @@ def config_from_metadata(arch: GGUFArch, meta: dict[str, Any], *, vocab_size: in
         "head_dim": head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": int(meta.get(p + "context_length", 2048)),
-        "rms_norm_eps": float(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(meta.get(p + "rope.freq_base", 10000.0)),
+        "rms_norm_eps": _f32(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": _f32(meta.get(p + "rope.freq_base", 10000.0)),
         "vocab_size": vocab_size,
         "tie_word_embeddings": tied,
         "torch_dtype": torch_dtype,
@@ -163,8 +163,13 @@ def config_from_metadata(arch: GGUFArch, meta: dict[str, Any], *, vocab_size: in
             config[hf_key] = int(meta[key])
     scaling = meta.get(p + "rope.scaling.type")
     if scaling == "linear" and p + "rope.scaling.factor" in meta:
-        config["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": float(meta[p + "rope.scaling.factor"])}
+        config["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": _f32(meta[p + "rope.scaling.factor"])}
     return config
+
+
+def _f32(value: float) -> float:
+    """A float32 metadata value as the shortest decimal that rounds to it (9.999999747378752e-06 → 1e-05)."""
+    return float(str(np.float32(value)))
 
 
 def metadata_from_config(config: dict[str, Any]) -> dict[str, Any]:
