@@ -169,7 +169,7 @@ def main() -> int:
         if method in RANDOM_METHODS:
             note = note or "random: different RNG streams, not comparable element-wise (statistics are tested)"
         rows.append((method, f"{worst_abs:.2e}", f"{worst_ulps:.2f}", f"{t_ours:.1f} / {t_theirs:.1f}", note))
-    print(f"| method | max abs diff | in bf16 ulps | seconds (mergesmith / mergekit) | note |")
+    print("| method | max abs diff | in bf16 ulps | seconds (mergesmith / mergekit) | note |")
     print("|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from fixtures import make_model
 from mergesmith.cli import main

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
 import yaml
 
 from mergesmith.config.loader import ConfigLike, load_config
-from mergesmith.errors import ConfigError, InputError
+from mergesmith.device import resolve_device
+from mergesmith.errors import ConfigError
 from mergesmith.execute.pipeline import ExecutionOptions, execute_plan
 from mergesmith.io.model_card import render_model_card
 from mergesmith.io.output_folder import (
@@ -58,17 +58,6 @@ def parse_size(text: str | int) -> int:
     base = 1024 if suffix == "IB" else 1000
     powers = {"": 0, "K": 1, "M": 2, "G": 3, "B": 3, "T": 4}
     return max(1, int(number * base ** powers[unit]))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: no CUDA device is available (use --device cpu or auto)")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device: unknown device '{name}' (cpu, cuda, cuda:N or auto)") from None
 
 
 def prepare(

@@ -20,6 +20,7 @@ from mergesmith.eval.perplexity import text_perplexity
 from mergesmith.eval.probes import Probe, score_probes
 from mergesmith.eval.table import EvalReport
 from mergesmith.eval.verdict import ModelScores, judge
+from mergesmith.device import resolve_device
 
 ROLES = ("source", "base", "merged")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -82,7 +83,7 @@ def evaluate(
     """Measure every model and judge the merged one (if any) against the sources and the base."""
     if not texts and not probes and not options.lm_eval_tasks:
         raise ConfigError("nothing to evaluate: give --text FILE, --probes FILE|DIR or --lm-eval TASKS")
-    device = _resolve_device(options.device)
+    device = resolve_device(options.device)
     fallback_tokenizer = next((m.folder for m in models if _has_tokenizer(m.folder)), None)
     report = EvalReport()
     for spec in models:
@@ -116,17 +117,6 @@ def _evaluate_one(spec: ModelSpec, texts, probes, options: EvalOptions, device: 
     if options.lm_eval_tasks:
         scores.skills.update(run_lm_eval(spec.folder, options.lm_eval_tasks, device, options.batch_size))
     return scores
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: no CUDA device is available (use --device cpu or auto)")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device: unknown device '{name}' (cpu, cuda, cuda:N or auto)") from None
 
 
 def _has_tokenizer(folder: Path) -> bool:

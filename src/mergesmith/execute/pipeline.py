@@ -20,7 +20,7 @@ import torch
 from mergesmith.errors import ConfigError
 from mergesmith.io.shard_writer import ShardWriter
 from mergesmith.methods.registry import MethodInputError
-from mergesmith.plan.planner import MergePlan, TensorInput, TensorTask
+from mergesmith.plan.planner import MergePlan, TensorTask
 from mergesmith.tokenizer.embed import merge_vocab_rows
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from mergesmith.config.schema import InputSliceDefinition, MergeConfiguration, OutputSliceDefinition
+from mergesmith.config.schema import MergeConfiguration
 from mergesmith.errors import CompatibilityError, ConfigError, InputError, MergesmithError, NotYetSupportedError, did_you_mean
 from mergesmith.io.model_ref import ModelReference
 from mergesmith.io.open_model import open_model
@@ -24,7 +24,6 @@ from mergesmith.io.source_model import SourceModel
 from mergesmith.methods.registry import MethodSpec, get_method, method_names
 from mergesmith.plan.architecture import (
     OUTPUT_HEAD_NAMES,
-    LayerLayout,
     infer_layout,
     remap_per_layer_lists,
     tied_embedding_name,
