@@ -2,14 +2,19 @@
 
     PYTHONPATH=src python bench/speed_task_vectors.py [--size 4096] [--models 3] [--svd-size 1024] [--threads 2]
     PYTHONPATH=src /work/mkenv/bin/python bench/speed_task_vectors.py --mergekit   # also time mergekit's
+    PYTHONPATH=src python bench/speed_task_vectors.py --clock cpu --repeat 7      # CPU time, median of 7
 
-Prints seconds per call (best of --repeat) and the ratio to `linear`. The SVD methods (tsv, iso_c, iso_cts)
+Prints seconds per call (best of --repeat wall-clock, or with `--clock cpu` the median process CPU time,
+all threads, which is steadier on a shared, loaded machine) and the ratio to `linear`, plus the process's
+peak RSS at the end (run one method per process to attribute it). The SVD methods (tsv, iso_c, iso_cts)
 are timed on a smaller --svd-size matrix, with their own linear baseline.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
+import statistics
 import time
 
 import torch
@@ -61,15 +66,19 @@ def call_mergekit(name, base, models):
     return out
 
 
+CLOCK = "wall"
+
+
 def best(fn, repeat):
+    clock = time.process_time if CLOCK == "cpu" else time.perf_counter
     times = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        times.append(clock() - t0)
+    return statistics.median(times) if CLOCK == "cpu" else min(times)
 
 
 def main():
@@ -81,9 +90,12 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--mergekit", action="store_true")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     ap.add_argument("--methods", default=",".join(list(CONFIGS) + list(SVD_METHODS)))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = args.clock
     methods = args.methods.split(",")
 
     def make(size):
@@ -92,7 +104,7 @@ def main():
         models = [base + torch.randn(size, size, generator=g) * 0.002 for _ in range(args.models)]
         return base.to(args.device), [m.to(args.device) for m in models]
 
-    print(f"{args.models} models, float32, {args.device}, {torch.get_num_threads()} threads")
+    print(f"{args.models} models, float32, {args.device}, {torch.get_num_threads()} threads, {args.clock} clock")
     print(f"{'method':18s} {'shape':>11s} {'ours s':>8s} {'x linear':>9s}" + (f" {'mergekit s':>11s}" if args.mergekit else ""))
     for size, names in ((args.size, [m for m in methods if m not in SVD_METHODS]), (args.svd_size, [m for m in methods if m in SVD_METHODS])):
         if not names:
@@ -105,6 +117,7 @@ def main():
             if args.mergekit and name not in SVD_METHODS:
                 line += f" {best(lambda: call_mergekit(name, base, models), 1):11.3f}"
             print(line, flush=True)
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,8 @@ from typing import Callable, Sequence
 import torch
 
 from mergesmith.methods import _sparsify
-from mergesmith.methods._consensus import CONSENSUS_METHODS, disjoint_merge, elect_sign
+from mergesmith.methods._consensus import CONSENSUS_METHODS
 from mergesmith.methods.registry import Param
-from mergesmith.methods.task_arithmetic import combine_task_vectors
 
 DENSITY = Param("density", float, default=1.0, per_model=True, doc="Fraction of this model's task vector to keep.")
 GAMMA = Param(
@@ -53,8 +52,9 @@ def task_vector_params(*, normalize: bool, rescale: bool, extra: Sequence[Param]
     return params + tuple(extra)
 
 
-Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]
-"""(task vector, model index) -> sparsified task vector; may work in place (the task vector is a fresh tensor)."""
+Sparsifier = Callable[[torch.Tensor, torch.Tensor, int, int], "_sparsify.Plan | None"]
+"""(flat model, flat base, model index, chunk size) -> the plan that sparsifies that model's task vector chunk
+by chunk (see `_sparsify.Plan`), or None to keep it whole. Plans are made in model order (random draws)."""
 
 
 def merge_task_vectors(
@@ -67,28 +67,82 @@ def merge_task_vectors(
     normalize: bool,
     scale: float,
 ) -> torch.Tensor:
-    """base + scale · (sparsified, weighted, optionally sign-agreeing) task vectors; see the module docstring."""
+    """base + scale · (sparsified, weighted, optionally sign-agreeing) task vectors; see the module docstring.
+
+    Streams over cache-sized chunks (`_sparsify.chunk_size`): the task vectors are recomputed per chunk
+    from the inputs instead of being stored, and the only full-size allocation is the output (plus one bool
+    mask per model for the random methods). Every output element goes through the same float operations, in
+    the same order, as the whole-tensor formulation.
+    """
     if not tensors:
         return base
-    deltas = []
-    for i, tensor in enumerate(tensors):
-        delta = tensor - base
-        if sparsify is not None:
-            delta = sparsify(delta, i)
-        deltas.append(delta)
-    if consensus is None:
-        return combine_task_vectors(base, deltas, weights, normalize=normalize, scale=scale)
-    for delta, w in zip(deltas, weights):
-        delta.mul_(float(w))
-    majority = elect_sign(deltas, consensus)
-    mixed, divisor = disjoint_merge(deltas, weights, majority, in_place=True)
-    del deltas, majority
-    if normalize:
-        divisor.masked_fill_(divisor == 0, 1)
-        mixed.div_(divisor)
-    if scale != 1.0:
-        mixed.mul_(scale)
-    return mixed.add_(base)
+    if consensus is not None and consensus not in CONSENSUS_METHODS:
+        raise ValueError(f"unknown consensus method {consensus!r} (expected sum or count)")
+    n = base.numel()
+    size = _sparsify.chunk_size(base)
+    flat_base = base.reshape(-1)
+    flats = [t.reshape(-1) for t in tensors]
+    plans = [sparsify(m, flat_base, i, size) if sparsify is not None else None for i, m in enumerate(flats)]
+    out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    flat_out = out.view(-1)
+    if n == 0:
+        return out
+    width = min(size, n)
+    deltas = [torch.empty(width, dtype=base.dtype, device=base.device) for _ in tensors]
+    scratch = torch.empty(width, dtype=base.dtype, device=base.device)
+    ws = [float(w) for w in weights]
+    total = float(sum(ws))
+    if consensus is not None:
+        votes = torch.empty(width, dtype=base.dtype, device=base.device)
+        divisor = torch.empty(width, dtype=base.dtype, device=base.device)
+    for s, e in _sparsify.spans(n, size):
+        b = flat_base[s:e]
+        mixed = flat_out[s:e]
+        ds = []
+        for m, plan, buf in zip(flats, plans, deltas):
+            d = torch.sub(m[s:e], b, out=buf[: e - s])
+            if plan is not None:
+                plan.apply(d, s, scratch[: e - s])
+            ds.append(d)
+        if consensus is None:
+            mixed.zero_()
+            for d, w in zip(ds, ws):
+                mixed.add_(d, alpha=w)
+            if normalize and abs(total) >= 1e-8:
+                mixed.div_(total)
+            if scale != 1.0:
+                mixed.mul_(scale)
+            mixed.add_(b)
+            continue
+        for d, w in zip(ds, ws):
+            d.mul_(w)
+        vote = votes[: e - s]
+        if consensus == "sum":
+            vote.copy_(ds[0])
+            for d in ds[1:]:
+                vote.add_(d)
+        else:
+            torch.sign(ds[0], out=vote)
+            for d in ds[1:]:
+                vote.add_(torch.sign(d, out=scratch[: e - s]))
+        majority = torch.where(vote >= 0, 1.0, -1.0).to(vote.dtype)
+        div = divisor[: e - s]
+        agree = scratch[: e - s]
+        for j, (d, w) in enumerate(zip(ds, ws)):
+            torch.sign(d, out=agree).mul_(majority).clamp_(min=0)
+            if j == 0:
+                torch.mul(d, agree, out=mixed)
+                torch.mul(agree, w, out=div)
+            else:
+                mixed.add_(d.mul_(agree))
+                div.add_(agree, alpha=w)
+        if normalize:
+            div.masked_fill_(div == 0, 1)
+            mixed.div_(div)
+        if scale != 1.0:
+            mixed.mul_(scale)
+        mixed.add_(b)
+    return out
 
 
 def per_model_check(name: str, fn: Callable[..., str | None], *keys: str) -> Callable[[dict], str | None]:

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from mergesmith.methods._sparsify import magnitude_outliers
+from mergesmith.methods._sparsify import outliers_plan
 from mergesmith.methods._task_vectors import CONSENSUS, GAMMA, merge_task_vectors, task_vector_params
 from mergesmith.methods.registry import merge_method
 
@@ -26,7 +26,7 @@ def _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lamb
     gam = gamma or [0.01] * len(tensors)
     return merge_task_vectors(
         tensors, base, weight,
-        sparsify=lambda d, i: magnitude_outliers(d, dens[i], gam[i], rescale=rescale, inplace=True),
+        sparsify=lambda m, b, i, size: outliers_plan(m, b, dens[i], gam[i], rescale=rescale, size=size),
         consensus=consensus, normalize=normalize, scale=lambda_,
     )
 

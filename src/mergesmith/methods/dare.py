@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from mergesmith.methods._sparsify import random_drop
+from mergesmith.methods._sparsify import random_plan
 from mergesmith.methods._task_vectors import CONSENSUS, merge_task_vectors, task_vector_params
 from mergesmith.methods.registry import merge_method
 
@@ -24,7 +24,7 @@ def _dare(tensors, base, weight, density, normalize, rescale, lambda_, consensus
     dens = density or [1.0] * len(tensors)
     return merge_task_vectors(
         tensors, base, weight,
-        sparsify=lambda d, i: random_drop(d, dens[i], rescale=rescale, generator=generator, inplace=True),
+        sparsify=lambda m, b, i, size: random_plan(m, b, dens[i], rescale=rescale, generator=generator, size=size),
         consensus=consensus, normalize=normalize, scale=lambda_,
     )
 

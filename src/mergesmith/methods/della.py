@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from mergesmith.methods._sparsify import check_della, della_magprune
+from mergesmith.methods._sparsify import check_della, della_plan
 from mergesmith.methods._task_vectors import CONSENSUS, EPSILON, merge_task_vectors, per_model_check, task_vector_params
 from mergesmith.methods.registry import merge_method
 
@@ -29,7 +29,9 @@ def _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_,
     eps = epsilon or [0.15] * len(tensors)
     return merge_task_vectors(
         tensors, base, weight,
-        sparsify=lambda d, i: della_magprune(d, dens[i], eps[i], rescale=rescale, generator=generator, inplace=True),
+        sparsify=lambda m, b, i, size: della_plan(
+            m, b, base.shape, dens[i], eps[i], rescale=rescale, generator=generator, size=size
+        ),
         consensus=consensus, normalize=normalize, scale=lambda_,
     )
 

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from mergesmith.methods._sparsify import magnitude
+from mergesmith.methods._sparsify import magnitude_plan
 from mergesmith.methods._task_vectors import CONSENSUS, merge_task_vectors, task_vector_params
 from mergesmith.methods.registry import merge_method
 
@@ -41,6 +41,6 @@ def ties(
     dens = density or [1.0] * len(tensors)
     return merge_task_vectors(
         tensors, base, weight,
-        sparsify=lambda d, i: magnitude(d, dens[i], rescale=rescale, inplace=True),
+        sparsify=lambda m, b, i, size: magnitude_plan(m, b, dens[i], rescale=rescale, size=size),
         consensus=consensus_method, normalize=normalize, scale=lambda_,
     )
