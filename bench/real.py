@@ -10,8 +10,8 @@ A tool, not a test. Steps, each cached under bench/cache/real/ (delete a folder 
 4. merge   them with several methods (`mergesmith.merge`), and export one merge to GGUF q8_0 and read it back.
 5. measure perplexity on held-out text of each author (plays / poems never seen in training), per model.
 
-    python bench/real.py                       # defaults: ~15 min on 2 cores
-    python bench/real.py --steps 20 --eval-tokens 2048 --threads 2   # quicker
+    python bench/real.py --threads 2           # defaults: about 10 min on 2 idle cores, 26 min on 2 busy ones
+    python bench/real.py --steps 40 --eval-tokens 4096              # longer fine-tunes, more held-out text
     python bench/real.py --methods linear,ties --skip-gguf
 
 Results: a markdown table on stdout and in bench/results/real.md (+ real.json).
@@ -208,11 +208,11 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, seq: int, batch: int =
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=40, help="fine-tuning steps per specialist (default 40)")
+    p.add_argument("--steps", type=int, default=20, help="fine-tuning steps per specialist (default 20)")
     p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
     p.add_argument("--seq", type=int, default=128, help="tokens per training sequence (default 128)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per author (default 4096)")
+    p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens per author (default 2048)")
     p.add_argument("--eval-seq", type=int, default=256, help="tokens per perplexity window (default 256)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"merge methods (default {DEFAULT_METHODS}; also dare_ties, breadcrumbs)")
     p.add_argument("--skip-gguf", action="store_true", help="skip the GGUF q8_0 export/read-back of the first merge")
