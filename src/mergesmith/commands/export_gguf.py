@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mergesmith.io.gguf_writer import OUT_TYPES
+from mergesmith.io.gguf_types import OUT_TYPES
 
 
 def register(sub: argparse._SubParsersAction) -> None:

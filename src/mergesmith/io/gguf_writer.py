@@ -23,9 +23,9 @@ import torch
 from mergesmith.errors import NotYetSupportedError, OutputError
 from mergesmith.io.gguf_arch import arch_for_hf, gguf_row_order, hf_to_gguf_name, metadata_from_config, qk_heads
 from mergesmith.io.gguf_reader import import_gguf
+from mergesmith.io.gguf_types import OUT_TYPES
 from mergesmith.io.gguf_vocab import gguf_vocab_from_hf
 
-OUT_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 @dataclass
