@@ -138,6 +138,7 @@ def main() -> int:
     parser.add_argument("--mergekit", required=True, help="path to mergekit-yaml in its own environment")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--methods", default="", help="comma-separated; default: every method both tools have")
+    parser.add_argument("--compute-dtype", default="float32", help="mergesmith's --compute-dtype (bfloat16 mimics mergekit on bf16 models)")
     args = parser.parse_args()
 
     from mergesmith.methods.registry import method_names
@@ -160,7 +161,7 @@ def main() -> int:
         for d in (ours_dir, theirs_dir):
             shutil.rmtree(d, ignore_errors=True)
         try:
-            t_ours = run([sys.executable, "-m", "mergesmith.cli", "merge", str(cfg_path), str(ours_dir), "--quiet"])
+            t_ours = run([sys.executable, "-m", "mergesmith.cli", "merge", str(cfg_path), str(ours_dir), "--quiet", "--compute-dtype", args.compute_dtype])
             t_theirs = run([args.mergekit, str(cfg_path), str(theirs_dir), "--quiet", "--no-copy-tokenizer"])
         except RuntimeError as exc:
             rows.append((method, "error", "", "", str(exc).splitlines()[-1][:120]))
@@ -174,7 +175,7 @@ def main() -> int:
     for row in rows:
         print("| " + " | ".join(row) + " |")
     (ROOT / "results").mkdir(exist_ok=True)
-    (ROOT / "results" / f"parity-{args.dtype}.json").write_text(json.dumps(rows, indent=1))
+    (ROOT / "results" / f"parity-{args.dtype}-compute-{args.compute_dtype}.json").write_text(json.dumps(rows, indent=1))
     return 0
 
 

@@ -248,3 +248,23 @@ def test_base_model_outside_models_is_an_input_as_in_mergekit(llama_family, tmp_
     base, a, b, out = (read_state(p) for p in (f["base"], f["math"], f["code"], tmp_path / "out"))
     name = "model.layers.3.mlp.gate_proj.weight"
     torch.testing.assert_close(out[name], (base[name] + a[name] + b[name]) / 3)
+
+
+def test_compute_dtype_bfloat16_rounds_like_mergekit(llama_family, tmp_path):
+    """--compute-dtype bfloat16 does the arithmetic on bf16 tensors, as mergekit does for bf16 models."""
+    f = llama_family
+    cfg = write_config(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(f["base"]), "dtype": "bfloat16",
+                                  "models": [{"model": str(f["math"]), "parameters": {"weight": 0.3}},
+                                             {"model": str(f["code"]), "parameters": {"weight": 0.7}}]})  # fmt: skip
+    mergesmith.merge(cfg, tmp_path / "bf16", compute_dtype="bfloat16")
+    mergesmith.merge(cfg, tmp_path / "fp32")
+    base, a, b = (read_state(p) for p in (f["base"], f["math"], f["code"]))
+    bf16, fp32 = read_state(tmp_path / "bf16"), read_state(tmp_path / "fp32")
+    name = "model.layers.1.mlp.up_proj.weight"
+    x, y, z = (t[name].to(torch.bfloat16) for t in (base, a, b))
+    mixed = torch.zeros_like(x)
+    mixed.add_(y - x, alpha=0.3)
+    mixed.add_(z - x, alpha=0.7)
+    assert torch.equal(bf16[name], x + mixed)
+    assert torch.equal(fp32[name], (base[name] + 0.3 * (a[name] - base[name]) + 0.7 * (b[name] - base[name])).to(torch.bfloat16))
+    assert not torch.equal(bf16[name], fp32[name])  # the two really differ

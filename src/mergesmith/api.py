@@ -27,7 +27,7 @@ from mergesmith.io.output_folder import (
 from mergesmith.io.shard_writer import ShardWriter
 from mergesmith.io.tokenizer_output import resolve_chat_template, tokenizer_donor_name, write_chat_template
 from mergesmith.io.source_model import SourceModel
-from mergesmith.plan.planner import MergePlan, plan_merge
+from mergesmith.plan.planner import MergePlan, parse_dtype, plan_merge
 from mergesmith.tokenizer.output import write_output_tokenizer
 from mergesmith.validate.compatibility import check_compatibility
 
@@ -106,17 +106,21 @@ def merge(
     random_seed: int = 0,
     overwrite: bool = False,
     allow_crimes: bool = False,
+    compute_dtype: str = "float32",
     on_plan: Callable[[MergePlan], None] | None = None,
     on_progress: Callable[[int, str], None] | None = None,
 ) -> MergeResult:
     """Merge the models a mergekit-style config names into a Hugging Face folder at `out_dir`.
 
-    Every check runs before any tensor is read; the folder appears only once complete.
+    Every check runs before any tensor is read; the folder appears only once complete. The math runs in
+    `compute_dtype` (float32 by default; "bfloat16" reproduces mergekit's arithmetic on bf16 models, which
+    rounds every intermediate).
     """
     started = time.perf_counter()
     out_path = Path(out_dir)
     max_shard = parse_size(out_shard_size)
     torch_device = resolve_device(device)
+    math_dtype = parse_dtype(compute_dtype, "--compute-dtype")
     plan = prepare(config, random_seed=random_seed, dtype=dtype, allow_crimes=allow_crimes)
     check_output_target(out_path, overwrite)
     if on_plan is not None:
@@ -128,7 +132,7 @@ def merge(
     try:
         writer = ShardWriter(staging.path, [t.output for t in plan.tasks], max_shard, metadata={"merged_with": "mergesmith"})
         try:
-            stats = execute_plan(plan, writer, ExecutionOptions(device=torch_device), on_progress)
+            stats = execute_plan(plan, writer, ExecutionOptions(device=torch_device, compute_dtype=math_dtype), on_progress)
         finally:
             writer.close()
         writer.write_index()

@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=False, help="same as --device cuda (mergekit flag)")
     p.add_argument("--out-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB; as in mergekit '1B' means 10^9 bytes (default 5GB)")
     p.add_argument("--dtype", default=None, help="output dtype (float32, float16, bfloat16); overrides out_dtype/dtype of the config")
+    p.add_argument("--compute-dtype", default="float32", help="dtype of the math (default float32); bfloat16 reproduces mergekit's bf16 arithmetic on bf16 models")
     p.add_argument("--dry-run", action="store_true", help="validate and plan, print the plan, write nothing")
     p.add_argument("--quiet", "-q", action=argparse.BooleanOptionalAction, default=False, help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder that holds no previous merge")
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
             random_seed=args.random_seed,
             overwrite=args.overwrite,
             allow_crimes=args.allow_crimes,
+            compute_dtype=args.compute_dtype,
             on_plan=on_plan,
             on_progress=bar.update,
         )
