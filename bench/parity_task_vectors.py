@@ -172,11 +172,15 @@ def distribution_checks() -> None:
         gen = torch.Generator().manual_seed(1)
         torch.manual_seed(1)
         for _ in range(draws):
+            flat, zero = delta.reshape(-1), torch.zeros(delta.numel())
+            size = _sparsify.chunk_size(flat)
             if eps is None:
-                o = _sparsify.random_drop(delta, density, rescale=rescale, generator=gen)
+                plan = _sparsify.random_plan(flat, zero, density, rescale=rescale, generator=gen, size=size)
+                o = _sparsify.sparsified(plan, flat, zero).reshape(delta.shape)
                 t = sparsify(delta, density, SparsificationMethod.random, rescale_norm="l1" if rescale else None)
             else:
-                o = _sparsify.della_magprune(delta, density, eps, rescale=rescale, generator=gen)
+                plan = _sparsify.della_plan(flat, zero, delta.shape, density, eps, rescale=rescale, generator=gen, size=size)
+                o = _sparsify.sparsified(plan, flat, zero).reshape(delta.shape)
                 t = sparsify(delta, density, SparsificationMethod.della_magprune, epsilon=eps,
                              rescale_norm="l1" if rescale else None)
             kept_o += float((o != 0).float().mean()) / draws

@@ -1,12 +1,13 @@
-"""Sign consensus (TIES "elect" and "disjoint merge") for weighted task vectors.
+"""Sign consensus (TIES "elect" and "disjoint merge") on one chunk of task vectors.
 
-* `elect_sign`: the majority sign per entry, +1 or -1 (a tie or a zero total elects +1, as in mergekit):
-    - "sum": the sign of the sum of the weighted task vectors (the TIES paper's mass-weighted vote);
+* `elect_sign_into`: the majority sign per entry, +1 or -1 (a tie or a zero total elects +1, as in mergekit):
+    - "sum": the sign of the sum of the task vectors (the TIES paper's mass-weighted vote);
     - "count": the sign of the number of positive minus negative entries (one vote per model).
-* `agrees`: which entries of one weighted task vector carry the elected sign; zeros never agree.
-* `disjoint_merge`: the sum of the agreeing entries and, per entry, the sum of the weights of the models
-  that agree (the divisor for `normalize`).
+* `disjoint_into`: the sum of the entries that carry the elected sign (zeros never agree) and, per entry,
+  the sum of the weights of the models that agree (the divisor for `normalize`).
 
+Everything is float arithmetic (`sign`, `clamp`, multiply) written into caller-owned buffers: PyTorch's CPU
+`where` and boolean kernels cost 5-40x more per element and would dominate the merge.
 mergekit hard-codes "sum" for every method that elects signs; here `consensus_method` selects it.
 """
 
@@ -19,49 +20,49 @@ import torch
 CONSENSUS_METHODS = ("sum", "count")
 
 
-def elect_sign(weighted: Sequence[torch.Tensor], method: str = "sum") -> torch.Tensor:
-    """+1/-1 per entry: the majority sign of `weighted` (one tensor per model) by `method`."""
-    if method not in CONSENSUS_METHODS:
+def elect_sign_into(deltas: Sequence[torch.Tensor], method: str, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """+1/-1 per entry, the majority sign of `deltas` (one chunk per model) by `method`, written into `out`."""
+    if method == "sum":
+        out.copy_(deltas[0])
+        for d in deltas[1:]:
+            out.add_(d)
+    elif method == "count":
+        torch.sign(deltas[0], out=out)
+        for d in deltas[1:]:
+            out.add_(torch.sign(d, out=scratch))
+    else:
         raise ValueError(f"unknown consensus method {method!r} (expected sum or count)")
-    votes = (lambda w: w) if method == "sum" else torch.sign
-    total = votes(weighted[0]).clone() if method == "sum" else votes(weighted[0])
-    for w in weighted[1:]:
-        total.add_(votes(w))
-    # total >= 0 -> +1, else -1, written into total's own storage
-    return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+    # sign(sign(total) + 1/2): +1 where total >= 0, -1 below
+    return torch.sign(out, out=out).add_(0.5).sign_()
 
 
-def agreement(weighted: torch.Tensor, majority: torch.Tensor) -> torch.Tensor:
-    """1.0 where the entry's sign equals the elected one, else 0.0 (zero entries never agree); float, in the
-    dtype of `weighted`, so it multiplies and accumulates without conversions."""
-    return weighted.sign().mul_(majority).clamp_(min=0)
-
-
-def agrees(weighted: torch.Tensor, majority: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of the entries whose sign equals the elected one (zero entries never do)."""
-    return weighted.sign() == majority
-
-
-def disjoint_merge(
-    weighted: Sequence[torch.Tensor],
+def disjoint_into(
+    deltas: Sequence[torch.Tensor],
     weights: Sequence[float],
     majority: torch.Tensor,
+    mixed: torch.Tensor,
+    divisor: torch.Tensor,
+    scratch: torch.Tensor,
     *,
-    in_place: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ agreeing entries, Σ weights of the agreeing models) per entry.
+    weigh_deltas: bool,
+) -> None:
+    """mixed = Σ agreeing entries, divisor = Σ weights of the agreeing models; the deltas are overwritten.
 
-    With `in_place` the tensors of `weighted` are overwritten (their disagreeing entries zeroed, the first
-    one becoming the sum).
-    """
-    mixed = divisor = None
-    for w, weight in zip(weighted, weights):
-        agree = agreement(w, majority)
-        kept = w.mul_(agree) if in_place else w * agree
-        if mixed is None:
-            mixed = kept
-            divisor = agree.mul_(float(weight))
+    With `weigh_deltas` each agreeing entry is multiplied by its model's weight (SCE: δ·(η·m)); without, the
+    deltas come weighted already (TIES: (w·δ)·m)."""
+    for i, (d, w) in enumerate(zip(deltas, weights)):
+        agree = torch.sign(d, out=scratch).mul_(majority).clamp_(min=0)
+        if weigh_deltas:
+            agree.mul_(w)
+        term = torch.mul(d, agree, out=mixed) if i == 0 else d.mul_(agree)
+        if i > 0:
+            mixed.add_(term)
+        if weigh_deltas:
+            divisor.copy_(agree) if i == 0 else divisor.add_(agree)
         else:
-            mixed.add_(kept)
-            divisor.add_(agree, alpha=float(weight))
-    return mixed, divisor
+            torch.mul(agree, w, out=divisor) if i == 0 else divisor.add_(agree, alpha=w)
+
+
+def zero_to_one_(divisor: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Replace the zeros of `divisor` by 1 (an entry no model agrees on sums to 0 and is divided by 1)."""
+    return divisor.add_(torch.abs(divisor, out=scratch).sign_().neg_().add_(1))

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from mergesmith.methods import _sparsify
-from mergesmith.methods._consensus import CONSENSUS_METHODS
+from mergesmith.methods._consensus import CONSENSUS_METHODS, disjoint_into, elect_sign_into, zero_to_one_
 from mergesmith.methods.registry import Param
 
 DENSITY = Param("density", float, default=1.0, per_model=True, doc="Fraction of this model's task vector to keep.")
@@ -90,19 +90,21 @@ def merge_task_vectors(
     width = min(size, n)
     deltas = [torch.empty(width, dtype=base.dtype, device=base.device) for _ in tensors]
     scratch = torch.empty(width, dtype=base.dtype, device=base.device)
+    mask_buf = torch.empty(width, dtype=_sparsify.selection_dtype(base.dtype), device=base.device)
     ws = [float(w) for w in weights]
     total = float(sum(ws))
     if consensus is not None:
         votes = torch.empty(width, dtype=base.dtype, device=base.device)
         divisor = torch.empty(width, dtype=base.dtype, device=base.device)
     for s, e in _sparsify.spans(n, size):
+        m = e - s
         b = flat_base[s:e]
         mixed = flat_out[s:e]
         ds = []
-        for m, plan, buf in zip(flats, plans, deltas):
-            d = torch.sub(m[s:e], b, out=buf[: e - s])
+        for model, plan, buf in zip(flats, plans, deltas):
+            d = torch.sub(model[s:e], b, out=buf[:m])
             if plan is not None:
-                plan.apply(d, s, scratch[: e - s])
+                plan.apply(d, s, mask_buf[:m])
             ds.append(d)
         if consensus is None:
             mixed.zero_()
@@ -110,35 +112,14 @@ def merge_task_vectors(
                 mixed.add_(d, alpha=w)
             if normalize and abs(total) >= 1e-8:
                 mixed.div_(total)
-            if scale != 1.0:
-                mixed.mul_(scale)
-            mixed.add_(b)
-            continue
-        for d, w in zip(ds, ws):
-            d.mul_(w)
-        vote = votes[: e - s]
-        if consensus == "sum":
-            vote.copy_(ds[0])
-            for d in ds[1:]:
-                vote.add_(d)
         else:
-            torch.sign(ds[0], out=vote)
-            for d in ds[1:]:
-                vote.add_(torch.sign(d, out=scratch[: e - s]))
-        majority = torch.where(vote >= 0, 1.0, -1.0).to(vote.dtype)
-        div = divisor[: e - s]
-        agree = scratch[: e - s]
-        for j, (d, w) in enumerate(zip(ds, ws)):
-            torch.sign(d, out=agree).mul_(majority).clamp_(min=0)
-            if j == 0:
-                torch.mul(d, agree, out=mixed)
-                torch.mul(agree, w, out=div)
-            else:
-                mixed.add_(d.mul_(agree))
-                div.add_(agree, alpha=w)
-        if normalize:
-            div.masked_fill_(div == 0, 1)
-            mixed.div_(div)
+            for d, w in zip(ds, ws):
+                d.mul_(w)
+            majority = elect_sign_into(ds, consensus, votes[:m], scratch[:m])
+            div = divisor[:m]
+            disjoint_into(ds, ws, majority, mixed, div, scratch[:m], weigh_deltas=False)
+            if normalize:
+                mixed.div_(zero_to_one_(div, scratch[:m]))
         if scale != 1.0:
             mixed.mul_(scale)
         mixed.add_(b)

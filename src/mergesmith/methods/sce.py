@@ -21,21 +21,42 @@ from typing import Sequence
 
 import torch
 
-from mergesmith.methods._consensus import agreement, elect_sign
-from mergesmith.methods._sparsify import variance_topk
+from mergesmith.methods._consensus import CONSENSUS_METHODS, disjoint_into, elect_sign_into
+from mergesmith.methods._sparsify import chunk_size, selection_dtype, spans, top_fraction_keep, variance_across
 from mergesmith.methods._task_vectors import CONSENSUS
 from mergesmith.methods.registry import Param, merge_method
 
 
-def sce_weights(task_vectors: torch.Tensor, energy_floor: float = 0.0) -> torch.Tensor:
-    """ηᵢ = mean(δᵢ²) / Σⱼ mean(δⱼ²) for stacked task vectors; uniform when the sum is at most
+def sce_weights(energy: torch.Tensor, energy_floor: float = 0.0) -> torch.Tensor:
+    """ηᵢ = energyᵢ / Σⱼ energyⱼ (energy = mean square of a task vector); uniform when the sum is at most
     `energy_floor`, zero, or not finite."""
-    n = task_vectors.shape[0]
-    energy = task_vectors.square().reshape(n, -1).mean(dim=1)
+    n = energy.shape[0]
     total = float(energy.sum())
     if total == 0 or abs(total) < energy_floor or not torch.isfinite(torch.tensor(total)):
         return torch.full_like(energy, 1.0 / n)
     return energy / total
+
+
+def _task_vector_chunks(models, base, keep, size, dtype, device):
+    """Yield (start, end, [masked task vector chunk per model]) over the flat inputs, reusing buffers."""
+    n = base.numel()
+    bufs = [torch.empty(min(size, n), dtype=dtype, device=device) for _ in models]
+    mask = torch.empty(min(size, n), dtype=selection_dtype(dtype), device=device)
+    for s, e in spans(n, size):
+        ds = [torch.sub(m[s:e], base[s:e], out=buf[: e - s]) for m, buf in zip(models, bufs)]
+        if keep is not None:
+            member = keep.cut.mask_into(keep.variance[s:e], s, mask[: e - s])
+            if member is not None:
+                for d in ds:
+                    d.mul_(member)
+        yield s, e, ds
+
+
+class _Selection:
+    """SCE's kept entries: the top-variance Cut and the variance it cuts."""
+
+    def __init__(self, variance: torch.Tensor, fraction: float):
+        self.variance, self.cut = variance, top_fraction_keep(variance, fraction)
 
 
 @merge_method(
@@ -59,19 +80,33 @@ def sce(
     energy_floor: float = 1e-6,
     consensus_method: str = "sum",
 ) -> torch.Tensor:
-    """Select by variance, weight by energy, erase minority signs, merge."""
+    """Select by variance, weight by energy, erase minority signs, merge.
+
+    Three chunked passes over the inputs (variance, energies, merge); the task vectors are recomputed per
+    chunk instead of being stacked, so the full-size allocations are the output, the variance and a bool mask.
+    """
     if not tensors:
         return base
-    task_vectors = torch.stack([t - base for t in tensors])
-    if select_topk < 1:
-        task_vectors.mul_(variance_topk(task_vectors, select_topk))
-    weights = sce_weights(task_vectors, energy_floor)
-    rows = list(task_vectors.unbind(0))
-    majority = elect_sign(rows, consensus_method)
-    merged = torch.zeros_like(base)
-    divisor = torch.zeros_like(base)
-    for row, w in zip(rows, weights.tolist()):
-        agree = agreement(row, majority)
-        merged.add_(row.mul_(w).mul_(agree))
-        divisor.add_(agree, alpha=w)
-    return base + merged / divisor.clamp_(min=1e-6)
+    if consensus_method not in CONSENSUS_METHODS:
+        raise ValueError(f"unknown consensus method {consensus_method!r} (expected sum or count)")
+    n, dtype, device = base.numel(), base.dtype, base.device
+    size = chunk_size(base)
+    flat_base = base.reshape(-1)
+    models = [t.reshape(-1) for t in tensors]
+    keep = _Selection(variance_across(models, flat_base, size), select_topk) if select_topk < 1 else None
+    energy = torch.zeros(len(models), dtype=torch.float64, device=device)
+    for _, _, ds in _task_vector_chunks(models, flat_base, keep, size, dtype, device):
+        for i, d in enumerate(ds):
+            energy[i] += torch.dot(d, d) if d.dtype in (torch.float32, torch.float64) else d.float().square().sum()
+    weights = sce_weights((energy / max(n, 1)).to(dtype), energy_floor).tolist()
+    out = torch.empty_like(base)
+    flat_out = out.view(-1)
+    width = min(size, n)
+    vote, scratch, divisor = (torch.empty(width, dtype=dtype, device=device) for _ in range(3))
+    for s, e, ds in _task_vector_chunks(models, flat_base, keep, size, dtype, device):
+        m = e - s
+        majority = elect_sign_into(ds, consensus_method, vote[:m], scratch[:m])
+        mixed, div = flat_out[s:e], divisor[:m]
+        disjoint_into(ds, weights, majority, mixed, div, scratch[:m], weigh_deltas=True)
+        mixed.div_(div.clamp_(min=1e-6)).add_(flat_base[s:e])
+    return out
