@@ -175,12 +175,12 @@ def distribution_checks() -> None:
             flat, zero = delta.reshape(-1), torch.zeros(delta.numel())
             size = _sparsify.chunk_size(flat)
             if eps is None:
-                plan = _sparsify.random_plan(flat, zero, density, rescale=rescale, generator=gen, size=size)
-                o = _sparsify.sparsified(plan, flat, zero).reshape(delta.shape)
+                plan = _sparsify.random_plan(_sparsify.TaskVector(flat, zero), density, rescale=rescale, generator=gen, size=size)
+                o = _sparsify.sparsified(plan, _sparsify.TaskVector(flat, zero)).reshape(delta.shape)
                 t = sparsify(delta, density, SparsificationMethod.random, rescale_norm="l1" if rescale else None)
             else:
-                plan = _sparsify.della_plan(flat, zero, delta.shape, density, eps, rescale=rescale, generator=gen, size=size)
-                o = _sparsify.sparsified(plan, flat, zero).reshape(delta.shape)
+                plan = _sparsify.della_plan(_sparsify.TaskVector(flat, zero), delta.shape, density, eps, rescale=rescale, generator=gen, size=size)
+                o = _sparsify.sparsified(plan, _sparsify.TaskVector(flat, zero)).reshape(delta.shape)
                 t = sparsify(delta, density, SparsificationMethod.della_magprune, epsilon=eps,
                              rescale_norm="l1" if rescale else None)
             kept_o += float((o != 0).float().mean()) / draws

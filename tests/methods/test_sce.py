@@ -75,10 +75,10 @@ def test_chunked_passes_match_reference_with_ties_across_chunks():
 
 
 def test_variance_equals_torch_var_bit_for_bit():
-    from mergesmith.methods._sparsify import variance_across
+    from mergesmith.methods._sparsify import TaskVector, variance_across
 
     g = torch.Generator().manual_seed(3)
     base = torch.randn(300_000, generator=g)
     models = [base + 1e-3 * torch.randn(300_000, generator=g) for _ in range(3)]
     expected = torch.var(torch.stack([m - base for m in models]), dim=0, unbiased=False)
-    assert torch.equal(variance_across(models, base, 1 << 16), expected)
+    assert torch.equal(variance_across([TaskVector(m, base) for m in models], 1 << 16), expected)

@@ -144,7 +144,8 @@ def compute(task: TensorTask, tensors: list[torch.Tensor], base: torch.Tensor | 
     if task.copy_only:
         return tensors[0].to(task.output.dtype)
     device, dtype = options.device, options.compute_dtype
-    inputs = [t.to(device=device, dtype=dtype, non_blocking=True) for t in tensors]
+    as_read = task.method.converts_models and task.row_maps is None and all(t.is_floating_point() for t in tensors)
+    inputs = [t.to(device=device, dtype=None if as_read else dtype, non_blocking=True) for t in tensors]
     base_in = base.to(device=device, dtype=dtype, non_blocking=True) if base is not None else None
     if task.row_maps is not None:
         result = _compute_vocab_rows(task, inputs, base_in, device)

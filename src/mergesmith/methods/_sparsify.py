@@ -81,6 +81,37 @@ def _abs_into(d: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return torch.abs(d, out=out)
 
 
+class TaskVector:
+    """model - base for flat `model` and `base`, computed on demand in `dtype` (a chunk, a strided sample or
+    the whole), never stored. The inputs may be stored in another float dtype (bf16 as read from disk): the
+    model is converted before subtracting, since bf16 - bf16 would round the difference to bf16."""
+
+    def __init__(self, model: torch.Tensor, base: torch.Tensor, dtype: torch.dtype | None = None):
+        self.model, self.base = model.reshape(-1), base.reshape(-1)
+        self.dtype = dtype or base.dtype
+        self.device = base.device
+
+    def numel(self) -> int:
+        return self.base.numel()
+
+    def chunk(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
+        """(model - base)[start:end] into `out` (of the compute dtype)."""
+        model, base = self.model[start:end], self.base[start:end]
+        if model.dtype == out.dtype and base.dtype == out.dtype:
+            return torch.sub(model, base, out=out)
+        return out.copy_(model).sub_(base)  # an in-place op computes in out's dtype
+
+    def whole(self) -> torch.Tensor:
+        return self.model.to(self.dtype) - self.base
+
+    def sample(self, step: int) -> torch.Tensor:
+        return self.model[::step].to(self.dtype) - self.base[::step]
+
+    def buffer(self, size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A chunk buffer (compute dtype unless given)."""
+        return torch.empty(min(size, max(self.numel(), 1)), dtype=dtype or self.dtype, device=self.device)
+
+
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest entry (1 <= k <= n) of a flat tensor, as a 0-dim tensor, in O(n) (see `select_top`)."""
     n = values.numel()
@@ -177,33 +208,32 @@ def cut_from_values(values: torch.Tensor, k: int) -> Cut:
                 lambda: torch.nonzero(values == threshold).flatten())
 
 
-def select_top(model: torch.Tensor, base: torch.Tensor, ks: Sequence[int], size: int) -> list[Cut]:
-    """For flat `model` and `base`, the top-k Cut of |model - base| for each k in `ks`, from one chunked pass.
+def select_top(tv: TaskVector, ks: Sequence[int], size: int) -> list[Cut]:
+    """The top-k Cut of the task vector's magnitudes for each k in `ks`, from one chunked pass.
 
     A strided sample brackets each target rank in a value window; the pass counts the entries above each
     window and gathers those inside with their positions; `kthvalue` finishes on the gathered values and the
     positions give the tied entries. Exact; a missed window falls back to whole-tensor selection.
     """
-    n = model.numel()
+    n = tv.numel()
     cuts: list[Cut | None] = [(NONE if k <= 0 else ALL if k >= n else None) for k in ks]
     todo = [j for j, c in enumerate(cuts) if c is None]
     if not todo:
         return cuts  # type: ignore[return-value]
     if n <= max(size, _SMALL):
-        values = _abs_into(model - base)
+        values = _abs_into(tv.whole())
         return [cut_from_values(values, k) if c is None else c for c, k in zip(cuts, ks)]
     step = _sample_step(n)
-    sample = _abs_into(model[::step] - base[::step]).contiguous()
+    sample = _abs_into(tv.sample(step)).contiguous()
     windows = {j: _window(sample, n, ks[j]) for j in todo}
     if any(lo is None and hi is None for lo, hi in windows.values()):
-        values = _abs_into(model - base)
+        values = _abs_into(tv.whole())
         return [cut_from_values(values, k) if c is None else c for c, k in zip(cuts, ks)]
     above = {j: 0 for j in todo}
     found: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {j: [] for j in todo}
-    buf = torch.empty(min(size, n), dtype=model.dtype, device=model.device)
-    abuf = torch.empty(min(size, n), dtype=selection_dtype(model.dtype), device=model.device)
+    buf, abuf = tv.buffer(size), tv.buffer(size, selection_dtype(tv.dtype))
     for s, e in spans(n, size):
-        a = _abs_into(torch.sub(model[s:e], base[s:e], out=buf[: e - s]), abuf[: e - s])
+        a = _abs_into(tv.chunk(s, e, buf[: e - s]), abuf[: e - s])
         for j in todo:
             lo, hi = windows[j]
             if hi is not None:
@@ -226,7 +256,7 @@ def select_top(model: torch.Tensor, base: torch.Tensor, ks: Sequence[int], size:
             n_gt = above[j] + int(torch.count_nonzero(window > threshold))
             cuts[j] = _cut(threshold, n_ge, n_gt, k, lambda: positions[window == threshold])
         else:
-            cuts[j] = cut_from_values(_abs_into(model - base), k)
+            cuts[j] = cut_from_values(_abs_into(tv.whole()), k)
     return cuts  # type: ignore[return-value]
 
 
@@ -261,53 +291,50 @@ def _l1_scale(before: torch.Tensor, after: torch.Tensor, dtype: torch.dtype, eps
     return torch.where(small, torch.ones_like(before), before / torch.where(small, torch.ones_like(after), after))
 
 
-def _set_rescale(plan: Plan, model: torch.Tensor, base: torch.Tensor, size: int) -> None:
+def _set_rescale(plan: Plan, tv: TaskVector, size: int) -> None:
     """Set `plan.scale` so the masked task vector keeps its L1 norm (mergekit's rescale), in one pass."""
-    n = model.numel()
-    sel = selection_dtype(model.dtype)
-    before = torch.zeros((), dtype=torch.float64, device=model.device)
-    after = torch.zeros((), dtype=torch.float64, device=model.device)
-    buf = torch.empty(min(size, n), dtype=model.dtype, device=model.device)
-    abuf = torch.empty(min(size, n), dtype=sel, device=model.device)
-    mbuf = torch.empty(min(size, n), dtype=sel, device=model.device)
-    for s, e in spans(n, size):
-        d = torch.sub(model[s:e], base[s:e], out=buf[: e - s])
+    sel = selection_dtype(tv.dtype)
+    before = torch.zeros((), dtype=torch.float64, device=tv.device)
+    after = torch.zeros((), dtype=torch.float64, device=tv.device)
+    buf, abuf, mbuf = tv.buffer(size), tv.buffer(size, sel), tv.buffer(size, sel)
+    for s, e in spans(tv.numel(), size):
+        d = tv.chunk(s, e, buf[: e - s])
         keep = plan.mask(d, s, mbuf[: e - s]) if plan.mask is not None else None
         a = _abs_into(d, abuf[: e - s])
         before += a.sum(dtype=torch.float64)
         after += (a.mul_(keep) if keep is not None else a).sum(dtype=torch.float64)
-    plan.scale = _l1_scale(before, after, model.dtype)
+    plan.scale = _l1_scale(before, after, tv.dtype)
 
 
-def magnitude_plan(model: torch.Tensor, base: torch.Tensor, density: float, *, rescale: bool, size: int) -> Plan | None:
+def magnitude_plan(tv: TaskVector, density: float, *, rescale: bool, size: int) -> Plan | None:
     """Keep the max(1, floor(density * n)) largest-magnitude entries (TIES trimming); None when density >= 1.
 
     density <= 0 (or an empty tensor) keeps nothing. A positive density always keeps at least one entry, as
     mergekit does (older mergekit asserted here instead)."""
     if density >= 1:
         return None
-    n = model.numel()
+    n = tv.numel()
     if density <= 0 or n == 0:
         return Plan(None, zero=True)
-    (cut,) = select_top(model, base, [max(1, int(density * n))], size)
+    (cut,) = select_top(tv, [max(1, int(density * n))], size)
 
     def mask(d, start, out):
         return cut.mask_into(_abs_into(d, out), start, out)
 
     plan = Plan(mask)
     if rescale:
-        _set_rescale(plan, model, base, size)
+        _set_rescale(plan, tv, size)
     return plan
 
 
-def outliers_plan(model: torch.Tensor, base: torch.Tensor, density: float, gamma: float, *, rescale: bool, size: int) -> Plan | None:
+def outliers_plan(tv: TaskVector, density: float, gamma: float, *, rescale: bool, size: int) -> Plan | None:
     """Model Breadcrumbs: drop the int(gamma * n) largest magnitudes, then the smallest, keeping int(density * n).
 
     When density + gamma > 1 the outlier cut shrinks so the kept count is still int(density * n). gamma = 0
     is plain magnitude trimming (with int(density * n), which may be 0, instead of max(1, ...))."""
     if density >= 1:
         return None
-    n = model.numel()
+    n = tv.numel()
     keep_n = max(0, int(density * n))
     top_n = max(0, int(gamma * n))
     bottom_n = max(0, n - keep_n - top_n)
@@ -315,8 +342,8 @@ def outliers_plan(model: torch.Tensor, base: torch.Tensor, density: float, gamma
         return Plan(None, zero=True)
     dropped_top = n - bottom_n - keep_n
     # Ascending ranks [bottom_n, bottom_n + keep_n): the top (n - bottom_n) minus the top dropped_top.
-    kept, dropped = select_top(model, base, [n - bottom_n, dropped_top], size)
-    scratch = torch.empty(min(size, n), dtype=selection_dtype(model.dtype), device=model.device)
+    kept, dropped = select_top(tv, [n - bottom_n, dropped_top], size)
+    scratch = tv.buffer(size, selection_dtype(tv.dtype))
 
     def mask(d, start, out):
         a = _abs_into(d, scratch[: d.numel()])
@@ -329,7 +356,7 @@ def outliers_plan(model: torch.Tensor, base: torch.Tensor, density: float, gamma
 
     plan = Plan(mask)
     if rescale:
-        _set_rescale(plan, model, base, size)
+        _set_rescale(plan, tv, size)
     return plan
 
 
@@ -358,21 +385,18 @@ class _Draws:
         return u.to(self.device)
 
 
-def _stored_mask_plan(model: torch.Tensor, base: torch.Tensor, rescale: bool, chunks: list[tuple[int, int]],
+def _stored_mask_plan(tv: TaskVector, rescale: bool, chunks: list[tuple[int, int]],
                       keep_chunk: Callable[[torch.Tensor, int, int], torch.Tensor]) -> Plan:
     """A plan whose keep mask is made once, chunk by chunk in order (the random draws happen once), and stored
     as bool; `keep_chunk(d, s, e)` gives the boolean keep mask of [s, e) from that chunk of the task vector."""
-    n = model.numel()
     width = max((e - s for s, e in chunks), default=0)
-    sel = selection_dtype(model.dtype)
-    stored = torch.empty(n, dtype=torch.bool, device=model.device)
-    before = torch.zeros((), dtype=torch.float64, device=model.device)
-    after = torch.zeros((), dtype=torch.float64, device=model.device)
-    buf = torch.empty(width, dtype=model.dtype, device=model.device)
-    abuf = torch.empty(width, dtype=sel, device=model.device)
-    mbuf = torch.empty(width, dtype=sel, device=model.device)
+    sel = selection_dtype(tv.dtype)
+    stored = torch.empty(tv.numel(), dtype=torch.bool, device=tv.device)
+    before = torch.zeros((), dtype=torch.float64, device=tv.device)
+    after = torch.zeros((), dtype=torch.float64, device=tv.device)
+    buf, abuf, mbuf = tv.buffer(width), tv.buffer(width, sel), tv.buffer(width, sel)
     for s, e in chunks:
-        d = torch.sub(model[s:e], base[s:e], out=buf[: e - s])
+        d = tv.chunk(s, e, buf[: e - s])
         stored[s:e] = keep_chunk(d, s, e)
         if rescale:
             a = _abs_into(d, abuf[: e - s])
@@ -385,18 +409,17 @@ def _stored_mask_plan(model: torch.Tensor, base: torch.Tensor, rescale: bool, ch
 
     plan = Plan(mask)
     if rescale:
-        plan.scale = _l1_scale(before, after, model.dtype)
+        plan.scale = _l1_scale(before, after, tv.dtype)
     return plan
 
 
-def random_plan(model: torch.Tensor, base: torch.Tensor, density: float, *, rescale: bool,
-                generator: torch.Generator | None, size: int) -> Plan | None:
+def random_plan(tv: TaskVector, density: float, *, rescale: bool, generator: torch.Generator | None, size: int) -> Plan | None:
     """DARE: keep each entry independently with probability `density`; None (no draw) when density >= 1."""
     if density >= 1:
         return None
-    n = model.numel()
-    draws = _Draws(model.device, generator, min(size, max(n, 1)))
-    return _stored_mask_plan(model, base, rescale, spans(n, size), lambda d, s, e: draws.next(e - s) < density)
+    n = tv.numel()
+    draws = _Draws(tv.device, generator, min(size, max(n, 1)))
+    return _stored_mask_plan(tv, rescale, spans(n, size), lambda d, s, e: draws.next(e - s) < density)
 
 
 def check_della(density: float, epsilon: float) -> str | None:
@@ -442,34 +465,34 @@ def della_probabilities(tensor: torch.Tensor, density: float, epsilon: float) ->
     return probs.reshape(moved.shape).movedim(-1, 1).reshape(tensor.shape)
 
 
-def della_plan(model: torch.Tensor, base: torch.Tensor, shape: torch.Size, density: float, epsilon: float, *,
+def della_plan(tv: TaskVector, shape: torch.Size, density: float, epsilon: float, *,
                rescale: bool, generator: torch.Generator | None, size: int) -> Plan | None:
     """DELLA MagPrune: keep entries with magnitude-ranked probabilities around `density` (see
     `della_probabilities`). Tensors of at most 2 dimensions are ranked in blocks of rows; others whole."""
     if density >= 1:
         return None
-    n = model.numel()
+    n = tv.numel()
     if density <= 0 or n == 0:
         return Plan(None, zero=True)
     problem = check_della(density, epsilon)
     if problem:
         raise MethodInputError(problem)
     if len(shape) > 2:
-        return _stored_mask_plan(model, base, rescale, [(0, n)], lambda d, s, e: (
-            uniform(shape, model.device, generator) < della_probabilities(d.reshape(shape), density, epsilon)).reshape(-1))
+        return _stored_mask_plan(tv, rescale, [(0, n)], lambda d, s, e: (
+            uniform(shape, tv.device, generator) < della_probabilities(d.reshape(shape), density, epsilon)).reshape(-1))
     cols = shape[-1] if len(shape) == 2 else n
     rows_per = max(1, size // cols)
-    draws = _Draws(model.device, generator, min(rows_per * cols, n))
+    draws = _Draws(tv.device, generator, min(rows_per * cols, n))
 
     def keep_chunk(d, s, e):
         return draws.next(e - s) < della_probabilities(d.view(-1, cols), density, epsilon).view(-1)
 
-    return _stored_mask_plan(model, base, rescale, spans(n, rows_per * cols), keep_chunk)
+    return _stored_mask_plan(tv, rescale, spans(n, rows_per * cols), keep_chunk)
 
 
-def sparsified(plan: Plan | None, model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """The whole sparsified task vector (model - base) under `plan` (flat inputs); for benchmarks and analysis."""
-    out = model - base
+def sparsified(plan: Plan | None, tv: TaskVector) -> torch.Tensor:
+    """The whole sparsified task vector under `plan` (flat); for benchmarks and analysis."""
+    out = tv.whole()
     if plan is None:
         return out
     size = chunk_size(out)
@@ -479,27 +502,26 @@ def sparsified(plan: Plan | None, model: torch.Tensor, base: torch.Tensor) -> to
     return out
 
 
-def variance_across(models: Sequence[torch.Tensor], base: torch.Tensor, size: int) -> torch.Tensor:
-    """Per-entry population variance of the task vectors (flat `models` minus flat `base`), chunk by chunk.
+def variance_across(tvs: Sequence[TaskVector], size: int) -> torch.Tensor:
+    """Per-entry population variance of the task vectors (of one base), chunk by chunk, in their dtype.
 
     Welford's update in float64 from the first model to the last, rounded once to the task vectors' dtype:
     the same arithmetic as torch.var(stacked, dim=0, unbiased=False) on CPU, so the values (and therefore
     SCE's selection) equal mergekit's bit for bit, without stacking the task vectors or torch.var's slow
     reduction across the leading dimension.
     """
-    n = base.numel()
-    out = torch.empty(n, dtype=base.dtype, device=base.device)
-    delta = torch.empty(min(size, n), dtype=base.dtype, device=base.device)
+    n = tvs[0].numel()
+    out = torch.empty(n, dtype=tvs[0].dtype, device=tvs[0].device)
+    delta = tvs[0].buffer(size)
     for s, e in spans(n, size):
-        b = base[s:e]
-        mean = torch.sub(models[0][s:e], b, out=delta[: e - s]).to(torch.float64, copy=True)
+        mean = tvs[0].chunk(s, e, delta[: e - s]).to(torch.float64, copy=True)
         m2 = torch.zeros_like(mean)
-        for count, model in enumerate(models[1:], start=2):
-            x = torch.sub(model[s:e], b, out=delta[: e - s]).to(torch.float64, copy=True)
+        for count, tv in enumerate(tvs[1:], start=2):
+            x = tv.chunk(s, e, delta[: e - s]).to(torch.float64, copy=True)
             step = x - mean
             mean.add_(step / count)
             m2.add_(step.mul_(x.sub_(mean)))
-        torch.div(m2, len(models), out=m2)
+        torch.div(m2, len(tvs), out=m2)
         out[s:e] = m2
     return out
 

@@ -52,9 +52,9 @@ def task_vector_params(*, normalize: bool, rescale: bool, extra: Sequence[Param]
     return params + tuple(extra)
 
 
-Sparsifier = Callable[[torch.Tensor, torch.Tensor, int, int], "_sparsify.Plan | None"]
-"""(flat model, flat base, model index, chunk size) -> the plan that sparsifies that model's task vector chunk
-by chunk (see `_sparsify.Plan`), or None to keep it whole. Plans are made in model order (random draws)."""
+Sparsifier = Callable[["_sparsify.TaskVector", int, int], "_sparsify.Plan | None"]
+"""(task vector, model index, chunk size) -> the plan that sparsifies that model's task vector chunk by chunk
+(see `_sparsify.Plan`), or None to keep it whole. Plans are made in model order (random draws)."""
 
 
 def merge_task_vectors(
@@ -72,7 +72,8 @@ def merge_task_vectors(
     Streams over cache-sized chunks (`_sparsify.chunk_size`): the task vectors are recomputed per chunk
     from the inputs instead of being stored, and the only full-size allocation is the output (plus one bool
     mask per model for the random methods). Every output element goes through the same float operations, in
-    the same order, as the whole-tensor formulation.
+    the same order, as the whole-tensor formulation. The work is done in the base's dtype; the models may be
+    stored in another (bf16 as read), each chunk is converted as it is used.
     """
     if not tensors:
         return base
@@ -81,8 +82,8 @@ def merge_task_vectors(
     n = base.numel()
     size = _sparsify.chunk_size(base)
     flat_base = base.reshape(-1)
-    flats = [t.reshape(-1) for t in tensors]
-    plans = [sparsify(m, flat_base, i, size) if sparsify is not None else None for i, m in enumerate(flats)]
+    tvs = [_sparsify.TaskVector(t, base) for t in tensors]
+    plans = [sparsify(tv, i, size) if sparsify is not None else None for i, tv in enumerate(tvs)]
     out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
     flat_out = out.view(-1)
     if n == 0:
@@ -101,8 +102,8 @@ def merge_task_vectors(
         b = flat_base[s:e]
         mixed = flat_out[s:e]
         ds = []
-        for model, plan, buf in zip(flats, plans, deltas):
-            d = torch.sub(model[s:e], b, out=buf[:m])
+        for tv, plan, buf in zip(tvs, plans, deltas):
+            d = tv.chunk(s, e, buf[:m])
             if plan is not None:
                 plan.apply(d, s, mask_buf[:m])
             ds.append(d)

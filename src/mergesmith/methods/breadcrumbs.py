@@ -26,7 +26,7 @@ def _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lamb
     gam = gamma or [0.01] * len(tensors)
     return merge_task_vectors(
         tensors, base, weight,
-        sparsify=lambda m, b, i, size: outliers_plan(m, b, dens[i], gam[i], rescale=rescale, size=size),
+        sparsify=lambda tv, i, size: outliers_plan(tv, dens[i], gam[i], rescale=rescale, size=size),
         consensus=consensus, normalize=normalize, scale=lambda_,
     )
 
@@ -35,6 +35,7 @@ def _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lamb
     "breadcrumbs",
     params=task_vector_params(normalize=False, rescale=False, extra=(GAMMA,)),
     base="required",
+    converts_models=True,
     min_models=0,
     reference="https://arxiv.org/abs/2312.06795",
 )
@@ -58,6 +59,7 @@ def breadcrumbs(
     "breadcrumbs_ties",
     params=task_vector_params(normalize=False, rescale=False, extra=(GAMMA, CONSENSUS)),
     base="required",
+    converts_models=True,
     min_models=0,
     reference="https://arxiv.org/abs/2312.06795",
 )

@@ -24,7 +24,7 @@ def _dare(tensors, base, weight, density, normalize, rescale, lambda_, consensus
     dens = density or [1.0] * len(tensors)
     return merge_task_vectors(
         tensors, base, weight,
-        sparsify=lambda m, b, i, size: random_plan(m, b, dens[i], rescale=rescale, generator=generator, size=size),
+        sparsify=lambda tv, i, size: random_plan(tv, dens[i], rescale=rescale, generator=generator, size=size),
         consensus=consensus, normalize=normalize, scale=lambda_,
     )
 
@@ -33,6 +33,7 @@ def _dare(tensors, base, weight, density, normalize, rescale, lambda_, consensus
     "dare_ties",
     params=task_vector_params(normalize=False, rescale=True, extra=(CONSENSUS,)),
     base="required",
+    converts_models=True,
     min_models=0,
     random=True,
     reference="https://arxiv.org/abs/2311.03099",
@@ -58,6 +59,7 @@ def dare_ties(
     "dare_linear",
     params=task_vector_params(normalize=False, rescale=True),
     base="required",
+    converts_models=True,
     min_models=0,
     random=True,
     reference="https://arxiv.org/abs/2311.03099",

@@ -29,8 +29,8 @@ def _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_,
     eps = epsilon or [0.15] * len(tensors)
     return merge_task_vectors(
         tensors, base, weight,
-        sparsify=lambda m, b, i, size: della_plan(
-            m, b, base.shape, dens[i], eps[i], rescale=rescale, generator=generator, size=size
+        sparsify=lambda tv, i, size: della_plan(
+            tv, base.shape, dens[i], eps[i], rescale=rescale, generator=generator, size=size
         ),
         consensus=consensus, normalize=normalize, scale=lambda_,
     )
@@ -40,6 +40,7 @@ def _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_,
     "della",
     params=task_vector_params(normalize=True, rescale=True, extra=(EPSILON, CONSENSUS)),
     base="required",
+    converts_models=True,
     min_models=0,
     random=True,
     reference="https://arxiv.org/abs/2406.11617",
@@ -67,6 +68,7 @@ def della(
     "della_linear",
     params=task_vector_params(normalize=False, rescale=True, extra=(EPSILON,)),
     base="required",
+    converts_models=True,
     min_models=0,
     random=True,
     reference="https://arxiv.org/abs/2406.11617",

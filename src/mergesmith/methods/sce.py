@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from mergesmith.methods._consensus import CONSENSUS_METHODS, disjoint_into, elect_sign_into
-from mergesmith.methods._sparsify import chunk_size, selection_dtype, spans, top_fraction_keep, variance_across
+from mergesmith.methods._sparsify import TaskVector, chunk_size, selection_dtype, spans, top_fraction_keep, variance_across
 from mergesmith.methods._task_vectors import CONSENSUS
 from mergesmith.methods.registry import Param, merge_method
 
@@ -37,13 +37,12 @@ def sce_weights(energy: torch.Tensor, energy_floor: float = 0.0) -> torch.Tensor
     return energy / total
 
 
-def _task_vector_chunks(models, base, keep, size, dtype, device):
-    """Yield (start, end, [masked task vector chunk per model]) over the flat inputs, reusing buffers."""
-    n = base.numel()
-    bufs = [torch.empty(min(size, n), dtype=dtype, device=device) for _ in models]
-    mask = torch.empty(min(size, n), dtype=selection_dtype(dtype), device=device)
-    for s, e in spans(n, size):
-        ds = [torch.sub(m[s:e], base[s:e], out=buf[: e - s]) for m, buf in zip(models, bufs)]
+def _task_vector_chunks(tvs, keep, size):
+    """Yield (start, end, [masked task vector chunk per model]), reusing buffers."""
+    bufs = [tv.buffer(size) for tv in tvs]
+    mask = tvs[0].buffer(size, selection_dtype(tvs[0].dtype))
+    for s, e in spans(tvs[0].numel(), size):
+        ds = [tv.chunk(s, e, buf[: e - s]) for tv, buf in zip(tvs, bufs)]
         if keep is not None:
             member = keep.cut.mask_into(keep.variance[s:e], s, mask[: e - s])
             if member is not None:
@@ -68,6 +67,7 @@ class _Selection:
         CONSENSUS,
     ),
     base="required",
+    converts_models=True,
     min_models=0,
     reference="https://arxiv.org/abs/2408.07990",
 )
@@ -83,7 +83,8 @@ def sce(
     """Select by variance, weight by energy, erase minority signs, merge.
 
     Three chunked passes over the inputs (variance, energies, merge); the task vectors are recomputed per
-    chunk instead of being stacked, so the full-size allocations are the output, the variance and a bool mask.
+    chunk instead of being stacked, so the full-size allocations are the output and the variance. The work is
+    done in the base's dtype; the models may be stored in another (bf16 as read).
     """
     if not tensors:
         return base
@@ -92,10 +93,10 @@ def sce(
     n, dtype, device = base.numel(), base.dtype, base.device
     size = chunk_size(base)
     flat_base = base.reshape(-1)
-    models = [t.reshape(-1) for t in tensors]
-    keep = _Selection(variance_across(models, flat_base, size), select_topk) if select_topk < 1 else None
-    energy = torch.zeros(len(models), dtype=torch.float64, device=device)
-    for _, _, ds in _task_vector_chunks(models, flat_base, keep, size, dtype, device):
+    tvs = [TaskVector(t, base) for t in tensors]
+    keep = _Selection(variance_across(tvs, size), select_topk) if select_topk < 1 else None
+    energy = torch.zeros(len(tvs), dtype=torch.float64, device=device)
+    for _, _, ds in _task_vector_chunks(tvs, keep, size):
         for i, d in enumerate(ds):
             energy[i] += torch.dot(d, d) if d.dtype in (torch.float32, torch.float64) else d.float().square().sum()
     weights = sce_weights((energy / max(n, 1)).to(dtype), energy_floor).tolist()
@@ -103,7 +104,7 @@ def sce(
     flat_out = out.view(-1)
     width = min(size, n)
     vote, scratch, divisor = (torch.empty(width, dtype=dtype, device=device) for _ in range(3))
-    for s, e, ds in _task_vector_chunks(models, flat_base, keep, size, dtype, device):
+    for s, e, ds in _task_vector_chunks(tvs, keep, size):
         m = e - s
         majority = elect_sign_into(ds, consensus_method, vote[:m], scratch[:m])
         mixed, div = flat_out[s:e], divisor[:m]

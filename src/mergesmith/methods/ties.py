@@ -22,6 +22,7 @@ from mergesmith.methods.registry import merge_method
     "ties",
     params=task_vector_params(normalize=True, rescale=False, extra=(CONSENSUS,)),
     base="required",
+    converts_models=True,
     min_models=0,
     reference="https://arxiv.org/abs/2306.01708",
 )
@@ -41,6 +42,6 @@ def ties(
     dens = density or [1.0] * len(tensors)
     return merge_task_vectors(
         tensors, base, weight,
-        sparsify=lambda m, b, i, size: magnitude_plan(m, b, dens[i], rescale=rescale, size=size),
+        sparsify=lambda tv, i, size: magnitude_plan(tv, dens[i], rescale=rescale, size=size),
         consensus=consensus_method, normalize=normalize, scale=lambda_,
     )

@@ -1,0 +1,37 @@
+"""Methods flagged `converts_models` take the models as read (bf16 here) and convert chunk by chunk: the
+result must equal converting every model to the base's dtype first, bit for bit."""
+
+import pytest
+import torch
+
+from mergesmith.methods import all_methods
+
+PARAMS = {"weight": 0.6, "density": 0.4, "gamma": 0.02, "epsilon": 0.1, "select_topk": 0.5}
+FLAGGED = sorted(spec.name for spec in all_methods() if spec.converts_models)
+
+
+def test_the_sparsifying_methods_are_flagged():
+    assert {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce"} <= set(FLAGGED)
+
+
+@pytest.mark.parametrize("name", FLAGGED)
+@pytest.mark.parametrize("shape", [(700, 600), (37,)])
+def test_bf16_models_give_the_float32_result(name, shape):
+    spec = next(s for s in all_methods() if s.name == name)
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(shape, generator=g).bfloat16()
+    models = [(base.float() + 0.02 * torch.randn(shape, generator=g)).bfloat16() for _ in range(3)]
+    kwargs = {}
+    for p in spec.params:
+        if p.name in PARAMS:
+            kwargs[p.arg] = [PARAMS[p.name]] * 3 if p.per_model else PARAMS[p.name]
+
+    def run(tensors):
+        extra = {"generator": torch.Generator().manual_seed(1)} if spec.random else {}
+        return spec.func(tensors, base=base.float(), **kwargs, **extra)
+
+    as_read = run(models)
+    converted = run([m.float() for m in models])
+    assert as_read.dtype == torch.float32
+    assert torch.equal(as_read, converted)
+    assert not torch.equal(as_read, base.float())  # the merge did something
