@@ -48,8 +48,8 @@ from mergesmith.methods.registry import MethodInputError
 
 # Below this many elements, plain kthvalue on everything is as fast as anything cleverer.
 _SMALL = 1 << 16
-# Sample size for the candidate window of the threshold search.
-_SAMPLE = 1 << 14
+# Sample size bounds for the candidate window of the threshold search (see `_sample_step`).
+_SAMPLE_MIN, _SAMPLE_MAX = 1 << 14, 1 << 18
 
 # Elements per chunk on CPU: 1 MiB of float32. Measured on 3 x 4096^2 float32 (ties, idle 2-core EPYC):
 # 2^16 0.41 s, 2^18 0.28 s, 2^20 0.31 s, 2^22 0.43 s with 2 threads: small chunks pay per-op thread
@@ -136,7 +136,11 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _sample_step(n: int) -> int:
-    return (n // _SAMPLE) | 1  # odd, so it does not alias with power-of-two row lengths
+    """Stride of the sample: about n^(2/3) samples, which balances the sample's own selection (grows with s)
+    against the candidate window it leaves (shrinks as 1/sqrt(s)); odd, so it does not alias with
+    power-of-two row lengths."""
+    samples = min(_SAMPLE_MAX, max(_SAMPLE_MIN, int(n ** (2 / 3))))
+    return (n // samples) | 1
 
 
 def _window(sample: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -153,47 +157,60 @@ def _window(sample: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor | None, 
     return lo, hi
 
 
+def _below(value: float, dtype: torch.dtype) -> float:
+    """The largest float of `dtype` below `value`."""
+    return float(torch.nextafter(torch.tensor(value, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)))
+
+
+def _count_above(a: torch.Tensor, bound: float, scratch: torch.Tensor) -> torch.Tensor:
+    """How many entries of a exceed `bound`, as a 0-dim float tensor (exact for chunks below 2^24 entries)."""
+    return torch.sub(a, bound, out=scratch).clamp_(min=0).sign_().sum()
+
+
 class Cut:
     """Exact top-k membership of magnitudes: `a >= threshold`, except that when more entries than needed equal
-    the threshold only the earliest `len(ties)` of them (flat positions in `ties`) are in."""
+    the threshold only the earliest of them are in: those before flat position `tie_end`.
 
-    def __init__(self, threshold: float | None, ties: torch.Tensor | None = None, *, everything: bool = False):
-        self.threshold, self.ties, self.everything = threshold, ties, everything
+    k-th largest ties go to the earlier position; "the earliest m tied entries" is the same as "the tied
+    entries before the position just after the m-th one", which needs no list of positions."""
+
+    def __init__(self, threshold: float | None, tie_end: int | None = None, *, everything: bool = False):
+        self.threshold, self.tie_end, self.everything = threshold, tie_end, everything
 
     def mask_into(self, a: torch.Tensor, start: int, out: torch.Tensor) -> torch.Tensor | None:
         """1.0 for the members among the chunk a = magnitudes[start:start + len(a)], else 0.0, written into
         `out` (a's dtype and length; may be a itself). None means every entry is a member.
 
-        With t the float just below the threshold, a - t > 0 exactly when a >= threshold (the sign of a
-        float difference is exact), so sign(relu(a - t)) is the membership, in three vectorised passes."""
+        With b the float just below the threshold, a - b > 0 exactly when a >= threshold (the sign of a
+        float difference is exact), so sign(relu(a - b)) is the membership, in three vectorised passes."""
         if self.everything:
             return None
         if self.threshold is None:
             return out.zero_()
         if self.threshold <= 0:
             return None  # every magnitude is >= 0; members tied at 0 change no value
-        if self.ties is None:
-            below = torch.nextafter(torch.tensor(self.threshold, dtype=a.dtype), torch.tensor(-math.inf, dtype=a.dtype))
-            torch.sub(a, float(below), out=out)
-        else:
-            torch.sub(a, self.threshold, out=out)  # strictly above, then the earliest tied entries
-        out.clamp_(min=0).sign_()
-        if self.ties is not None:
-            first, last = torch.searchsorted(self.ties, torch.tensor([start, start + a.numel()])).tolist()
-            if last > first:
-                out.index_fill_(0, (self.ties[first:last] - start).to(out.device), 1.0)
-        return out
+        ge, gt = _below(self.threshold, a.dtype), self.threshold
+        end = start + a.numel()
+        if self.tie_end is None or end <= self.tie_end:
+            return torch.sub(a, ge, out=out).clamp_(min=0).sign_()
+        if start >= self.tie_end:
+            return torch.sub(a, gt, out=out).clamp_(min=0).sign_()
+        split = self.tie_end - start  # ties are in before the split, out after it
+        torch.sub(a[:split], ge, out=out[:split])
+        torch.sub(a[split:], gt, out=out[split:])
+        return out.clamp_(min=0).sign_()
 
 
 ALL = Cut(None, everything=True)
 NONE = Cut(None)
 
 
-def _cut(threshold: torch.Tensor, n_ge: int, n_gt: int, k: int, tied_positions: Callable[[], torch.Tensor]) -> Cut:
-    """The Cut for the k largest, given the threshold and how many values are >= and > it."""
+def _cut(threshold: torch.Tensor, n_ge: int, n_gt: int, k: int, nth_tie: Callable[[int], int]) -> Cut:
+    """The Cut for the k largest, given the threshold and how many values are >= and > it;
+    `nth_tie(m)` is the flat position of the m-th entry (1-based, in order) equal to the threshold."""
     if n_ge <= k:
         return Cut(float(threshold))
-    return Cut(float(threshold), tied_positions()[: k - n_gt].cpu())
+    return Cut(float(threshold), nth_tie(k - n_gt) + 1)
 
 
 def cut_from_values(values: torch.Tensor, k: int) -> Cut:
@@ -205,15 +222,18 @@ def cut_from_values(values: torch.Tensor, k: int) -> Cut:
         return ALL
     threshold = kth_largest(values, k)
     return _cut(threshold, int(torch.count_nonzero(values >= threshold)), int(torch.count_nonzero(values > threshold)), k,
-                lambda: torch.nonzero(values == threshold).flatten())
+                lambda m: int(torch.nonzero(values == threshold)[m - 1]))
 
 
 def select_top(tv: TaskVector, ks: Sequence[int], size: int) -> list[Cut]:
     """The top-k Cut of the task vector's magnitudes for each k in `ks`, from one chunked pass.
 
-    A strided sample brackets each target rank in a value window; the pass counts the entries above each
-    window and gathers those inside with their positions; `kthvalue` finishes on the gathered values and the
-    positions give the tied entries. Exact; a missed window falls back to whole-tensor selection.
+    A strided sample brackets each target rank in a value window [lo, hi]. The pass counts the entries above
+    each window and gathers those inside with their positions; `kthvalue` finishes on the gathered values.
+    When the window is a single value v (typical of bf16 deltas, where many entries share each magnitude),
+    gathering would copy a large share of the tensor, so the pass only counts the entries above v and equal
+    to v per chunk, and one chunk is revisited to find where the kept ties end. Exact either way; a window
+    that missed falls back to whole-tensor selection.
     """
     n = tv.numel()
     cuts: list[Cut | None] = [(NONE if k <= 0 else ALL if k >= n else None) for k in ks]
@@ -223,22 +243,31 @@ def select_top(tv: TaskVector, ks: Sequence[int], size: int) -> list[Cut]:
     if n <= max(size, _SMALL):
         values = _abs_into(tv.whole())
         return [cut_from_values(values, k) if c is None else c for c, k in zip(cuts, ks)]
-    step = _sample_step(n)
-    sample = _abs_into(tv.sample(step)).contiguous()
+    sel = selection_dtype(tv.dtype)
+    sample = _abs_into(tv.sample(_sample_step(n))).contiguous()
     windows = {j: _window(sample, n, ks[j]) for j in todo}
     if any(lo is None and hi is None for lo, hi in windows.values()):
         values = _abs_into(tv.whole())
         return [cut_from_values(values, k) if c is None else c for c, k in zip(cuts, ks)]
-    above = {j: 0 for j in todo}
-    found: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {j: [] for j in todo}
-    buf, abuf = tv.buffer(size), tv.buffer(size, selection_dtype(tv.dtype))
-    for s, e in spans(n, size):
+    single = {j: float(lo) for j, (lo, hi) in windows.items() if lo is not None and hi is not None and bool(lo == hi)}
+    above = {j: torch.zeros((), dtype=sel) for j in todo}
+    equal: dict[int, list[torch.Tensor]] = {j: [] for j in single}
+    found: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {j: [] for j in todo if j not in single}
+    chunks = spans(n, size)
+    buf, abuf, scratch = tv.buffer(size), tv.buffer(size, sel), tv.buffer(size, sel)
+    for s, e in chunks:
         a = _abs_into(tv.chunk(s, e, buf[: e - s]), abuf[: e - s])
         for j in todo:
             lo, hi = windows[j]
+            if j in single:
+                v = single[j]
+                gt = _count_above(a, v, scratch[: e - s])
+                above[j] += gt
+                equal[j].append(_count_above(a, _below(v, sel), scratch[: e - s]) - gt)
+                continue
             if hi is not None:
                 inside = a <= hi
-                above[j] += (e - s) - int(torch.count_nonzero(inside))
+                above[j] += (e - s) - torch.count_nonzero(inside)
                 if lo is not None:
                     inside.logical_and_(a >= lo)
             else:
@@ -246,18 +275,36 @@ def select_top(tv: TaskVector, ks: Sequence[int], size: int) -> list[Cut]:
             where = torch.nonzero(inside).flatten()
             found[j].append((a[where], where + s))
     for j in todo:
-        k = ks[j]
-        window = torch.cat([v for v, _ in found[j]])
-        positions = torch.cat([p for _, p in found[j]])
-        need = k - above[j]
-        if 1 <= need <= window.numel():
-            threshold = torch.kthvalue(window, window.numel() - need + 1).values
-            n_ge = above[j] + int(torch.count_nonzero(window >= threshold))
-            n_gt = above[j] + int(torch.count_nonzero(window > threshold))
-            cuts[j] = _cut(threshold, n_ge, n_gt, k, lambda: positions[window == threshold])
+        k, n_above = ks[j], int(above[j])
+        if j in single:
+            v, counts = single[j], torch.stack(equal[j]).to(torch.int64)
+            n_equal = int(counts.sum())
+            if n_above < k <= n_above + n_equal:
+                cuts[j] = _cut(torch.tensor(v), n_above + n_equal, n_above, k, lambda m: _nth_equal(tv, v, counts, m, chunks))
+                continue
         else:
-            cuts[j] = cut_from_values(_abs_into(tv.whole()), k)
+            window = torch.cat([v for v, _ in found[j]])
+            positions = torch.cat([p for _, p in found[j]])
+            need = k - n_above
+            if 1 <= need <= window.numel():
+                threshold = torch.kthvalue(window, window.numel() - need + 1).values
+                n_ge = n_above + int(torch.count_nonzero(window >= threshold))
+                n_gt = n_above + int(torch.count_nonzero(window > threshold))
+                cuts[j] = _cut(threshold, n_ge, n_gt, k, lambda m: int(positions[window == threshold][m - 1]))
+                continue
+        cuts[j] = cut_from_values(_abs_into(tv.whole()), k)
     return cuts  # type: ignore[return-value]
+
+
+def _nth_equal(tv: TaskVector, value: float, counts: torch.Tensor, m: int, chunks: list[tuple[int, int]]) -> int:
+    """Flat position of the m-th magnitude equal to `value` (1-based), given how many each chunk holds: only
+    the chunk where the running count reaches m is recomputed."""
+    running = counts.cumsum(0)
+    c = int(torch.searchsorted(running, torch.tensor(m)))
+    before = int(running[c - 1]) if c else 0
+    s, e = chunks[c]
+    a = _abs_into(tv.chunk(s, e, tv.buffer(e - s)))
+    return s + int(torch.nonzero(a == value)[m - before - 1])
 
 
 class Plan:
@@ -429,22 +476,37 @@ def check_della(density: float, epsilon: float) -> str | None:
     return None
 
 
-def row_ranks(rows: torch.Tensor) -> torch.Tensor:
-    """For a 2-D tensor of non-negative floats, each entry's 0-based rank within its row (ascending; ties by
-    column), as int64 of the same shape.
+class RowRanks:
+    """Each entry's 0-based rank within its row (ascending; ties by column) for blocks of non-negative floats
+    of up to `rows` x `cols`, reusing its buffers: DELLA ranks block after block, and fresh multi-MB tensors
+    cost a page fault per 4 KiB on every block.
 
     Non-negative IEEE floats order like their bit patterns read as integers. On CPU the bit pattern and the
-    column are packed into one int64 key and numpy sorts the keys (vectorised, ~10x torch.sort on rows); the
-    column comes back from the low bits. float64 magnitudes and other devices use torch.sort."""
-    r, c = rows.shape
-    if rows.device.type == "cpu" and rows.dtype == torch.float32 and c < (1 << 32):
-        shift = max(1, (c - 1).bit_length())
-        keys = rows.view(torch.int32).to(torch.int64).bitwise_left_shift_(shift).add_(torch.arange(c))
-        order = torch.from_numpy(np.sort(keys.numpy(), axis=1)).bitwise_and_((1 << shift) - 1)
-    else:
-        order = torch.sort(rows.view(torch.int64 if rows.dtype == torch.float64 else torch.int32), dim=1, stable=True).indices
-    ranks = torch.empty((r, c), dtype=torch.int64, device=rows.device)
-    return ranks.scatter_(1, order, torch.arange(c, device=rows.device).expand(r, c))
+    column are packed into one int64 key and numpy sorts the keys in place (vectorised, ~10x torch.sort on
+    rows); the column comes back from the low bits. float64 magnitudes and other devices use torch.sort."""
+
+    def __init__(self, rows: int, cols: int, device: torch.device):
+        self.cols, self.shift = cols, max(1, (cols - 1).bit_length())
+        self.columns = torch.arange(cols, device=device)
+        self.keys = torch.empty((rows, cols), dtype=torch.int64, device=device)
+        self.ranks = torch.empty((rows, cols), dtype=torch.int64, device=device)
+
+    def __call__(self, mags: torch.Tensor) -> torch.Tensor:
+        r, c = mags.shape
+        columns = self.columns.expand(r, c)
+        if mags.device.type == "cpu" and mags.dtype == torch.float32 and self.shift + 31 < 63:
+            keys = self.keys[:r]
+            keys.copy_(mags.view(torch.int32)).bitwise_left_shift_(self.shift).add_(columns)
+            keys.numpy().sort(axis=1)
+            order = keys.bitwise_and_((1 << self.shift) - 1)
+        else:
+            order = torch.sort(mags.view(torch.int64 if mags.dtype == torch.float64 else torch.int32), dim=1, stable=True).indices
+        return self.ranks[:r].scatter_(1, order, columns)
+
+
+def _rank_probabilities(ranks: torch.Tensor, cols: int, density: float, epsilon: float, out: torch.Tensor) -> torch.Tensor:
+    """density - epsilon + 2 * epsilon * rank / (cols - 1), into `out`."""
+    return out.copy_(ranks).div_(cols - 1).mul_(2 * epsilon).add_(density - epsilon)
 
 
 def della_probabilities(tensor: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -461,7 +523,8 @@ def della_probabilities(tensor: torch.Tensor, density: float, epsilon: float) ->
     if n == 1:
         return torch.full(tensor.shape, density, dtype=dtype, device=tensor.device)
     mags = moved.reshape(-1, n).to(dtype).abs()
-    probs = row_ranks(mags).to(dtype).div_(n - 1).mul_(2 * epsilon).add_(density - epsilon)
+    ranks = RowRanks(mags.shape[0], n, tensor.device)(mags)
+    probs = _rank_probabilities(ranks, n, density, epsilon, torch.empty(mags.shape, dtype=dtype, device=tensor.device))
     return probs.reshape(moved.shape).movedim(-1, 1).reshape(tensor.shape)
 
 
@@ -481,11 +544,18 @@ def della_plan(tv: TaskVector, shape: torch.Size, density: float, epsilon: float
         return _stored_mask_plan(tv, rescale, [(0, n)], lambda d, s, e: (
             uniform(shape, tv.device, generator) < della_probabilities(d.reshape(shape), density, epsilon)).reshape(-1))
     cols = shape[-1] if len(shape) == 2 else n
-    rows_per = max(1, size // cols)
-    draws = _Draws(tv.device, generator, min(rows_per * cols, n))
+    rows_per = max(1, min(size // cols, n // cols))
+    draws = _Draws(tv.device, generator, rows_per * cols)
+    if cols == 1:
+        return _stored_mask_plan(tv, rescale, spans(n, rows_per), lambda d, s, e: draws.next(e - s) < density)
+    sel = selection_dtype(tv.dtype)
+    ranks = RowRanks(rows_per, cols, tv.device)
+    mags, probs = tv.buffer(rows_per * cols, sel), tv.buffer(rows_per * cols, sel)
 
     def keep_chunk(d, s, e):
-        return draws.next(e - s) < della_probabilities(d.view(-1, cols), density, epsilon).view(-1)
+        block = _abs_into(d, mags[: e - s]).view(-1, cols)
+        p = _rank_probabilities(ranks(block), cols, density, epsilon, probs[: e - s].view(-1, cols))
+        return draws.next(e - s) < p.view(-1)
 
     return _stored_mask_plan(tv, rescale, spans(n, rows_per * cols), keep_chunk)
 
