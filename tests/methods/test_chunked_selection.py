@@ -43,3 +43,20 @@ def test_quantized_deltas_do_tie_at_the_threshold():
     mags = np.sort(np.abs(models[0] - base).ravel())[::-1]
     k = int(0.3 * mags.size)
     assert mags[k - 1] == mags[k] and (mags == mags[k - 1]).sum() > 10_000
+
+
+@pytest.mark.parametrize("tied", [1000, 1 << 22])  # a window around the threshold; a window of one value
+def test_counts_stay_exact_past_float32_integers(tied):
+    # more than 2^24 entries above the threshold: counting them in float32 would round, and the kept tied
+    # entries would end a few positions early or late
+    import torch
+
+    from mergesmith.methods._sparsify import CHUNK, TaskVector, select_top
+
+    g = torch.Generator().manual_seed(0)
+    above = (1 << 24) + (1 << 22) + 3
+    mags = torch.cat([2 + torch.rand(above, generator=g), torch.full((tied,), 1.0), 0.5 * torch.rand(1 << 20, generator=g)])
+    mags[::7] *= -1  # signs must not matter
+    k = above + 501
+    (cut,) = select_top(TaskVector(mags, torch.zeros_like(mags)), [k], CHUNK)
+    assert cut.threshold == 1.0 and cut.tie_end == above + 501

@@ -250,7 +250,7 @@ def select_top(tv: TaskVector, ks: Sequence[int], size: int) -> list[Cut]:
         values = _abs_into(tv.whole())
         return [cut_from_values(values, k) if c is None else c for c, k in zip(cuts, ks)]
     single = {j: float(lo) for j, (lo, hi) in windows.items() if lo is not None and hi is not None and bool(lo == hi)}
-    above = {j: torch.zeros((), dtype=sel) for j in todo}
+    above = {j: torch.zeros((), dtype=torch.float64) for j in todo}  # counts: exact past 2^24, unlike float32
     equal: dict[int, list[torch.Tensor]] = {j: [] for j in single}
     found: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {j: [] for j in todo if j not in single}
     chunks = spans(n, size)
