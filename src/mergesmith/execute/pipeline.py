@@ -144,13 +144,14 @@ def compute(task: TensorTask, tensors: list[torch.Tensor], base: torch.Tensor | 
     if task.copy_only:
         return tensors[0].to(task.output.dtype)
     device, dtype = options.device, options.compute_dtype
-    as_read = task.method.converts_models and task.row_maps is None and all(t.is_floating_point() for t in tensors)
+    as_read = task.method.converts_inputs and task.row_maps is None and all(t.is_floating_point() for t in [*tensors, *([base] if base is not None else [])])
     inputs = [t.to(device=device, dtype=None if as_read else dtype, non_blocking=True) for t in tensors]
-    base_in = base.to(device=device, dtype=dtype, non_blocking=True) if base is not None else None
+    base_in = base.to(device=device, dtype=None if as_read else dtype, non_blocking=True) if base is not None else None
     if task.row_maps is not None:
         result = _compute_vocab_rows(task, inputs, base_in, device)
     else:
-        result = _apply_method(task, inputs, base_in, task.kwargs, device)
+        kwargs = {**task.kwargs, "compute_dtype": dtype} if task.method.converts_inputs else task.kwargs
+        result = _apply_method(task, inputs, base_in, kwargs, device)
     return result.to(dtype=task.output.dtype).to("cpu")
 
 

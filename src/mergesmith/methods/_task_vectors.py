@@ -66,37 +66,39 @@ def merge_task_vectors(
     consensus: str | None,
     normalize: bool,
     scale: float,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """base + scale · (sparsified, weighted, optionally sign-agreeing) task vectors; see the module docstring.
 
     Streams over cache-sized chunks (`_sparsify.chunk_size`): the task vectors are recomputed per chunk
     from the inputs instead of being stored, and the only full-size allocation is the output (plus one bool
     mask per model for the random methods). Every output element goes through the same float operations, in
-    the same order, as the whole-tensor formulation. The work is done in the base's dtype; the models may be
-    stored in another (bf16 as read), each chunk is converted as it is used.
+    the same order, as the whole-tensor formulation. The work is done in `dtype` (default: the base's); the
+    inputs may be stored in another (bf16 as read), each chunk is converted as it is used.
     """
+    dtype = dtype or base.dtype
     if not tensors:
-        return base
+        return base.to(dtype)
     if consensus is not None and consensus not in CONSENSUS_METHODS:
         raise ValueError(f"unknown consensus method {consensus!r} (expected sum or count)")
     n = base.numel()
     size = _sparsify.chunk_size(base)
     flat_base = base.reshape(-1)
-    tvs = [_sparsify.TaskVector(t, base) for t in tensors]
+    tvs = [_sparsify.TaskVector(t, base, dtype) for t in tensors]
     plans = [sparsify(tv, i, size) if sparsify is not None else None for i, tv in enumerate(tvs)]
-    out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    out = torch.empty(base.shape, dtype=dtype, device=base.device)
     flat_out = out.view(-1)
     if n == 0:
         return out
     width = min(size, n)
-    deltas = [torch.empty(width, dtype=base.dtype, device=base.device) for _ in tensors]
-    scratch = torch.empty(width, dtype=base.dtype, device=base.device)
-    mask_buf = torch.empty(width, dtype=_sparsify.selection_dtype(base.dtype), device=base.device)
+    deltas = [torch.empty(width, dtype=dtype, device=base.device) for _ in tensors]
+    scratch = torch.empty(width, dtype=dtype, device=base.device)
+    mask_buf = torch.empty(width, dtype=_sparsify.selection_dtype(dtype), device=base.device)
     ws = [float(w) for w in weights]
     total = float(sum(ws))
     if consensus is not None:
-        votes = torch.empty(width, dtype=base.dtype, device=base.device)
-        divisor = torch.empty(width, dtype=base.dtype, device=base.device)
+        votes = torch.empty(width, dtype=dtype, device=base.device)
+        divisor = torch.empty(width, dtype=dtype, device=base.device)
     for s, e in _sparsify.spans(n, size):
         m = e - s
         b = flat_base[s:e]

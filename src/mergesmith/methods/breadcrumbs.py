@@ -21,13 +21,13 @@ from mergesmith.methods._task_vectors import CONSENSUS, GAMMA, merge_task_vector
 from mergesmith.methods.registry import merge_method
 
 
-def _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lambda_, consensus):
+def _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lambda_, consensus, dtype):
     dens = density or [1.0] * len(tensors)
     gam = gamma or [0.01] * len(tensors)
     return merge_task_vectors(
         tensors, base, weight,
         sparsify=lambda tv, i, size: outliers_plan(tv, dens[i], gam[i], rescale=rescale, size=size),
-        consensus=consensus, normalize=normalize, scale=lambda_,
+        consensus=consensus, normalize=normalize, scale=lambda_, dtype=dtype,
     )
 
 
@@ -35,7 +35,7 @@ def _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lamb
     "breadcrumbs",
     params=task_vector_params(normalize=False, rescale=False, extra=(GAMMA,)),
     base="required",
-    converts_models=True,
+    converts_inputs=True,
     min_models=0,
     reference="https://arxiv.org/abs/2312.06795",
 )
@@ -50,16 +50,17 @@ def breadcrumbs(
     rescale: bool = False,
     lambda_: float = 1.0,
     int8_mask: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Drop outliers and small entries, then a weighted sum of the task vectors."""
-    return _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lambda_, None)
+    return _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lambda_, None, compute_dtype)
 
 
 @merge_method(
     "breadcrumbs_ties",
     params=task_vector_params(normalize=False, rescale=False, extra=(GAMMA, CONSENSUS)),
     base="required",
-    converts_models=True,
+    converts_inputs=True,
     min_models=0,
     reference="https://arxiv.org/abs/2312.06795",
 )
@@ -74,7 +75,8 @@ def breadcrumbs_ties(
     rescale: bool = False,
     lambda_: float = 1.0,
     int8_mask: bool = False,
+    compute_dtype: torch.dtype | None = None,
     consensus_method: str = "sum",
 ) -> torch.Tensor:
     """Drop outliers and small entries, elect sign, disjoint merge."""
-    return _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lambda_, consensus_method)
+    return _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lambda_, consensus_method, compute_dtype)

@@ -20,12 +20,12 @@ from mergesmith.methods._task_vectors import CONSENSUS, merge_task_vectors, task
 from mergesmith.methods.registry import merge_method
 
 
-def _dare(tensors, base, weight, density, normalize, rescale, lambda_, consensus, generator):
+def _dare(tensors, base, weight, density, normalize, rescale, lambda_, consensus, generator, dtype):
     dens = density or [1.0] * len(tensors)
     return merge_task_vectors(
         tensors, base, weight,
         sparsify=lambda tv, i, size: random_plan(tv, dens[i], rescale=rescale, generator=generator, size=size),
-        consensus=consensus, normalize=normalize, scale=lambda_,
+        consensus=consensus, normalize=normalize, scale=lambda_, dtype=dtype,
     )
 
 
@@ -33,7 +33,7 @@ def _dare(tensors, base, weight, density, normalize, rescale, lambda_, consensus
     "dare_ties",
     params=task_vector_params(normalize=False, rescale=True, extra=(CONSENSUS,)),
     base="required",
-    converts_models=True,
+    converts_inputs=True,
     min_models=0,
     random=True,
     reference="https://arxiv.org/abs/2311.03099",
@@ -48,18 +48,19 @@ def dare_ties(
     rescale: bool = True,
     lambda_: float = 1.0,
     int8_mask: bool = False,
+    compute_dtype: torch.dtype | None = None,
     consensus_method: str = "sum",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Random drop with rescale, elect sign, disjoint merge."""
-    return _dare(tensors, base, weight, density, normalize, rescale, lambda_, consensus_method, generator)
+    return _dare(tensors, base, weight, density, normalize, rescale, lambda_, consensus_method, generator, compute_dtype)
 
 
 @merge_method(
     "dare_linear",
     params=task_vector_params(normalize=False, rescale=True),
     base="required",
-    converts_models=True,
+    converts_inputs=True,
     min_models=0,
     random=True,
     reference="https://arxiv.org/abs/2311.03099",
@@ -74,7 +75,8 @@ def dare_linear(
     rescale: bool = True,
     lambda_: float = 1.0,
     int8_mask: bool = False,
+    compute_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Random drop with rescale, then a weighted sum of the task vectors."""
-    return _dare(tensors, base, weight, density, normalize, rescale, lambda_, None, generator)
+    return _dare(tensors, base, weight, density, normalize, rescale, lambda_, None, generator, compute_dtype)

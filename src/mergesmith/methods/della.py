@@ -24,7 +24,7 @@ from mergesmith.methods.registry import merge_method
 _check = per_model_check("DELLA", check_della, "density", "epsilon")
 
 
-def _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_, consensus, generator):
+def _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_, consensus, generator, dtype):
     dens = density or [1.0] * len(tensors)
     eps = epsilon or [0.15] * len(tensors)
     return merge_task_vectors(
@@ -32,7 +32,7 @@ def _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_,
         sparsify=lambda tv, i, size: della_plan(
             tv, base.shape, dens[i], eps[i], rescale=rescale, generator=generator, size=size
         ),
-        consensus=consensus, normalize=normalize, scale=lambda_,
+        consensus=consensus, normalize=normalize, scale=lambda_, dtype=dtype,
     )
 
 
@@ -40,7 +40,7 @@ def _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_,
     "della",
     params=task_vector_params(normalize=True, rescale=True, extra=(EPSILON, CONSENSUS)),
     base="required",
-    converts_models=True,
+    converts_inputs=True,
     min_models=0,
     random=True,
     reference="https://arxiv.org/abs/2406.11617",
@@ -57,18 +57,19 @@ def della(
     rescale: bool = True,
     lambda_: float = 1.0,
     int8_mask: bool = False,
+    compute_dtype: torch.dtype | None = None,
     consensus_method: str = "sum",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """MagPrune with rescale, elect sign, disjoint merge."""
-    return _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_, consensus_method, generator)
+    return _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_, consensus_method, generator, compute_dtype)
 
 
 @merge_method(
     "della_linear",
     params=task_vector_params(normalize=False, rescale=True, extra=(EPSILON,)),
     base="required",
-    converts_models=True,
+    converts_inputs=True,
     min_models=0,
     random=True,
     reference="https://arxiv.org/abs/2406.11617",
@@ -85,7 +86,8 @@ def della_linear(
     rescale: bool = True,
     lambda_: float = 1.0,
     int8_mask: bool = False,
+    compute_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """MagPrune with rescale, then a weighted sum of the task vectors."""
-    return _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_, None, generator)
+    return _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_, None, generator, compute_dtype)

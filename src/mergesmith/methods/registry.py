@@ -97,9 +97,9 @@ class MethodSpec:
     max_models: int | None = None
     random: bool = False
     elementwise: bool = False
-    # The method takes model tensors in any float dtype and converts them chunk by chunk to the base's dtype
-    # (the compute dtype), so the executor converts only the base: no full-size float32 copy per model.
-    converts_models: bool = False
+    # The method takes its input tensors in any float dtype with a `compute_dtype` keyword, and converts
+    # them chunk by chunk as it works: the executor hands them over as read, with no full-size float32 copies.
+    converts_inputs: bool = False
     summary: str = ""
     reference: str = ""
     aliases: tuple[str, ...] = field(default=())
@@ -143,7 +143,7 @@ def merge_method(
     max_models: int | None = None,
     random: bool = False,
     elementwise: bool = False,
-    converts_models: bool = False,
+    converts_inputs: bool = False,
     summary: str = "",
     reference: str = "",
     check: Callable[[dict[str, Any]], str | None] | None = None,
@@ -161,7 +161,7 @@ def merge_method(
                 max_models=max_models,
                 random=random,
                 elementwise=elementwise,
-                converts_models=converts_models,
+                converts_inputs=converts_inputs,
                 summary=summary or (func.__doc__ or "").strip().split("\n")[0],
                 reference=reference,
                 check=check,

@@ -67,7 +67,7 @@ class _Selection:
         CONSENSUS,
     ),
     base="required",
-    converts_models=True,
+    converts_inputs=True,
     min_models=0,
     reference="https://arxiv.org/abs/2408.07990",
 )
@@ -79,28 +79,29 @@ def sce(
     int8_mask: bool = False,
     energy_floor: float = 1e-6,
     consensus_method: str = "sum",
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Select by variance, weight by energy, erase minority signs, merge.
 
     Three chunked passes over the inputs (variance, energies, merge); the task vectors are recomputed per
     chunk instead of being stacked, so the full-size allocations are the output and the variance. The work is
-    done in the base's dtype; the models may be stored in another (bf16 as read).
+    done in `compute_dtype` (default: the base's); the inputs may be stored in another (bf16 as read).
     """
     if not tensors:
-        return base
+        return base.to(compute_dtype or base.dtype)
     if consensus_method not in CONSENSUS_METHODS:
         raise ValueError(f"unknown consensus method {consensus_method!r} (expected sum or count)")
-    n, dtype, device = base.numel(), base.dtype, base.device
+    n, dtype, device = base.numel(), compute_dtype or base.dtype, base.device
     size = chunk_size(base)
     flat_base = base.reshape(-1)
-    tvs = [TaskVector(t, base) for t in tensors]
+    tvs = [TaskVector(t, base, dtype) for t in tensors]
     keep = _Selection(variance_across(tvs, size), select_topk) if select_topk < 1 else None
     energy = torch.zeros(len(tvs), dtype=torch.float64, device=device)
     for _, _, ds in _task_vector_chunks(tvs, keep, size):
         for i, d in enumerate(ds):
             energy[i] += torch.dot(d, d) if d.dtype in (torch.float32, torch.float64) else d.float().square().sum()
     weights = sce_weights((energy / max(n, 1)).to(dtype), energy_floor).tolist()
-    out = torch.empty_like(base)
+    out = torch.empty(base.shape, dtype=dtype, device=device)
     flat_out = out.view(-1)
     width = min(size, n)
     vote, scratch, divisor = (torch.empty(width, dtype=dtype, device=device) for _ in range(3))

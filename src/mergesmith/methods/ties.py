@@ -22,7 +22,7 @@ from mergesmith.methods.registry import merge_method
     "ties",
     params=task_vector_params(normalize=True, rescale=False, extra=(CONSENSUS,)),
     base="required",
-    converts_models=True,
+    converts_inputs=True,
     min_models=0,
     reference="https://arxiv.org/abs/2306.01708",
 )
@@ -36,6 +36,7 @@ def ties(
     rescale: bool = False,
     lambda_: float = 1.0,
     int8_mask: bool = False,
+    compute_dtype: torch.dtype | None = None,
     consensus_method: str = "sum",
 ) -> torch.Tensor:
     """Trim (top-k magnitude), elect sign, disjoint merge."""
@@ -43,5 +44,5 @@ def ties(
     return merge_task_vectors(
         tensors, base, weight,
         sparsify=lambda tv, i, size: magnitude_plan(tv, dens[i], rescale=rescale, size=size),
-        consensus=consensus_method, normalize=normalize, scale=lambda_,
+        consensus=consensus_method, normalize=normalize, scale=lambda_, dtype=compute_dtype,
     )

@@ -1,4 +1,4 @@
-"""Methods flagged `converts_models` take the models as read (bf16 here) and convert chunk by chunk: the
+"""Methods flagged `converts_inputs` take the models as read (bf16 here) and convert chunk by chunk: the
 result must equal converting every model to the base's dtype first, bit for bit."""
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from mergesmith.methods import all_methods
 
 PARAMS = {"weight": 0.6, "density": 0.4, "gamma": 0.02, "epsilon": 0.1, "select_topk": 0.5}
-FLAGGED = sorted(spec.name for spec in all_methods() if spec.converts_models)
+FLAGGED = sorted(spec.name for spec in all_methods() if spec.converts_inputs)
 
 
 def test_the_sparsifying_methods_are_flagged():
@@ -26,12 +26,13 @@ def test_bf16_models_give_the_float32_result(name, shape):
         if p.name in PARAMS:
             kwargs[p.arg] = [PARAMS[p.name]] * 3 if p.per_model else PARAMS[p.name]
 
-    def run(tensors):
-        extra = {"generator": torch.Generator().manual_seed(1)} if spec.random else {}
-        return spec.func(tensors, base=base.float(), **kwargs, **extra)
+    def run(tensors, base, **extra):
+        if spec.random:
+            extra["generator"] = torch.Generator().manual_seed(1)
+        return spec.func(tensors, base=base, **kwargs, **extra)
 
-    as_read = run(models)
-    converted = run([m.float() for m in models])
+    as_read = run(models, base, compute_dtype=torch.float32)
+    converted = run([m.float() for m in models], base.float())
     assert as_read.dtype == torch.float32
     assert torch.equal(as_read, converted)
     assert not torch.equal(as_read, base.float())  # the merge did something
