@@ -67,6 +67,8 @@ SIZES: dict[str, Shape] = {
     "0.1B": Shape(hidden=768, intermediate=2048, layers=8, heads=12, kv_heads=12),
     "0.5B": Shape(hidden=1024, intermediate=2816, layers=32, heads=16, kv_heads=16),
     "1B": Shape(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4),  # TinyLlama-1.1B
+    # TinyLlama's widths with twice the layers: the same largest tensor as 1B, so peak memory should not move
+    "2B": Shape(hidden=2048, intermediate=5632, layers=44, heads=32, kv_heads=4),
     "3B": Shape(hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8),
     "7B": Shape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32),
 }

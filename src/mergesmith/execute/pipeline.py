@@ -144,7 +144,11 @@ def compute(task: TensorTask, tensors: list[torch.Tensor], base: torch.Tensor | 
     if task.copy_only:
         return tensors[0].to(task.output.dtype)
     device, dtype = options.device, options.compute_dtype
-    as_read = task.method.converts_inputs and task.row_maps is None and all(t.is_floating_point() for t in [*tensors, *([base] if base is not None else [])])
+    # Inputs go to a converts_inputs method as read when the compute dtype holds their values exactly (bf16 into
+    # float32); a wider input (float32 into a bf16 compute dtype) is rounded first, as mergekit rounds it.
+    as_read = task.method.converts_inputs and task.row_maps is None and all(
+        t.is_floating_point() and torch.promote_types(t.dtype, dtype) == dtype for t in [*tensors, *([base] if base is not None else [])]
+    )
     inputs = [t.to(device=device, dtype=None if as_read else dtype, non_blocking=True) for t in tensors]
     base_in = base.to(device=device, dtype=None if as_read else dtype, non_blocking=True) if base is not None else None
     if task.row_maps is not None:

@@ -28,11 +28,15 @@ def _check_weight_sum(params: dict) -> str | None:
         Param("normalize", bool, default=True, doc="Divide by the sum of the weights."),
     ],
     elementwise=True,
+    converts_inputs=True,
     reference="https://arxiv.org/abs/2203.05482",
     check=_check_weight_sum,
 )
-def linear(tensors: Sequence[torch.Tensor], *, weight: Sequence[float], normalize: bool = True) -> torch.Tensor:
-    """Weighted sum of the tensors, divided by the sum of weights when `normalize` is set."""
+def linear(
+    tensors: Sequence[torch.Tensor], *, weight: Sequence[float], normalize: bool = True, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Weighted sum of the tensors, divided by the sum of weights when `normalize` is set, in `compute_dtype`
+    (default: the first tensor's). Inputs in another dtype are converted as they are added."""
     scale = 1.0
     if normalize:
         total = float(sum(weight))
@@ -41,7 +45,7 @@ def linear(tensors: Sequence[torch.Tensor], *, weight: Sequence[float], normaliz
             raise ZeroWeightSumError(ZERO_SUM_PROBLEM)
         scale = 1.0 / total
     # Folding the normalisation into the weights saves a zero-fill and a division pass over the tensor.
-    result = tensors[0] * (float(weight[0]) * scale)
+    result = tensors[0].to(compute_dtype or tensors[0].dtype, copy=True).mul_(float(weight[0]) * scale)
     for tensor, w in zip(tensors[1:], weight[1:]):
-        result.add_(tensor, alpha=float(w) * scale)
+        result.add_(tensor, alpha=float(w) * scale)  # in place: computed in result's dtype
     return result

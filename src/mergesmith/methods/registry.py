@@ -97,8 +97,9 @@ class MethodSpec:
     max_models: int | None = None
     random: bool = False
     elementwise: bool = False
-    # The method takes its input tensors in any float dtype with a `compute_dtype` keyword, and converts
-    # them chunk by chunk as it works: the executor hands them over as read, with no full-size float32 copies.
+    # The method takes a `compute_dtype` keyword and input tensors in any float dtype that it holds exactly
+    # (bf16 for float32), converting chunk by chunk as it works: the executor hands them over as read, with no
+    # full-size float32 copies.
     converts_inputs: bool = False
     summary: str = ""
     reference: str = ""

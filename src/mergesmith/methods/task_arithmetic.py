@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from mergesmith.methods._task_vectors import merge_task_vectors
 from mergesmith.methods.registry import Param, merge_method
 
 TASK_VECTOR_COMMON_PARAMS = (
@@ -17,33 +18,13 @@ TASK_VECTOR_COMMON_PARAMS = (
 )
 
 
-def combine_task_vectors(
-    base: torch.Tensor,
-    deltas: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    *,
-    normalize: bool,
-    scale: float,
-) -> torch.Tensor:
-    """base + scale * Σ wᵢ·δᵢ, divided by Σ wᵢ when `normalize` (a near-zero sum is treated as 1, as mergekit does)."""
-    mixed = torch.zeros_like(base)
-    for delta, w in zip(deltas, weights):
-        mixed.add_(delta, alpha=float(w))
-    if normalize:
-        total = float(sum(weights))
-        if abs(total) >= 1e-8:
-            mixed.div_(total)
-    if scale != 1.0:
-        mixed.mul_(scale)
-    return base + mixed
-
-
 @merge_method(
     "task_arithmetic",
     params=TASK_VECTOR_COMMON_PARAMS,
     base="required",
     min_models=0,
     elementwise=True,
+    converts_inputs=True,
     reference="https://arxiv.org/abs/2212.04089",
 )
 def task_arithmetic(
@@ -55,7 +36,10 @@ def task_arithmetic(
     int8_mask: bool = False,
     rescale: bool = False,
     lambda_: float = 1.0,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """base + λ · Σ wᵢ (modelᵢ − base)."""
-    deltas = [t - base for t in tensors]
-    return combine_task_vectors(base, deltas, weight, normalize=normalize, scale=lambda_)
+    """base + λ · Σ wᵢ (modelᵢ − base), divided by Σ wᵢ when `normalize` (a near-zero sum counts as 1, as
+    in mergekit); streamed over chunks by the shared task-vector pipeline."""
+    return merge_task_vectors(
+        tensors, base, weight, sparsify=None, consensus=None, normalize=normalize, scale=lambda_, dtype=compute_dtype
+    )
