@@ -69,3 +69,12 @@ def test_identical_and_zeros_nan_free():
     assert torch.allclose(model_stock(same, base=t(base)), t(ms[0]))  # cos 1 -> t 1
     z = torch.zeros(4, 4)
     assert torch.equal(model_stock([z, z], base=z, filter_wise=True), z)
+
+
+def test_tensors_larger_than_a_chunk():
+    # 700 x 600 entries: several streaming chunks, and row blocks for filter_wise
+    base, ms = correlated(9, (700, 600), 3)
+    out = model_stock([t(m) for m in ms], base=t(base))
+    np.testing.assert_allclose(out.numpy(), reference(base, ms), atol=1e-12)
+    out = model_stock([t(m) for m in ms], base=t(base), filter_wise=True)
+    np.testing.assert_allclose(out.numpy(), reference(base, ms, rows=True), atol=1e-12)

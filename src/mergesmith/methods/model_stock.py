@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from mergesmith.methods._linalg import gram, reduce_dtype
+from mergesmith.methods._sparsify import TaskVector, chunk_size, spans
 from mergesmith.methods.registry import Param, merge_method
 
 PAIR_NORM_FLOOR = 1e-6
@@ -36,38 +36,58 @@ def stock_ratio(cos_theta: torch.Tensor, n: int) -> torch.Tensor:
     return (n * cos_theta / (1 + (n - 1) * cos_theta)).clamp(0.0, 1.0)
 
 
+def _mean_pairwise_cosine(dots: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs i < j of dots[i, j] / max(norms[i]·norms[j], 1e-6), each clamped to [-1, 1]; the pair
+    axes come first, any further axes (rows) are kept."""
+    n = norms.shape[0]
+    total = torch.zeros_like(norms[0])
+    for i in range(n):
+        for j in range(i + 1, n):
+            total += (dots[i, j] / (norms[i] * norms[j]).clamp(min=PAIR_NORM_FLOOR)).clamp(-1.0, 1.0)
+    return total / (n * (n - 1) // 2)
+
+
 @merge_method(
     "model_stock",
     params=[Param("filter_wise", bool, default=False, doc="Compute the angle per row instead of per tensor.")],
     base="required",
     min_models=2,
+    converts_inputs=True,
     reference="https://arxiv.org/abs/2403.19522",
 )
-def model_stock(tensors: Sequence[torch.Tensor], *, base: torch.Tensor, filter_wise: bool = False) -> torch.Tensor:
-    """Interpolate between the base and the fine-tunes' average by the angle-derived ratio t."""
-    n = len(tensors)
-    deltas = [w - base for w in tensors]
-    if not filter_wise or base.dim() <= 1:
-        g = gram(deltas)
-        norms = torch.diagonal(g).clamp(min=0).sqrt()
-        cosines = [
-            (g[i, j] / (norms[i] * norms[j]).clamp(min=PAIR_NORM_FLOOR)).clamp(-1.0, 1.0)
-            for i in range(n)
-            for j in range(i + 1, n)
-        ]
-        t = float(stock_ratio(torch.stack(cosines).mean(), n))
-    else:
-        work = reduce_dtype(base)
-        d = [x.to(work) for x in deltas]
-        row_norms = [torch.linalg.vector_norm(x, dim=-1) for x in d]
-        total = torch.zeros_like(row_norms[0])
+def model_stock(
+    tensors: Sequence[torch.Tensor], *, base: torch.Tensor, filter_wise: bool = False, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Interpolate between the base and the fine-tunes' average by the angle-derived ratio t.
+
+    Two passes over chunks of whole rows: the first accumulates the task vectors' inner products (per
+    tensor, or per row with `filter_wise`) in float64, the second writes w₀ + t·mean(δᵢ). No task vector is
+    stored; inputs may be in a narrower dtype than `compute_dtype` (bf16 as read)."""
+    n, dtype = len(tensors), compute_dtype or base.dtype
+    tvs = [TaskVector(t, base, dtype) for t in tensors]
+    if filter_wise and base.dim() > 1:  # blocks of whole rows, one t per row
+        rows, width = base.shape[0], base.numel() // base.shape[0]
+        per = max(1, chunk_size(base) // max(width, 1))
+        units = [(r * width, min(rows, r + per) * width, r, min(rows, r + per)) for r in range(0, rows, per)]
+    else:  # flat chunks, one t for the tensor
+        rows, width = 1, None
+        units = [(s, e, 0, 1) for s, e in spans(base.numel(), chunk_size(base))]
+    bufs = [tv.buffer(chunk_size(base) if width is None else per * width) for tv in tvs]
+    dots = torch.zeros((n, n, rows), dtype=torch.float64, device=base.device)
+    for s, e, r0, r1 in units:
+        ds = [tv.chunk(s, e, buf[: e - s]).view(r1 - r0, -1) for tv, buf in zip(tvs, bufs)]
         for i in range(n):
-            for j in range(i + 1, n):
-                dot = (d[i] * d[j]).sum(dim=-1)
-                total += (dot / (row_norms[i] * row_norms[j]).clamp(min=PAIR_NORM_FLOOR)).clamp(-1.0, 1.0)
-        t = stock_ratio(total / (n * (n - 1) // 2), n).unsqueeze(-1).to(base.dtype)
-    # t·mean(wᵢ) + (1 − t)·w₀ = w₀ + t·mean(δᵢ), accumulated in the scratch task vectors.
-    total = deltas[0]
-    for d in deltas[1:]:
-        total.add_(d)
-    return total.mul_(t / n).add_(base)
+            for j in range(i, n):
+                dots[i, j, r0:r1] += (ds[i] * ds[j]).sum(dim=1, dtype=torch.float64)
+    norms = torch.stack([dots[i, i] for i in range(n)]).clamp(min=0).sqrt()
+    t_over_n = stock_ratio(_mean_pairwise_cosine(dots, norms), n).div_(n).to(dtype)  # applied to Σ δᵢ
+    out = torch.empty(base.shape, dtype=dtype, device=base.device)
+    flat_out, flat_base = out.view(-1), base.reshape(-1)
+    for s, e, r0, r1 in units:
+        ds = [tv.chunk(s, e, buf[: e - s]) for tv, buf in zip(tvs, bufs)]
+        total = ds[0]
+        for d in ds[1:]:
+            total.add_(d)
+        rows_out = flat_out[s:e].view(r1 - r0, -1)
+        torch.mul(total.view(r1 - r0, -1), t_over_n[r0:r1, None], out=rows_out).add_(flat_base[s:e].view(r1 - r0, -1))
+    return out
