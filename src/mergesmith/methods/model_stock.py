@@ -60,8 +60,8 @@ def model_stock(
 ) -> torch.Tensor:
     """Interpolate between the base and the fine-tunes' average by the angle-derived ratio t.
 
-    Two passes over chunks of whole rows: the first accumulates the task vectors' inner products (per
-    tensor, or per row with `filter_wise`) in float64, the second writes w₀ + t·mean(δᵢ). No task vector is
+    Two passes over chunks (blocks of whole rows with `filter_wise`): the first accumulates the task vectors'
+    inner products (per tensor, or per row), the second writes w₀ + t·mean(δᵢ). No task vector is
     stored; inputs may be in a narrower dtype than `compute_dtype` (bf16 as read)."""
     n, dtype = len(tensors), compute_dtype or base.dtype
     tvs = [TaskVector(t, base, dtype) for t in tensors]
@@ -77,8 +77,9 @@ def model_stock(
     for s, e, r0, r1 in units:
         ds = [tv.chunk(s, e, buf[: e - s]).view(r1 - r0, -1) for tv, buf in zip(tvs, bufs)]
         for i in range(n):
-            for j in range(i, n):
-                dots[i, j, r0:r1] += (ds[i] * ds[j]).sum(dim=1, dtype=torch.float64)
+            for j in range(i, n):  # per chunk in the compute dtype (BLAS dot), summed over chunks in float64
+                part = torch.dot(ds[i].view(-1), ds[j].view(-1)) if width is None else (ds[i] * ds[j]).sum(dim=1)
+                dots[i, j, r0:r1] += part
     norms = torch.stack([dots[i, i] for i in range(n)]).clamp(min=0).sqrt()
     t_over_n = stock_ratio(_mean_pairwise_cosine(dots, norms), n).div_(n).to(dtype)  # applied to Σ δᵢ
     out = torch.empty(base.shape, dtype=dtype, device=base.device)
