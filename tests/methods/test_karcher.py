@@ -40,7 +40,7 @@ def reference(xs, max_iter=10, tol=1e-5):
 
 def test_matches_reference():
     r = rng(0)
-    for n, shape in [(2, (5, 6)), (3, (40,)), (5, (3, 3, 3))]:
+    for n, shape in [(2, (5, 6)), (3, (40,)), (5, (3, 3, 3)), (3, (700, 600))]:  # the last spans several chunks
         xs = [r.normal(size=shape) * (1 + i) for i in range(n)]
         out = karcher([t(x) for x in xs])
         np.testing.assert_allclose(out.numpy(), reference(xs), atol=1e-9)

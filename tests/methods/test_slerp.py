@@ -23,7 +23,7 @@ def reference(t_, a, b):
 
 
 @pytest.mark.parametrize("tt", [0.0, 0.25, 0.5, 1.0])
-@pytest.mark.parametrize("shape", [(7, 5), (33,), (2, 3, 4)])
+@pytest.mark.parametrize("shape", [(7, 5), (33,), (2, 3, 4), (700, 600)])  # the last spans several chunks
 def test_matches_formula(tt, shape):
     r = rng(1)
     a, b = r.normal(size=shape), r.normal(size=shape)

@@ -24,34 +24,57 @@ def reduce_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def as_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """A flat view (or copy) of `tensor` in its reduction dtype."""
-    return tensor.reshape(-1).to(reduce_dtype(tensor))
-
-
 def gram(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Inner products between all pairs of `vectors` (any shapes, equal numel), as a float64 CPU matrix.
+    """Inner products between all pairs of `vectors` (any shapes, equal numel, any float dtypes), as a
+    float64 CPU matrix.
 
-    The sums run on the vectors' device in float32 (float64 inputs: float64), and only the N x N
-    result is copied to the host (one sync).
+    On CPU the vectors are read in cache-sized chunks, converted to the reduction dtype (float32; float64
+    if any input is float64) as they go, and each chunk's dot products (BLAS, float32) are summed in float64:
+    no full-size converted copy of an input is made, so inputs can stay as read (bf16). Other devices take
+    the whole vectors at once; only the N x N result is copied to the host (one sync).
     """
-    flats = [as_reduce(v) for v in vectors]
-    n = len(flats)
+    n = len(vectors)
     if n == 0:
         return torch.zeros((0, 0), dtype=torch.float64)
-    if n <= _PAIRWISE_MAX:
-        # Pairwise dot products: no extra copies of the data, and BLAS dot is not subject to TF32.
-        entries = [torch.dot(flats[i], flats[j]) for i in range(n) for j in range(i, n)]
-        values = torch.stack(entries).to(device="cpu", dtype=torch.float64).tolist()
-        out = torch.empty((n, n), dtype=torch.float64)
+    work = torch.float64 if any(v.dtype == torch.float64 for v in vectors) else torch.float32
+    flats = [v.reshape(-1) for v in vectors]
+    length = flats[0].numel()
+    on_cpu = flats[0].device.type == "cpu"
+    if not on_cpu or n > _PAIRWISE_MAX:
+        return _gram_blocked([f.to(work) for f in flats])
+    chunk = min(_CHUNK << 2, max(length, 1))
+    bufs = [torch.empty(chunk, dtype=work) for _ in flats]
+    result = torch.zeros((n, n), dtype=torch.float64)
+    for start in range(0, length, chunk):
+        end = min(length, start + chunk)
+        parts = [f[start:end] if f.dtype == work else buf[: end - start].copy_(f[start:end]) for f, buf in zip(flats, bufs)]
+        dots = torch.stack([torch.dot(parts[i], parts[j]) for i in range(n) for j in range(i, n)]).to(torch.float64)
         k = 0
         for i in range(n):
             for j in range(i, n):
-                out[i, j] = out[j, i] = values[k]
+                result[i, j] += dots[k]
                 k += 1
-        return out
-    # Many vectors: stack cache-sized column blocks and use matrix products, reading the data once.
-    # On CUDA a float32 matmul may run in TF32, so the blocks are then multiplied in float64.
+    return _symmetrize(result)
+
+
+def _symmetrize(upper: torch.Tensor) -> torch.Tensor:
+    """Fill the lower triangle from the upper one."""
+    return torch.triu(upper) + torch.triu(upper, diagonal=1).T
+
+
+def _gram_blocked(flats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Many vectors (or a GPU): stack cache-sized column blocks and use matrix products, reading the data
+    once. On CUDA a float32 matmul may run in TF32, so the blocks are then multiplied in float64."""
+    n = len(flats)
+    if n <= _PAIRWISE_MAX:  # pairwise dots: no stacking, and BLAS dot is not subject to TF32
+        entries = torch.stack([torch.dot(flats[i], flats[j]) for i in range(n) for j in range(i, n)]).to(torch.float64).cpu()
+        result = torch.zeros((n, n), dtype=torch.float64)
+        k = 0
+        for i in range(n):
+            for j in range(i, n):
+                result[i, j] = entries[k]
+                k += 1
+        return _symmetrize(result)
     exact = flats[0].device.type == "cpu" or torch.get_float32_matmul_precision() == "highest"
     block_dtype = flats[0].dtype if exact else torch.float64
     result = torch.zeros((n, n), dtype=torch.float64, device=flats[0].device)
@@ -69,8 +92,10 @@ def combine(
     *,
     start: torch.Tensor | None = None,
     scratch: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """`start + Σ cᵢ·vᵢ` (start defaults to zero), in the dtype and device of the first vector.
+    """`start + Σ cᵢ·vᵢ` (start defaults to zero), in `dtype` (default: the first vector's), on its device.
+    The vectors may be in a narrower dtype (bf16 as read): they are added in place, so in `dtype`.
 
     With `scratch`, the vectors are temporaries the caller owns and the first one holds the result.
     """
@@ -80,10 +105,10 @@ def combine(
             out.add_(vector, alpha=float(c))
         return out if start is None else out.add_(start)
     if start is None:
-        out = vectors[0] * float(coefficients[0])
+        out = vectors[0].to(dtype or vectors[0].dtype, copy=True).mul_(float(coefficients[0]))
         rest = zip(vectors[1:], coefficients[1:])
     else:
-        out = start.clone()
+        out = start.to(dtype or start.dtype, copy=True)
         rest = zip(vectors, coefficients)
     for vector, c in rest:
         out.add_(vector, alpha=float(c))

@@ -83,16 +83,21 @@ def karcher_coefficients(g: torch.Tensor, *, max_iter: int = 10, tol: float = 1e
     ],
     base="ignored",
     min_models=1,
+    converts_inputs=True,
     reference="https://arxiv.org/abs/2603.04972",
 )
-def karcher(tensors: Sequence[torch.Tensor], *, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
-    """Equal-weight Karcher mean of the inputs' directions, scaled by their mean norm."""
+def karcher(
+    tensors: Sequence[torch.Tensor], *, max_iter: int = 10, tol: float = 1e-5, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Equal-weight Karcher mean of the inputs' directions, scaled by their mean norm, in `compute_dtype`
+    (default: the first input's); inputs in a narrower dtype are converted as they are read."""
+    dtype = compute_dtype or tensors[0].dtype
     if len(tensors) == 1:
-        return tensors[0]
+        return tensors[0].to(dtype)
     shape = tensors[0].shape
     if any(t.shape != shape for t in tensors[1:]):
         raise ValueError(f"karcher needs tensors of one shape, got {[tuple(t.shape) for t in tensors]}")
     coefficients = karcher_coefficients(gram(tensors), max_iter=int(max_iter), tol=float(tol))
     if coefficients is None:
-        return torch.zeros_like(tensors[0])
-    return combine(tensors, coefficients)
+        return torch.zeros(shape, dtype=dtype, device=tensors[0].device)
+    return combine(tensors, coefficients, dtype=dtype)

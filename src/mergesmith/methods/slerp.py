@@ -11,7 +11,8 @@ when it is at most 1e-8, so a zero tensor gives cos θ = 0 and a NaN-free (if un
 slerp(0, b, t) = sin(t·π/2)·b. This matches mergekit rather than switching to lerp, because the goal is
 identical numerics; the case only arises for all-zero tensors.
 
-Sums run in float32 (float64 inputs stay float64); the result has the inputs' dtype.
+Sums run in float32 per chunk and float64 across chunks (float64 inputs stay float64); the result has the
+compute dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Sequence
 import torch
 
 from mergesmith.methods._linalg import reduce_dtype
+from mergesmith.methods._sparsify import chunk_size, spans
 from mergesmith.methods.registry import Param, merge_method
 
 DOT_THRESHOLD = 0.9995
@@ -38,17 +40,26 @@ def slerp_coefficients(t: float, cos_theta: float) -> tuple[float, float]:
     return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
 
 
-def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """Slerp between two same-shaped tensors, treating each as one flat vector."""
+def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Slerp between two same-shaped tensors, treating each as one flat vector, in `dtype` (default: v0's).
+
+    Two passes over cache-sized chunks: norms and dot product (float32 per chunk, float64 across chunks),
+    then the weighted sum; inputs in a narrower dtype (bf16 as read) are converted chunk by chunk."""
+    dtype = dtype or v0.dtype
     if v0.numel() == 0:
-        return v0.clone()
-    work = reduce_dtype(v0)
-    a = v0.reshape(-1).to(work)
-    b = v1.reshape(-1).to(work)
-    stats = torch.stack(
-        [torch.linalg.vector_norm(a), torch.linalg.vector_norm(b), torch.dot(a, b)]
-    ).tolist()  # the one host sync
-    norm_a, norm_b, dot = stats
+        return v0.to(dtype, copy=True)
+    work = reduce_dtype(torch.empty((), dtype=dtype))
+    a_flat, b_flat = v0.reshape(-1), v1.reshape(-1)
+    chunks = spans(a_flat.numel(), chunk_size(v0))
+    width = chunks[0][1]
+    abuf, bbuf = (torch.empty(width, dtype=work, device=v0.device) for _ in range(2))
+    sums = torch.zeros(3, dtype=torch.float64, device=v0.device)
+    for s, e in chunks:
+        a, b = abuf[: e - s].copy_(a_flat[s:e]), bbuf[: e - s].copy_(b_flat[s:e])
+        sums += torch.stack([torch.dot(a, a), torch.dot(b, b), torch.dot(a, b)]).to(torch.float64)
+    aa, bb, dot = sums.tolist()  # the one host sync
+    norm_a = math.sqrt(max(aa, 0.0)) if math.isfinite(aa) else aa
+    norm_b = math.sqrt(max(bb, 0.0)) if math.isfinite(bb) else bb
     norm_a = norm_a if norm_a > NORM_EPS else 1.0
     norm_b = norm_b if norm_b > NORM_EPS else 1.0
     # Divide each norm separately (not their product) so huge norms cannot overflow.
@@ -56,9 +67,12 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     if not math.isfinite(cos_theta):
         cos_theta = 1.0  # only for non-finite inputs; lerp propagates them as they are
     c0, c1 = slerp_coefficients(t, cos_theta)
-    out = a * c0
-    out.add_(b, alpha=c1)
-    return out.reshape(v0.shape).to(v0.dtype)
+    out = torch.empty(v0.shape, dtype=dtype, device=v0.device)
+    flat_out = out.view(-1)
+    for s, e in chunks:
+        o = flat_out[s:e].copy_(a_flat[s:e]).mul_(c0)
+        o.add_(b_flat[s:e], alpha=c1)  # in place: computed in out's dtype
+    return out
 
 
 @merge_method(
@@ -67,8 +81,9 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     base="required",
     min_models=1,
     max_models=1,
+    converts_inputs=True,
     reference="https://en.wikipedia.org/wiki/Slerp",
 )
-def slerp(tensors: Sequence[torch.Tensor], *, base: torch.Tensor, t: float) -> torch.Tensor:
+def slerp(tensors: Sequence[torch.Tensor], *, base: torch.Tensor, t: float, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Spherical interpolation from the base model (t = 0) to the other model (t = 1)."""
-    return slerp_tensors(float(t), base, tensors[0])
+    return slerp_tensors(float(t), base, tensors[0], compute_dtype)
