@@ -38,24 +38,31 @@ def sce_weights(energy: torch.Tensor, energy_floor: float = 0.0) -> torch.Tensor
 
 
 def _task_vector_chunks(tvs, keep, size):
-    """Yield (start, end, [masked task vector chunk per model]), reusing buffers."""
+    """Yield (start, end, [masked task vector chunk per model]), reusing buffers; `keep` is a uint8 0/1 mask
+    of the selected entries, or None for all."""
     bufs = [tv.buffer(size) for tv in tvs]
     mask = tvs[0].buffer(size, selection_dtype(tvs[0].dtype))
     for s, e in spans(tvs[0].numel(), size):
         ds = [tv.chunk(s, e, buf[: e - s]) for tv, buf in zip(tvs, bufs)]
         if keep is not None:
-            member = keep.cut.mask_into(keep.variance[s:e], s, mask[: e - s])
-            if member is not None:
-                for d in ds:
-                    d.mul_(member)
+            member = mask[: e - s].copy_(keep[s:e])  # uint8 -> float converts fast (bool would not)
+            for d in ds:
+                d.mul_(member)
         yield s, e, ds
 
 
-class _Selection:
-    """SCE's kept entries: the top-variance Cut and the variance it cuts."""
-
-    def __init__(self, variance: torch.Tensor, fraction: float):
-        self.variance, self.cut = variance, top_fraction_keep(variance, fraction)
+def _top_variance(tvs, fraction: float, size: int) -> torch.Tensor:
+    """uint8 0/1 mask of the entries SCE keeps (the top `fraction` by variance across the models). The float
+    variance is dropped once the mask is made, so it never coexists with the output."""
+    variance = variance_across(tvs, size)
+    cut = top_fraction_keep(variance, fraction)
+    keep = torch.ones(variance.shape, dtype=torch.uint8, device=variance.device)
+    buf = tvs[0].buffer(size, selection_dtype(variance.dtype))
+    for s, e in spans(variance.numel(), size):
+        member = cut.mask_into(variance[s:e], s, buf[: e - s])
+        if member is not None:
+            keep[s:e].copy_(member)
+    return keep
 
 
 @merge_method(
@@ -95,7 +102,7 @@ def sce(
     size = chunk_size(base)
     flat_base = base.reshape(-1)
     tvs = [TaskVector(t, base, dtype) for t in tensors]
-    keep = _Selection(variance_across(tvs, size), select_topk) if select_topk < 1 else None
+    keep = _top_variance(tvs, select_topk, size) if select_topk < 1 else None
     energy = torch.zeros(len(tvs), dtype=torch.float64, device=device)
     for _, _, ds in _task_vector_chunks(tvs, keep, size):
         for i, d in enumerate(ds):
