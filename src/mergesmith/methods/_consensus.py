@@ -53,14 +53,14 @@ def disjoint_into(
     for i, (d, w) in enumerate(zip(deltas, weights)):
         agree = torch.sign(d, out=scratch).mul_(majority).clamp_(min=0)
         if weigh_deltas:
-            agree.mul_(w)
-        term = torch.mul(d, agree, out=mixed) if i == 0 else d.mul_(agree)
-        if i > 0:
-            mixed.add_(term)
-        if weigh_deltas:
-            divisor.copy_(agree) if i == 0 else divisor.add_(agree)
+            agree.mul_(w)  # ηᵢ·mᵢ: the weight is in the factor, and so in the divisor
+        counted = 1.0 if weigh_deltas else w
+        if i == 0:
+            torch.mul(d, agree, out=mixed)
+            torch.mul(agree, counted, out=divisor)
         else:
-            torch.mul(agree, w, out=divisor) if i == 0 else divisor.add_(agree, alpha=w)
+            mixed.add_(d.mul_(agree))
+            divisor.add_(agree, alpha=counted)
 
 
 def zero_to_one_(divisor: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
