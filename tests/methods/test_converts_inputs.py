@@ -18,11 +18,12 @@ def test_the_streaming_methods_are_flagged():
 
 @pytest.mark.parametrize("name", FLAGGED)
 @pytest.mark.parametrize("shape", [(700, 600), (37,)])
-def test_bf16_models_give_the_float32_result(name, shape):
+@pytest.mark.parametrize("stored, compute", [(torch.bfloat16, torch.float32), (torch.float32, torch.float64)])
+def test_narrower_inputs_give_the_converted_result(name, shape, stored, compute):
     spec = next(s for s in all_methods() if s.name == name)
     g = torch.Generator().manual_seed(5)
-    base = torch.randn(shape, generator=g).bfloat16()
-    models = [(base.float() + 0.02 * torch.randn(shape, generator=g)).bfloat16() for _ in range(3)]
+    base = torch.randn(shape, generator=g).to(stored)
+    models = [(base.float() + 0.02 * torch.randn(shape, generator=g)).to(stored) for _ in range(3)]
     kwargs = {}
     for p in spec.params:
         if p.name in PARAMS:
@@ -37,8 +38,8 @@ def test_bf16_models_give_the_float32_result(name, shape):
             extra["base"] = base
         return spec.func(tensors, **kwargs, **extra)
 
-    as_read = run(models_used, base, compute_dtype=torch.float32)
-    converted = run([m.float() for m in models_used], base.float())
-    assert as_read.dtype == torch.float32
+    as_read = run(models_used, base, compute_dtype=compute)
+    converted = run([m.to(compute) for m in models_used], base.to(compute))
+    assert as_read.dtype == compute
     assert torch.equal(as_read, converted)
-    assert not torch.equal(as_read, base.float())  # the merge did something
+    assert not torch.equal(as_read, base.to(compute))  # the merge did something

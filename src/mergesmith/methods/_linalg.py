@@ -24,57 +24,50 @@ def reduce_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def gram(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+def gram(vectors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
     """Inner products between all pairs of `vectors` (any shapes, equal numel, any float dtypes), as a
-    float64 CPU matrix.
+    float64 CPU matrix, computed in the reduction dtype of `dtype` (default: of the inputs; float64 if any is).
 
-    On CPU the vectors are read in cache-sized chunks, converted to the reduction dtype (float32; float64
-    if any input is float64) as they go, and each chunk's dot products (BLAS, float32) are summed in float64:
-    no full-size converted copy of an input is made, so inputs can stay as read (bf16). Other devices take
-    the whole vectors at once; only the N x N result is copied to the host (one sync).
+    On CPU the vectors are read in cache-sized chunks and converted as they go, and each chunk's dot
+    products (BLAS) are summed in float64: no full-size converted copy of an input is made, so inputs can stay
+    as read (bf16). Other devices take the whole vectors at once; only the N x N result is copied to the host
+    (one sync).
     """
     n = len(vectors)
     if n == 0:
         return torch.zeros((0, 0), dtype=torch.float64)
-    work = torch.float64 if any(v.dtype == torch.float64 for v in vectors) else torch.float32
+    wide = dtype == torch.float64 or any(v.dtype == torch.float64 for v in vectors)
+    work = torch.float64 if wide else torch.float32
     flats = [v.reshape(-1) for v in vectors]
-    length = flats[0].numel()
-    on_cpu = flats[0].device.type == "cpu"
-    if not on_cpu or n > _PAIRWISE_MAX:
+    if flats[0].device.type != "cpu" or n > _PAIRWISE_MAX:
         return _gram_blocked([f.to(work) for f in flats])
+    length = flats[0].numel()
     chunk = min(_CHUNK << 2, max(length, 1))
     bufs = [torch.empty(chunk, dtype=work) for _ in flats]
     result = torch.zeros((n, n), dtype=torch.float64)
     for start in range(0, length, chunk):
         end = min(length, start + chunk)
         parts = [f[start:end] if f.dtype == work else buf[: end - start].copy_(f[start:end]) for f, buf in zip(flats, bufs)]
-        dots = torch.stack([torch.dot(parts[i], parts[j]) for i in range(n) for j in range(i, n)]).to(torch.float64)
-        k = 0
-        for i in range(n):
-            for j in range(i, n):
-                result[i, j] += dots[k]
-                k += 1
-    return _symmetrize(result)
+        result += _pairwise_dots(parts)
+    return result
 
 
-def _symmetrize(upper: torch.Tensor) -> torch.Tensor:
-    """Fill the lower triangle from the upper one."""
-    return torch.triu(upper) + torch.triu(upper, diagonal=1).T
+def _pairwise_dots(flats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The symmetric matrix of dot products between `flats` (BLAS dot, not subject to TF32), float64 on CPU."""
+    n = len(flats)
+    entries = torch.stack([torch.dot(flats[i], flats[j]) for i in range(n) for j in range(i, n)]).to(torch.float64).cpu()
+    upper = torch.zeros((n, n), dtype=torch.float64)
+    rows, cols = torch.triu_indices(n, n)
+    upper[rows, cols] = entries
+    return upper + torch.triu(upper, diagonal=1).T
 
 
 def _gram_blocked(flats: Sequence[torch.Tensor]) -> torch.Tensor:
     """Many vectors (or a GPU): stack cache-sized column blocks and use matrix products, reading the data
     once. On CUDA a float32 matmul may run in TF32, so the blocks are then multiplied in float64."""
+    if len(flats) <= _PAIRWISE_MAX:
+        return _pairwise_dots(flats)
     n = len(flats)
-    if n <= _PAIRWISE_MAX:  # pairwise dots: no stacking, and BLAS dot is not subject to TF32
-        entries = torch.stack([torch.dot(flats[i], flats[j]) for i in range(n) for j in range(i, n)]).to(torch.float64).cpu()
-        result = torch.zeros((n, n), dtype=torch.float64)
-        k = 0
-        for i in range(n):
-            for j in range(i, n):
-                result[i, j] = entries[k]
-                k += 1
-        return _symmetrize(result)
     exact = flats[0].device.type == "cpu" or torch.get_float32_matmul_precision() == "highest"
     block_dtype = flats[0].dtype if exact else torch.float64
     result = torch.zeros((n, n), dtype=torch.float64, device=flats[0].device)

@@ -97,7 +97,7 @@ def karcher(
     shape = tensors[0].shape
     if any(t.shape != shape for t in tensors[1:]):
         raise ValueError(f"karcher needs tensors of one shape, got {[tuple(t.shape) for t in tensors]}")
-    coefficients = karcher_coefficients(gram(tensors), max_iter=int(max_iter), tol=float(tol))
+    coefficients = karcher_coefficients(gram(tensors, dtype), max_iter=int(max_iter), tol=float(tol))
     if coefficients is None:
         return torch.zeros(shape, dtype=dtype, device=tensors[0].device)
     return combine(tensors, coefficients, dtype=dtype)

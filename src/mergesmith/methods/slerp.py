@@ -22,8 +22,7 @@ from typing import Sequence
 
 import torch
 
-from mergesmith.methods._linalg import reduce_dtype
-from mergesmith.methods._sparsify import chunk_size, spans
+from mergesmith.methods._linalg import combine, gram
 from mergesmith.methods.registry import Param, merge_method
 
 DOT_THRESHOLD = 0.9995
@@ -43,21 +42,12 @@ def slerp_coefficients(t: float, cos_theta: float) -> tuple[float, float]:
 def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Slerp between two same-shaped tensors, treating each as one flat vector, in `dtype` (default: v0's).
 
-    Two passes over cache-sized chunks: norms and dot product (float32 per chunk, float64 across chunks),
-    then the weighted sum; inputs in a narrower dtype (bf16 as read) are converted chunk by chunk."""
+    The norms and the dot product come from `gram` (chunked, no converted copy of a bf16 input); the weighted
+    sum is written straight into the result's dtype."""
     dtype = dtype or v0.dtype
     if v0.numel() == 0:
         return v0.to(dtype, copy=True)
-    work = reduce_dtype(torch.empty((), dtype=dtype))
-    a_flat, b_flat = v0.reshape(-1), v1.reshape(-1)
-    chunks = spans(a_flat.numel(), chunk_size(v0))
-    width = chunks[0][1]
-    abuf, bbuf = (torch.empty(width, dtype=work, device=v0.device) for _ in range(2))
-    sums = torch.zeros(3, dtype=torch.float64, device=v0.device)
-    for s, e in chunks:
-        a, b = abuf[: e - s].copy_(a_flat[s:e]), bbuf[: e - s].copy_(b_flat[s:e])
-        sums += torch.stack([torch.dot(a, a), torch.dot(b, b), torch.dot(a, b)]).to(torch.float64)
-    aa, bb, dot = sums.tolist()  # the one host sync
+    (aa, dot), (_, bb) = gram([v0, v1], dtype).tolist()
     norm_a = math.sqrt(max(aa, 0.0)) if math.isfinite(aa) else aa
     norm_b = math.sqrt(max(bb, 0.0)) if math.isfinite(bb) else bb
     norm_a = norm_a if norm_a > NORM_EPS else 1.0
@@ -67,12 +57,7 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, dtype: torch.dty
     if not math.isfinite(cos_theta):
         cos_theta = 1.0  # only for non-finite inputs; lerp propagates them as they are
     c0, c1 = slerp_coefficients(t, cos_theta)
-    out = torch.empty(v0.shape, dtype=dtype, device=v0.device)
-    flat_out = out.view(-1)
-    for s, e in chunks:
-        o = flat_out[s:e].copy_(a_flat[s:e]).mul_(c0)
-        o.add_(b_flat[s:e], alpha=c1)  # in place: computed in out's dtype
-    return out
+    return combine([v0, v1], [c0, c1], dtype=dtype)
 
 
 @merge_method(
