@@ -44,30 +44,35 @@ def gram(vectors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> t
     length = flats[0].numel()
     chunk = min(_CHUNK << 2, max(length, 1))
     bufs = [torch.empty(chunk, dtype=work) for _ in flats]
-    result = torch.zeros((n, n), dtype=torch.float64)
+    entries = torch.zeros(n * (n + 1) // 2, dtype=torch.float64)
     for start in range(0, length, chunk):
         end = min(length, start + chunk)
         parts = [f[start:end] if f.dtype == work else buf[: end - start].copy_(f[start:end]) for f, buf in zip(flats, bufs)]
-        result += _pairwise_dots(parts)
-    return result
+        entries += _pair_dots(parts)
+    return _symmetric(entries, n)
 
 
-def _pairwise_dots(flats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The symmetric matrix of dot products between `flats` (BLAS dot, not subject to TF32), float64 on CPU."""
+def _pair_dots(flats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Dot products of every pair i <= j (row-major upper triangle), BLAS dot (not subject to TF32), as a
+    float64 CPU vector."""
     n = len(flats)
-    entries = torch.stack([torch.dot(flats[i], flats[j]) for i in range(n) for j in range(i, n)]).to(torch.float64).cpu()
+    return torch.stack([torch.dot(flats[i], flats[j]) for i in range(n) for j in range(i, n)]).to(torch.float64).cpu()
+
+
+def _symmetric(upper_entries: torch.Tensor, n: int) -> torch.Tensor:
+    """The symmetric n x n matrix whose upper triangle (row-major) is `upper_entries`."""
     upper = torch.zeros((n, n), dtype=torch.float64)
     rows, cols = torch.triu_indices(n, n)
-    upper[rows, cols] = entries
+    upper[rows, cols] = upper_entries
     return upper + torch.triu(upper, diagonal=1).T
 
 
 def _gram_blocked(flats: Sequence[torch.Tensor]) -> torch.Tensor:
     """Many vectors (or a GPU): stack cache-sized column blocks and use matrix products, reading the data
     once. On CUDA a float32 matmul may run in TF32, so the blocks are then multiplied in float64."""
-    if len(flats) <= _PAIRWISE_MAX:
-        return _pairwise_dots(flats)
     n = len(flats)
+    if n <= _PAIRWISE_MAX:
+        return _symmetric(_pair_dots(flats), n)
     exact = flats[0].device.type == "cpu" or torch.get_float32_matmul_precision() == "highest"
     block_dtype = flats[0].dtype if exact else torch.float64
     result = torch.zeros((n, n), dtype=torch.float64, device=flats[0].device)
@@ -88,7 +93,9 @@ def combine(
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """`start + Σ cᵢ·vᵢ` (start defaults to zero), in `dtype` (default: the first vector's), on its device.
-    The vectors may be in a narrower dtype (bf16 as read): they are added in place, so in `dtype`.
+    The vectors may be in a narrower dtype (bf16 as read): they are added in place, so in `dtype`. On CPU the
+    sum is built chunk by chunk, so each output chunk is written once and stays in cache while the terms
+    are added.
 
     With `scratch`, the vectors are temporaries the caller owns and the first one holds the result.
     """
@@ -97,12 +104,19 @@ def combine(
         for vector, c in zip(vectors[1:], coefficients[1:]):
             out.add_(vector, alpha=float(c))
         return out if start is None else out.add_(start)
+    first = vectors[0] if start is None else start
+    out = torch.empty(first.shape, dtype=dtype or first.dtype, device=first.device)
+    flat_out, flat_first = out.view(-1), first.reshape(-1)
+    terms = [(v.reshape(-1), float(c)) for v, c in zip(vectors, coefficients)]
     if start is None:
-        out = vectors[0].to(dtype or vectors[0].dtype, copy=True).mul_(float(coefficients[0]))
-        rest = zip(vectors[1:], coefficients[1:])
-    else:
-        out = start.to(dtype or start.dtype, copy=True)
-        rest = zip(vectors, coefficients)
-    for vector, c in rest:
-        out.add_(vector, alpha=float(c))
+        (_, c0), terms = terms[0], terms[1:]
+    length = flat_out.numel()
+    chunk = _CHUNK << 2 if out.device.type == "cpu" else max(length, 1)
+    for s in range(0, length, chunk):
+        e = min(length, s + chunk)
+        o = flat_out[s:e].copy_(flat_first[s:e])
+        if start is None:
+            o.mul_(c0)
+        for vector, c in terms:
+            o.add_(vector[s:e], alpha=c)
     return out
