@@ -81,3 +81,29 @@ def finetunes(seed, shape, n, scale=0.01):
     r = np.random.default_rng(seed)
     base = r.normal(size=shape)
     return base, [base + scale * r.normal(size=shape) for _ in range(n)]
+
+
+def words(generator, count):
+    """The documented random stream of one sparsification plan: a 63-bit seed drawn from the torch generator,
+    then numpy's SFC64 raw 64-bit outputs read as consecutive int32 words."""
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+    return np.random.SFC64(seed).random_raw((count + 1) // 2).view(np.int32)[:count]
+
+
+def bernoulli_keep(w, density):
+    """DARE's documented keep rule: the word, as a uniform number in [0, 1), is below density."""
+    return (w.astype(np.int64) + 2**31) / 2**32 < density
+
+
+def della_keep(x, w, density, eps):
+    """DELLA's documented keep rule on rows (last axis) of x with one int32 word per entry: the low bit picks
+    the entry's lowest or highest rank among equal magnitudes of its row, the other 31 bits are a uniform u,
+    and the entry is kept when u < density - eps + 2 * eps * rank / (cols - 1). Naive: O(cols^2) per row."""
+    mags = np.abs(x)
+    w = w.astype(np.int64).reshape(mags.shape)
+    cols = mags.shape[-1]
+    below = (mags[..., None, :] < mags[..., :, None]).sum(-1)  # entries of the row smaller than each entry
+    at_most = (mags[..., None, :] <= mags[..., :, None]).sum(-1)
+    rank = np.where(w & 1, at_most - 1, below)
+    u = ((w >> 1) + 2**30) / 2**31
+    return u < density - eps + 2 * eps * rank / (cols - 1)

@@ -71,15 +71,44 @@ def test_deterministic_paths_match_reference():
     np.testing.assert_allclose(out, ref.gta(base, models, w), atol=1e-12)
 
 
-def test_mask_reference_with_same_uniforms():
-    # The documented draw: float32 uniforms from the generator, kept where u < density, then L1 rescale.
+def test_mask_reference_with_same_words():
+    # The documented draw: one word stream per model (in model order), kept where the word as a uniform
+    # number is below density, then L1 rescale.
     base, models = ref.finetunes(4, (10, 6), 2)
     d = [0.3, 0.7]
     g = gen(11)
-    masks = [torch.rand((10, 6), generator=g, dtype=torch.float32).numpy() < di for di in d]
+    masks = [ref.bernoulli_keep(ref.words(g, 60), di).reshape(10, 6) for di in d]
     exp = ref.gta(base, models, [1, 1], lambda x, i: ref.rescale(x, np.where(masks[i], x, 0.0)), "sum", False)
     out = ref.call("dare_ties", base, models, weight=[1, 1], density=d, generator=gen(11))
     np.testing.assert_allclose(out, exp, atol=1e-12)
+
+
+def test_mask_reference_across_chunks():
+    # 3 chunks of the streamed merge, the words drawn ahead on a helper thread: the same mask as one draw
+    base, models = ref.finetunes(12, (700, 1000), 1)
+    keep = ref.bernoulli_keep(ref.words(gen(2), 700_000), 0.4).reshape(700, 1000)
+    out = ref.call("dare_linear", base, models, weight=[1], density=[0.4], rescale=False, generator=gen(2))
+    np.testing.assert_array_equal(out - base != 0, keep)
+    np.testing.assert_allclose(out, base + np.where(keep, models[0] - base, 0.0), atol=1e-15)
+
+
+def test_keep_probability_resolution():
+    # keep probability floor(density * 2^32) / 2^32: no coarser than the float32 uniforms mergekit draws
+    from mergesmith.methods._sparsify import _int32_threshold
+
+    for density in (0.5, 0.25, 0.3, 1e-9, 0.999999):
+        assert (_int32_threshold(density) + 2**31) / 2**32 == np.floor(density * 2**32) / 2**32
+    assert _int32_threshold(0.0) == -(2**31)
+
+
+def test_word_stream_independent_of_chunking():
+    from mergesmith.methods._sparsify import RandomWords
+
+    whole = RandomWords(gen(5), torch.device("cpu")).next(1001)
+    pieces = RandomWords(gen(5), torch.device("cpu"))
+    parts = torch.cat([pieces.next(n) for n in (1, 500, 7, 493)])
+    assert torch.equal(whole, parts)
+    assert torch.equal(whole, torch.from_numpy(ref.words(gen(5), 1001)))
 
 
 def test_edge_cases():

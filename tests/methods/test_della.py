@@ -16,11 +16,12 @@ def gen(seed):
 
 
 def ref_probs(x, density, eps):
-    """Per-row (dim 1) rank-linear probabilities, numpy argsort ranks."""
-    rows = x.reshape(1, -1) if x.ndim < 2 else x
-    ranks = np.argsort(np.argsort(np.abs(rows), axis=1, kind="stable"), axis=1)
+    """Per-row (dim 1) rank-linear keep probabilities; equal magnitudes share their average rank."""
+    rows = np.abs(x.reshape(1, -1) if x.ndim < 2 else x)
+    below = (rows[:, None, :] < rows[:, :, None]).sum(-1)
+    at_most = (rows[:, None, :] <= rows[:, :, None]).sum(-1)
     n = rows.shape[1]
-    return (density - eps + 2 * eps * ranks / (n - 1)).reshape(x.shape)
+    return (density - eps + 2 * eps * (below + at_most - 1) / 2 / (n - 1)).reshape(x.shape)
 
 
 def test_spec_defaults():
@@ -30,17 +31,61 @@ def test_spec_defaults():
     assert get_method("della").param("rescale").default is True
 
 
-def test_mask_reference_with_same_uniforms():
+def test_mask_reference_with_same_words():
     base, models = ref.finetunes(1, (6, 11), 2)
     d, e = [0.5, 0.4], [0.2, 0.1]
-    g = gen(5)
-    us = [torch.rand((6, 11), generator=g, dtype=torch.float32).numpy() for _ in models]
     for consensus in ("sum", "count"):
+        g = gen(5)
+        ws = [ref.words(g, 66) for _ in models]
         exp = ref.gta(base, models, [1, 0.5],
-                      lambda x, i: ref.rescale(x, np.where(us[i] < ref_probs(x, d[i], e[i]), x, 0.0)), consensus, True)
+                      lambda x, i: ref.rescale(x, np.where(ref.della_keep(x, ws[i], d[i], e[i]), x, 0.0)), consensus, True)
         out = ref.call("della", base, models, weight=[1, 0.5], density=d, epsilon=e, consensus_method=consensus,
                        generator=gen(5))
-        np.testing.assert_allclose(out, exp, atol=1e-6)  # probabilities are float32
+        np.testing.assert_allclose(out, exp, atol=1e-12)
+
+
+def test_mask_reference_blocks_ties_and_float32():
+    # float32 task vectors with many tied magnitudes, ranked in two blocks of rows (174 rows of 1500, then 26):
+    # rows either side of the block boundary get the masks of the naive rule with one word stream
+    r = np.random.default_rng(3)
+    base = r.normal(size=(200, 1500)).astype(np.float32)
+    model = base + np.round(r.normal(size=base.shape) * 8).astype(np.float32) / 1024
+    delta = model - base
+    out = della_linear([torch.tensor(model)], base=torch.tensor(base), weight=[1], density=[0.3], epsilon=[0.1],
+                       rescale=False, generator=gen(8)).numpy()
+    rows = [0, 1, 172, 173, 174, 175, 199]
+    keep = ref.della_keep(delta[rows], ref.words(gen(8), 300_000).reshape(200, 1500)[rows], 0.3, 0.1)
+    np.testing.assert_array_equal(out[rows], np.where(keep, base[rows] + delta[rows], base[rows]))
+
+
+def test_mask_reference_more_dimensions():
+    # N-d tensors rank along dim 1; the words follow the layout with dim 1 moved last
+    base, (model,) = ref.finetunes(2, (3, 5, 4), 1)
+    delta = model - base
+    moved = np.moveaxis(delta, 1, -1)  # (3, 4, 5): rows of dim 1
+    keep = np.moveaxis(ref.della_keep(moved, ref.words(gen(4), 60).reshape(moved.shape), 0.5, 0.2), -1, 1)
+    out = ref.call("della_linear", base, [model], weight=[1], density=[0.5], epsilon=[0.2], rescale=False,
+                   generator=gen(4))
+    np.testing.assert_allclose(out, base + np.where(keep, delta, 0.0), atol=1e-15)
+
+
+def test_tied_magnitudes_keep_with_their_average_rank_probability():
+    # a row of 4 distinct magnitudes, each 8 times: an entry's rank is uncertain within its group of 8, and its
+    # keep probability is that of the group's average rank
+    base = torch.zeros(1, 32, dtype=torch.float64)
+    model = torch.tensor([[1.0, -2.0, 3.0, -4.0] * 8], dtype=torch.float64)
+    g = gen(6)
+    draws = 4000
+    freq = torch.zeros(1, 32, dtype=torch.float64)
+    for _ in range(draws):
+        freq += (della_linear([model], base=base, weight=[1], density=[0.5], epsilon=[0.4], rescale=False,
+                              generator=g) != 0).double()
+    freq = (freq / draws).numpy().ravel()
+    exp = ref_probs(model.numpy(), 0.5, 0.4).ravel()  # group of |1|: ranks 0-7, average 3.5 -> 0.1 + 0.8 * 3.5 / 31
+    for value in range(4):
+        group = slice(value, 32, 4)
+        assert abs(freq[group].mean() - exp[group][0]) < 0.015
+    assert np.abs(freq - exp).max() < 0.05
 
 
 def test_same_seed_and_rank_statistics():

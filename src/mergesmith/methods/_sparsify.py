@@ -9,7 +9,7 @@ entries and applies the L1 rescale factor. The steps follow mergekit's semantics
   int(density * n). Two thresholds.
 * `random_plan`: DARE: keep each entry with probability `density`.
 * `della_plan`: DELLA: per-row keep probabilities ranging linearly from density - epsilon (smallest
-  magnitude of the row) to density + epsilon (largest).
+  magnitude of the row) to density + epsilon (largest); equal magnitudes share their average rank.
 * `rescale`: after masking, scale so the L1 norm matches the unmasked vector (mergekit's `rescale`).
 * `variance_across` / `top_fraction_keep`: SCE's selection by variance across the models.
 
@@ -21,24 +21,27 @@ Why it is fast on a CPU:
 * Masks are float 0/1 tensors made with vectorised arithmetic (`sign(relu(|d| - t))`) and applied with a
   multiply, as mergekit applies its masks; boolean kernels (`where`, `masked_fill_`, comparisons into bool,
   `cumsum` of bool) are 5-40x slower per element in PyTorch's CPU build and stay out of the per-chunk loops.
-* DELLA's per-row ranking sorts packed (magnitude bits, column) int64 keys with numpy, whose vectorised
-  sort is about 10x faster than `torch.sort` on rows; the column comes back from the key's low bits.
+* DELLA needs ranks within rows but never computes them: each entry's random word says how high a rank it
+  needs to be kept, and one lookup in its sorted row answers (see `RankedKeep`); rows are sorted as integer
+  bit patterns by numpy's vectorised sort, values only.
 
 Ties at a threshold: mergekit keeps exactly k elements and breaks ties in whatever order its (unstable)
 argsort produces. We also keep exactly k, and break ties by position: among equal magnitudes the earlier
 element (in flattened order) counts as the larger. On continuous data ties do not occur and the kept sets
 are identical; on quantized (e.g. bfloat16) deltas the kept count is still exact.
 
-Randomness: uniform numbers are drawn in float32 with the caller's `torch.Generator` on the generator's
-own device and moved to the tensor's device, so the same seed gives the same mask on any compute dtype,
-and a CPU generator still works for CUDA tensors. The keep test `u < p` consumes the generator exactly as
-`torch.bernoulli(p)` does on CPU (so a seeded DARE run is bit-identical to mergekit after
-`torch.manual_seed` with the same seed; see `bench/parity_task_vectors.py`).
+Randomness (DARE, DELLA): each plan draws uniform int32 words from its own stream (`RandomWords`), seeded
+from the caller's `torch.Generator`, so the same seed gives the same masks on any compute dtype. The keep
+probabilities are exact to 2^-32. mergekit's stream (`torch.bernoulli` on the global Mersenne twister) is
+not reproduced: it costs 2 ns an entry against 0.7, and a whole merge never matched it anyway (the executor
+seeds each tensor from the seed and the tensor's name; mergekit draws one global stream in its task order).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager, nullcontext
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import numpy as np
@@ -331,6 +334,25 @@ class Plan:
         return d
 
 
+class L1Norms:
+    """The L1 norms of a task vector before and after masking, accumulated chunk by chunk: each chunk's sum
+    in the magnitudes' dtype (a float64 sum of float32 entries costs 15x more on CPU), the chunk sums in
+    float64."""
+
+    def __init__(self, device: torch.device):
+        self.before = torch.zeros((), dtype=torch.float64, device=device)
+        self.after = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, a: torch.Tensor, keep: torch.Tensor | None) -> None:
+        """Add the chunk of magnitudes `a` and its masked part (`keep`: 0/1 of a's dtype; None keeps all)."""
+        whole = a.sum()
+        self.before += whole
+        self.after += whole if keep is None else torch.dot(a, keep)
+
+    def scale(self, dtype: torch.dtype) -> torch.Tensor:
+        return _l1_scale(self.before, self.after, dtype)
+
+
 def _l1_scale(before: torch.Tensor, after: torch.Tensor, dtype: torch.dtype, eps: float = 1e-7) -> torch.Tensor:
     """mergekit's rescale factor, from float64 norm accumulators (compared and divided in the task vector's dtype)."""
     before, after = before.to(dtype), after.to(dtype)
@@ -341,29 +363,58 @@ def _l1_scale(before: torch.Tensor, after: torch.Tensor, dtype: torch.dtype, eps
 def _set_rescale(plan: Plan, tv: TaskVector, size: int) -> None:
     """Set `plan.scale` so the masked task vector keeps its L1 norm (mergekit's rescale), in one pass."""
     sel = selection_dtype(tv.dtype)
-    before = torch.zeros((), dtype=torch.float64, device=tv.device)
-    after = torch.zeros((), dtype=torch.float64, device=tv.device)
+    norms = L1Norms(tv.device)
     buf, abuf, mbuf = tv.buffer(size), tv.buffer(size, sel), tv.buffer(size, sel)
     for s, e in spans(tv.numel(), size):
         d = tv.chunk(s, e, buf[: e - s])
         keep = plan.mask(d, s, mbuf[: e - s]) if plan.mask is not None else None
-        a = _abs_into(d, abuf[: e - s])
-        before += a.sum(dtype=torch.float64)
-        after += (a.mul_(keep) if keep is not None else a).sum(dtype=torch.float64)
-    plan.scale = _l1_scale(before, after, tv.dtype)
+        norms.add(_abs_into(d, abuf[: e - s]), keep)
+    plan.scale = norms.scale(tv.dtype)
 
 
-def magnitude_plan(tv: TaskVector, density: float, *, rescale: bool, size: int) -> Plan | None:
+TIE_ORDERS = ("position", "mergekit")
+"""How entries of equal magnitude (or variance) at a selection threshold are chosen: "position" (earlier
+flat position first; O(n) selection, the default) or "mergekit" (whatever order the sort mergekit calls
+produces, by calling the same sort on the whole tensor: bit-equal to mergekit's masks on quantized task
+vectors, at mergekit's cost; see `docs/task_vector_methods.md`)."""
+
+
+def check_tie_order(tie_order: str) -> None:
+    if tie_order not in TIE_ORDERS:
+        raise ValueError(f"unknown tie order {tie_order!r} (expected one of {', '.join(TIE_ORDERS)})")
+
+
+def _sort_magnitudes(tv: TaskVector) -> torch.Tensor:
+    """The flat magnitudes mergekit sorts: |model - base| in the compute dtype, as float32 on CPU."""
+    w = tv.whole().abs()
+    return w.float() if w.device.type == "cpu" else w
+
+
+def _index_mask_plan(tv: TaskVector, indices: torch.Tensor, *, rescale: bool, size: int) -> Plan:
+    """A plan keeping the entries at the flat `indices` (stored as a bool mask)."""
+    stored = torch.zeros(tv.numel(), dtype=torch.bool, device=tv.device)
+    stored[indices] = True
+    plan = Plan(_stored_mask(stored))
+    if rescale:
+        _set_rescale(plan, tv, size)
+    return plan
+
+
+def magnitude_plan(tv: TaskVector, density: float, *, rescale: bool, size: int, tie_order: str = "position") -> Plan | None:
     """Keep the max(1, floor(density * n)) largest-magnitude entries (TIES trimming); None when density >= 1.
 
     density <= 0 (or an empty tensor) keeps nothing. A positive density always keeps at least one entry, as
-    mergekit does (older mergekit asserted here instead)."""
+    mergekit does (older mergekit asserted here instead). Ties at the threshold: see `TIE_ORDERS`."""
+    check_tie_order(tie_order)
     if density >= 1:
         return None
     n = tv.numel()
     if density <= 0 or n == 0:
         return Plan(None, zero=True)
-    (cut,) = select_top(tv, [max(1, int(density * n))], size)
+    k = max(1, int(density * n))
+    if tie_order == "mergekit":
+        return _index_mask_plan(tv, torch.argsort(_sort_magnitudes(tv), descending=True)[:k], rescale=rescale, size=size)
+    (cut,) = select_top(tv, [k], size)
 
     def mask(d, start, out):
         return cut.mask_into(_abs_into(d, out), start, out)
@@ -374,11 +425,13 @@ def magnitude_plan(tv: TaskVector, density: float, *, rescale: bool, size: int) 
     return plan
 
 
-def outliers_plan(tv: TaskVector, density: float, gamma: float, *, rescale: bool, size: int) -> Plan | None:
+def outliers_plan(tv: TaskVector, density: float, gamma: float, *, rescale: bool, size: int,
+                  tie_order: str = "position") -> Plan | None:
     """Model Breadcrumbs: drop the int(gamma * n) largest magnitudes, then the smallest, keeping int(density * n).
 
     When density + gamma > 1 the outlier cut shrinks so the kept count is still int(density * n). gamma = 0
     is plain magnitude trimming (with int(density * n), which may be 0, instead of max(1, ...))."""
+    check_tie_order(tie_order)
     if density >= 1:
         return None
     n = tv.numel()
@@ -387,6 +440,9 @@ def outliers_plan(tv: TaskVector, density: float, gamma: float, *, rescale: bool
     bottom_n = max(0, n - keep_n - top_n)
     if keep_n == 0 or n == 0:
         return Plan(None, zero=True)
+    if tie_order == "mergekit":
+        ascending = torch.sort(_sort_magnitudes(tv), descending=False).indices
+        return _index_mask_plan(tv, ascending[bottom_n : bottom_n + keep_n], rescale=rescale, size=size)
     dropped_top = n - bottom_n - keep_n
     # Ascending ranks [bottom_n, bottom_n + keep_n): the top (n - bottom_n) minus the top dropped_top.
     kept, dropped = select_top(tv, [n - bottom_n, dropped_top], size)
@@ -407,66 +463,138 @@ def outliers_plan(tv: TaskVector, density: float, gamma: float, *, rescale: bool
     return plan
 
 
-def uniform(shape: torch.Size | tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    """float32 U[0, 1) numbers of `shape` on `device`, drawn with `generator` on the generator's device."""
-    if generator is None:
-        return torch.rand(shape, device=device, dtype=torch.float32)
-    u = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float32)
-    return u.to(device)
+class RandomWords:
+    """Uniform random int32 words, consumed chunk after chunk, reproducible from a torch.Generator.
 
+    On a CPU generator the words come from numpy's SFC64 bit generator, seeded with one 63-bit draw from the
+    torch generator (so `torch.manual_seed` or a seeded Generator fixes them): about 0.7 ns a word against
+    2 ns for torch's Mersenne twister. The next chunk's words are drawn, and passed through `prepare`, on a
+    helper thread while the caller works on this chunk (numpy releases the GIL; see `leaving_a_core`). The
+    stream does not depend on the chunking or the prefetch: words are taken from it in order. Other
+    generator devices use torch's own generator there. Words are moved to `device` (a CPU generator works
+    for CUDA tensors).
 
-class _Draws:
-    """Uniform numbers for consecutive chunks, drawn as `uniform` would draw them for the whole tensor."""
+    `next(count)` returns `prepare(words)` for the next `count` words (a flat int32 tensor on `device`);
+    without `prepare`, the words."""
 
-    def __init__(self, device: torch.device, generator: torch.Generator | None, size: int):
+    def __init__(self, generator: torch.Generator | None, device: torch.device,
+                 prepare: Callable[[torch.Tensor], object] | None = None):
         self.device, self.generator = device, generator
-        gen_device = generator.device if generator is not None else device
-        self.buf = torch.empty(size, dtype=torch.float32, device=gen_device)
+        self.prepare = prepare or (lambda words: words)
+        self.gen_device = generator.device if generator is not None else torch.device("cpu")
+        self._bits = None
+        if self.gen_device.type == "cpu":
+            seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+            self._bits = np.random.SFC64(seed)
+            self._pending = np.empty(0, dtype=np.int32)
+            self._future: Future | None = None
 
-    def next(self, count: int) -> torch.Tensor:
-        u = self.buf[:count]
-        if self.generator is None:
-            u.uniform_()
-        else:
-            u.uniform_(generator=self.generator)
-        return u.to(self.device)
+    def _draw(self, count: int) -> np.ndarray:
+        return self._bits.random_raw((count + 1) // 2).view(np.int32)
+
+    def _draw_prepared(self, count: int) -> tuple[np.ndarray, int, object]:
+        words = self._draw(count)
+        return words, count, self.prepare(torch.from_numpy(words[:count]).to(self.device))
+
+    def next(self, count: int) -> object:
+        if self._bits is None:
+            words = torch.randint(-(2**31), 2**31, (count,), dtype=torch.int32, device=self.gen_device, generator=self.generator)
+            return self.prepare(words.to(self.device))
+        have, prepared = self._pending, None
+        if self._future is not None:
+            ready, drawn_for, prepared = self._future.result()
+            self._future = None
+            if have.size or drawn_for != count:
+                prepared = None  # prepared for other words than these: prepare again below
+            have = np.concatenate([have, ready]) if have.size else ready
+        if have.size < count:
+            have = np.concatenate([have, self._draw(count - have.size)])
+        words, self._pending = have[:count], have[count:]
+        self._future = _helper().submit(self._draw_prepared, count)  # the next chunk is usually as long as this one
+        return self.prepare(torch.from_numpy(words).to(self.device)) if prepared is None else prepared
+
+
+_HELPER: ThreadPoolExecutor | None = None
+
+
+def _helper() -> ThreadPoolExecutor:
+    """One helper thread for drawing random words ahead (created on first use)."""
+    global _HELPER
+    if _HELPER is None:
+        _HELPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-random")
+    return _HELPER
+
+
+@contextmanager
+def leaving_a_core():
+    """Run PyTorch's CPU ops with one intra-op thread fewer (at least one) inside the block, so the helper
+    thread drawing random words ahead has a core of its own: otherwise it preempts a thread of every
+    OpenMP team, each team waits for its slowest thread, and the elementwise ops run slower than on one
+    thread. Worth it when the helper has real work (DELLA's lookups: its mask pass went from 5.1 to 3.9 ns
+    an entry on 2 cores), not for DARE's bare draws (1.6 ns became 2.3-3.0). The setting is process-wide;
+    it is restored on exit."""
+    before = torch.get_num_threads()
+    if before > 1:
+        torch.set_num_threads(before - 1)
+    try:
+        yield
+    finally:
+        if before > 1:
+            torch.set_num_threads(before)
+
+
+def _int32_threshold(probability: float) -> int:
+    """T such that a uniform int32 word w has P(w < T) = floor(probability * 2^32) / 2^32."""
+    return min(2**32, max(0, math.floor(probability * 2**32))) - 2**31
 
 
 def _stored_mask_plan(tv: TaskVector, rescale: bool, chunks: list[tuple[int, int]],
-                      keep_chunk: Callable[[torch.Tensor, int, int], torch.Tensor]) -> Plan:
+                      keep_into: Callable[[torch.Tensor | None, int, int, torch.Tensor], object], *,
+                      magnitudes: bool, leave_a_core: bool = False) -> Plan:
     """A plan whose keep mask is made once, chunk by chunk in order (the random draws happen once), and stored
-    as bool; `keep_chunk(d, s, e)` gives the boolean keep mask of [s, e) from that chunk of the task vector."""
+    as bool. `keep_into(a, s, e, out)` writes the keep mask of [s, e) into the bool tensor `out`, given the
+    chunk's magnitudes `a` (selection dtype; None unless `magnitudes`). `leave_a_core` when keep_into's
+    random words come with heavy work on the helper thread (see `leaving_a_core`)."""
     width = max((e - s for s, e in chunks), default=0)
     sel = selection_dtype(tv.dtype)
     stored = torch.empty(tv.numel(), dtype=torch.bool, device=tv.device)
-    before = torch.zeros((), dtype=torch.float64, device=tv.device)
-    after = torch.zeros((), dtype=torch.float64, device=tv.device)
+    norms = L1Norms(tv.device)
     buf, abuf, mbuf = tv.buffer(width), tv.buffer(width, sel), tv.buffer(width, sel)
-    for s, e in chunks:
-        d = tv.chunk(s, e, buf[: e - s])
-        stored[s:e] = keep_chunk(d, s, e)
-        if rescale:
-            a = _abs_into(d, abuf[: e - s])
-            before += a.sum(dtype=torch.float64)
-            after += a.mul_(mbuf[: e - s].copy_(stored[s:e].view(torch.uint8))).sum(dtype=torch.float64)
+    with leaving_a_core() if leave_a_core and tv.device.type == "cpu" else nullcontext():
+        for s, e in chunks:
+            a = _abs_into(tv.chunk(s, e, buf[: e - s]), abuf[: e - s]) if magnitudes or rescale else None
+            keep_into(a, s, e, stored[s:e])
+            if rescale:
+                norms.add(a, mbuf[: e - s].copy_(stored[s:e].view(torch.uint8)))
+
+    plan = Plan(_stored_mask(stored))
+    if rescale:
+        plan.scale = norms.scale(tv.dtype)
+    return plan
+
+
+def _stored_mask(stored: torch.Tensor) -> Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]:
+    """A `Plan.mask` reading a flat bool keep mask."""
 
     def mask(d, start, out):
         # bool -> float conversion is slow on CPU; the same bytes read as uint8 convert fast
         return out.copy_(stored[start : start + d.numel()].view(torch.uint8))
 
-    plan = Plan(mask)
-    if rescale:
-        plan.scale = _l1_scale(before, after, tv.dtype)
-    return plan
+    return mask
+
+
+def _bernoulli_into(words: RandomWords, density: float) -> Callable[[torch.Tensor | None, int, int, torch.Tensor], object]:
+    """keep_into for independent keeps with probability `density` (to 2^-32): word < threshold."""
+    threshold = _int32_threshold(density)
+    return lambda a, s, e, out: torch.lt(words.next(e - s), threshold, out=out)
 
 
 def random_plan(tv: TaskVector, density: float, *, rescale: bool, generator: torch.Generator | None, size: int) -> Plan | None:
     """DARE: keep each entry independently with probability `density`; None (no draw) when density >= 1."""
     if density >= 1:
         return None
-    n = tv.numel()
-    draws = _Draws(tv.device, generator, min(size, max(n, 1)))
-    return _stored_mask_plan(tv, rescale, spans(n, size), lambda d, s, e: draws.next(e - s) < density)
+    words = RandomWords(generator, tv.device)
+    return _stored_mask_plan(tv, rescale, spans(tv.numel(), size), _bernoulli_into(words, density), magnitudes=False)
 
 
 def check_della(density: float, epsilon: float) -> str | None:
@@ -476,62 +604,81 @@ def check_della(density: float, epsilon: float) -> str | None:
     return None
 
 
-class RowRanks:
-    """Each entry's 0-based rank within its row (ascending; ties by column) for blocks of non-negative floats
-    of up to `rows` x `cols`, reusing its buffers: DELLA ranks block after block, and fresh multi-MB tensors
-    cost a page fault per 4 KiB on every block.
+class RankedKeep:
+    """DELLA's keep test for blocks of up to `rows` x `cols` magnitudes, one row at a time in rank terms.
 
-    Non-negative IEEE floats order like their bit patterns read as integers. On CPU the bit pattern and the
-    column are packed into one int64 key and numpy sorts the keys in place (vectorised, ~10x torch.sort on
-    rows); the column comes back from the low bits. float64 magnitudes and other devices use torch.sort."""
+    An entry of rank r (0-based, ascending magnitude, in a row of c) is kept with probability
+    p(r) = density - epsilon + 2 * epsilon * r / (c - 1). With u uniform in [0, 1), "u < p(r)" is
+    "r >= m(u)" for the integer m(u) = floor((u - density + epsilon) * (c - 1) / (2 * epsilon)) + 1, and
+    "rank >= m" is "magnitude > the row's m-th smallest magnitude minus one step": so each entry needs
+    its row sorted (values only, no argsort) and one lookup at a position computed from its own random
+    word, not its own rank.
 
-    def __init__(self, rows: int, cols: int, device: torch.device):
-        self.cols, self.shift = cols, max(1, (cols - 1).bit_length())
-        self.columns = torch.arange(cols, device=device)
-        self.keys = torch.empty((rows, cols), dtype=torch.int64, device=device)
-        self.ranks = torch.empty((rows, cols), dtype=torch.int64, device=device)
+    Ties: an entry whose magnitude is shared by the ranks [L, R) of its row is tested, with a fair coin
+    (the word's low bit), at its lowest rank L or its highest R - 1. Its keep probability is then
+    (p(L) + p(R - 1)) / 2 = p((L + R - 1) / 2), the probability of the group's average rank (as if ties
+    were ordered at random), and every entry's draw stays independent of the others'.
 
-    def __call__(self, mags: torch.Tensor) -> torch.Tensor:
-        r, c = mags.shape
-        columns = self.columns.expand(r, c)
-        if mags.device.type == "cpu" and mags.dtype == torch.float32 and self.shift + 31 < 63:
-            keys = self.keys[:r]
-            keys.copy_(mags.view(torch.int32)).bitwise_left_shift_(self.shift).add_(columns)
-            keys.numpy().sort(axis=1)
-            order = keys.bitwise_and_((1 << self.shift) - 1)
-        else:
-            order = torch.sort(mags.view(torch.int64 if mags.dtype == torch.float64 else torch.int32), dim=1, stable=True).indices
-        return self.ranks[:r].scatter_(1, order, columns)
-
-
-def _rank_probabilities(ranks: torch.Tensor, cols: int, density: float, epsilon: float, out: torch.Tensor) -> torch.Tensor:
-    """density - epsilon + 2 * epsilon * rank / (cols - 1), into `out`."""
-    return out.copy_(ranks).div_(cols - 1).mul_(2 * epsilon).add_(density - epsilon)
-
-
-def della_probabilities(tensor: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """Per-entry keep probabilities: density - epsilon + 2 * epsilon * rank / (row length - 1), rank 0-based.
-
-    Ranks are by magnitude, ascending, within each row along dim 1 (1-D tensors are one row; for N-D
-    tensors dim 1 is the ranked axis, as in mergekit). A row of length 1 gets probability `density`
-    (mergekit divides 0 by 0 there). Ties are ranked by position.
+    Non-negative IEEE floats order like their bit patterns read as integers, so rows are sorted as
+    int32 (int64 for float64) with numpy's vectorised sort, with sentinels either side of each row
+    for lookups that fall off its ends.
     """
-    dtype = selection_dtype(tensor.dtype)
-    work = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
-    moved = work.movedim(1, -1)
-    n = moved.shape[-1]
-    if n == 1:
-        return torch.full(tensor.shape, density, dtype=dtype, device=tensor.device)
-    mags = moved.reshape(-1, n).to(dtype).abs()
-    ranks = RowRanks(mags.shape[0], n, tensor.device)(mags)
-    probs = _rank_probabilities(ranks, n, density, epsilon, torch.empty(mags.shape, dtype=dtype, device=tensor.device))
-    return probs.reshape(moved.shape).movedim(-1, 1).reshape(tensor.shape)
+
+    def __init__(self, rows: int, cols: int, density: float, epsilon: float, dtype: torch.dtype, device: torch.device):
+        self.cols = cols
+        self.bits_dtype = torch.int64 if dtype == torch.float64 else torch.int32
+        big = torch.iinfo(self.bits_dtype).max
+        self.sorted = torch.empty((rows, cols + 3), dtype=self.bits_dtype, device=device)
+        self.sorted[:, 0], self.sorted[:, -2:] = -1, big
+        self.low, self.high = np.float64(0), np.float64(cols + 1)
+        # a word's m (see `lookups`) is floor(alpha * v + beta) for its upper 31 bits v, uniform on [-2^30, 2^30)
+        spread = (cols - 1) / (2 * epsilon)
+        self.alpha = spread / 2**31
+        self.beta = (0.5 - density + epsilon) * spread + 1
+
+    def lookups(self, words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(column of the padded sorted row to compare with, coin) per entry, from its word alone: computed
+        ahead on `RandomWords`' helper thread. On CPU with numpy, whose operations use one thread: a torch
+        op there would start a second OpenMP team competing for the cores."""
+        # m = floor(alpha * v + beta), clamped to [0, cols + 1] (beyond, every rank passes or none; clamped, the
+        # truncation to an integer is floor). lowest rank (coin 0) >= m: the magnitude exceeds the row's
+        # sorted[m - 1], column m of the padded row; highest rank (coin 1) >= m: it is at least sorted[m]
+        # (column m + 1), i.e. exceeds sorted[m] - 1
+        if words.device.type == "cpu":
+            w = words.numpy()
+            coin = w & 1
+            position = (w >> 1) * self.alpha  # float64
+            position += self.beta
+            np.clip(position, self.low, self.high, out=position)
+            column = position.astype(np.int64)
+            column += coin
+            return torch.from_numpy(column), torch.from_numpy(coin)
+        coin = words & 1
+        position = (words >> 1).to(torch.float64).mul_(self.alpha).add_(self.beta).clamp_(0, self.cols + 1)
+        return position.to(torch.int64).add_(coin), coin
+
+    def __call__(self, mags: torch.Tensor, lookups: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """Bool keep mask of the (r, cols) magnitudes into `out`, given the `lookups` of r * cols words."""
+        r, c = mags.shape
+        bits = mags.view(self.bits_dtype)
+        rows = self.sorted[:r]
+        inner = rows[:, 1 : c + 1]
+        inner.copy_(bits)
+        if inner.device.type == "cpu":
+            inner.numpy().sort(axis=1)
+        else:
+            inner.copy_(torch.sort(inner, dim=1).values)
+        column, coin = lookups
+        bound = torch.gather(rows, 1, column.view(r, c)).sub_(coin.view(r, c))
+        return torch.gt(bits, bound, out=out.view(r, c))
 
 
 def della_plan(tv: TaskVector, shape: torch.Size, density: float, epsilon: float, *,
                rescale: bool, generator: torch.Generator | None, size: int) -> Plan | None:
-    """DELLA MagPrune: keep entries with magnitude-ranked probabilities around `density` (see
-    `della_probabilities`). Tensors of at most 2 dimensions are ranked in blocks of rows; others whole."""
+    """DELLA MagPrune: keep entries with probabilities linear in their magnitude rank within their row (dim 1;
+    1-D tensors are one row), from density - epsilon (smallest) to density + epsilon (largest); see
+    `RankedKeep`. A row of length 1 keeps with probability `density`. Tensors of at most 2 dimensions are
+    ranked in blocks of rows; others whole."""
     if density >= 1:
         return None
     n = tv.numel()
@@ -540,24 +687,27 @@ def della_plan(tv: TaskVector, shape: torch.Size, density: float, epsilon: float
     problem = check_della(density, epsilon)
     if problem:
         raise MethodInputError(problem)
-    if len(shape) > 2:
-        return _stored_mask_plan(tv, rescale, [(0, n)], lambda d, s, e: (
-            uniform(shape, tv.device, generator) < della_probabilities(d.reshape(shape), density, epsilon)).reshape(-1))
-    cols = shape[-1] if len(shape) == 2 else n
-    rows_per = max(1, min(size // cols, n // cols))
-    draws = _Draws(tv.device, generator, rows_per * cols)
+    cols = shape[1] if len(shape) >= 2 else n
     if cols == 1:
-        return _stored_mask_plan(tv, rescale, spans(n, rows_per), lambda d, s, e: draws.next(e - s) < density)
+        words = RandomWords(generator, tv.device)
+        return _stored_mask_plan(tv, rescale, spans(n, size), _bernoulli_into(words, density), magnitudes=False)
     sel = selection_dtype(tv.dtype)
-    ranks = RowRanks(rows_per, cols, tv.device)
-    mags, probs = tv.buffer(rows_per * cols, sel), tv.buffer(rows_per * cols, sel)
+    whole = len(shape) > 2  # rank along dim 1: move it last, rank the whole tensor, move the mask back
+    rows_per = n // cols if whole else max(1, min(size // cols, n // cols))
+    keep = RankedKeep(rows_per, cols, density, epsilon, sel, tv.device)
+    words = RandomWords(generator, tv.device, prepare=keep.lookups)
+    if whole:
+        moved = (shape[0], *shape[2:], cols)
 
-    def keep_chunk(d, s, e):
-        block = _abs_into(d, mags[: e - s]).view(-1, cols)
-        p = _rank_probabilities(ranks(block), cols, density, epsilon, probs[: e - s].view(-1, cols))
-        return draws.next(e - s) < p.view(-1)
+        def keep_whole(a, s, e, out):
+            mags = a.view(shape).movedim(1, -1).contiguous().view(-1, cols)
+            mask = keep(mags, words.next(n), torch.empty(mags.shape, dtype=torch.bool, device=tv.device))
+            out.copy_(mask.view(moved).movedim(-1, 1).reshape(-1))
 
-    return _stored_mask_plan(tv, rescale, spans(n, rows_per * cols), keep_chunk)
+        return _stored_mask_plan(tv, rescale, [(0, n)], keep_whole, magnitudes=True, leave_a_core=True)
+    return _stored_mask_plan(tv, rescale, spans(n, rows_per * cols),
+                             lambda a, s, e, out: keep(a.view(-1, cols), words.next(e - s), out),
+                             magnitudes=True, leave_a_core=True)
 
 
 def sparsified(plan: Plan | None, tv: TaskVector) -> torch.Tensor:
@@ -596,10 +746,14 @@ def variance_across(tvs: Sequence[TaskVector], size: int) -> torch.Tensor:
     return out
 
 
+def top_fraction_count(values: torch.Tensor, fraction: float) -> int:
+    """SCE's selection size: int(fraction * m), m counting the non-zero `values`."""
+    return int(int(torch.count_nonzero(values)) * fraction) if fraction > 0 else 0
+
+
 def top_fraction_keep(values: torch.Tensor, fraction: float) -> Cut:
-    """SCE's selection: the Cut of the int(fraction * m) largest of the non-negative flat `values`, m counting
-    the non-zero ones (ties at the threshold go to the earlier position)."""
+    """SCE's selection: the Cut of the `top_fraction_count` largest of the non-negative flat `values` (ties at
+    the threshold go to the earlier position)."""
     if fraction >= 1:
         return ALL
-    k = int(int(torch.count_nonzero(values)) * fraction) if fraction > 0 else 0
-    return cut_from_values(values, k)
+    return cut_from_values(values, top_fraction_count(values, fraction))
