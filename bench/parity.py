@@ -7,6 +7,7 @@ A tool, not a test (CI has no mergekit). Install mergekit in its own environment
 then run, from the repository root:
 
     python bench/parity.py --mergekit mkenv/bin/mergekit-yaml [--dtype float32|bfloat16] [--methods a,b]
+                           [--compute-dtype bfloat16] [--tie-order mergekit]
 
 For every method both tools merge a tiny Llama family (a base and three fine-tunes = base + low-rank and
 sparse deltas) and the script prints, per method, the largest absolute difference over all tensors and
@@ -139,6 +140,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--methods", default="", help="comma-separated; default: every method both tools have")
     parser.add_argument("--compute-dtype", default="float32", help="mergesmith's --compute-dtype (bfloat16 mimics mergekit on bf16 models)")
+    parser.add_argument("--tie-order", default="position", help="mergesmith's --tie-order (mergekit: its sort order for tied magnitudes)")
     args = parser.parse_args()
 
     from mergesmith.methods.registry import method_names
@@ -161,7 +163,8 @@ def main() -> int:
         for d in (ours_dir, theirs_dir):
             shutil.rmtree(d, ignore_errors=True)
         try:
-            t_ours = run([sys.executable, "-m", "mergesmith.cli", "merge", str(cfg_path), str(ours_dir), "--quiet", "--compute-dtype", args.compute_dtype])
+            t_ours = run([sys.executable, "-m", "mergesmith.cli", "merge", str(cfg_path), str(ours_dir), "--quiet", "--compute-dtype", args.compute_dtype,
+                          "--tie-order", args.tie_order])
             t_theirs = run([args.mergekit, str(cfg_path), str(theirs_dir), "--quiet", "--no-copy-tokenizer"])
         except RuntimeError as exc:
             rows.append((method, "error", "", "", str(exc).splitlines()[-1][:120]))
@@ -175,7 +178,7 @@ def main() -> int:
     for row in rows:
         print("| " + " | ".join(row) + " |")
     (ROOT / "results").mkdir(exist_ok=True)
-    (ROOT / "results" / f"parity-{args.dtype}-compute-{args.compute_dtype}.json").write_text(json.dumps(rows, indent=1))
+    (ROOT / "results" / f"parity-{args.dtype}-compute-{args.compute_dtype}-ties-{args.tie_order}.json").write_text(json.dumps(rows, indent=1))
     return 0
 
 

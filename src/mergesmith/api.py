@@ -17,6 +17,7 @@ from mergesmith.device import resolve_device
 from mergesmith.errors import ConfigError
 from mergesmith.execute.pipeline import ExecutionOptions, execute_plan
 from mergesmith.io.model_card import render_model_card
+from mergesmith.methods import TIE_ORDERS
 from mergesmith.io.output_folder import (
     StagingFolder,
     check_output_target,
@@ -107,6 +108,7 @@ def merge(
     overwrite: bool = False,
     allow_crimes: bool = False,
     compute_dtype: str = "float32",
+    tie_order: str = "position",
     on_plan: Callable[[MergePlan], None] | None = None,
     on_progress: Callable[[int, str], None] | None = None,
 ) -> MergeResult:
@@ -114,13 +116,16 @@ def merge(
 
     Every check runs before any tensor is read; the folder appears only once complete. The math runs in
     `compute_dtype` (float32 by default; "bfloat16" reproduces mergekit's arithmetic on bf16 models, which
-    rounds every intermediate).
+    rounds every intermediate). `tie_order` says how TIES, Breadcrumbs and SCE choose among entries tied at
+    their selection threshold: "position" (the default, O(n)) or "mergekit" (its sort order, at its cost).
     """
     started = time.perf_counter()
     out_path = Path(out_dir)
     max_shard = parse_size(out_shard_size)
     torch_device = resolve_device(device)
     math_dtype = parse_dtype(compute_dtype, "--compute-dtype")
+    if tie_order not in TIE_ORDERS:
+        raise ConfigError(f"--tie-order {tie_order!r}: expected one of {', '.join(TIE_ORDERS)}")
     plan = prepare(config, random_seed=random_seed, dtype=dtype, allow_crimes=allow_crimes)
     check_output_target(out_path, overwrite)
     if on_plan is not None:
@@ -132,7 +137,7 @@ def merge(
     try:
         writer = ShardWriter(staging.path, [t.output for t in plan.tasks], max_shard, metadata={"merged_with": "mergesmith"})
         try:
-            stats = execute_plan(plan, writer, ExecutionOptions(device=torch_device, compute_dtype=math_dtype), on_progress)
+            stats = execute_plan(plan, writer, ExecutionOptions(device=torch_device, compute_dtype=math_dtype, tie_order=tie_order), on_progress)
         finally:
             writer.close()
         writer.write_index()

@@ -28,6 +28,7 @@ from mergesmith.tokenizer.embed import merge_vocab_rows
 class ExecutionOptions:
     device: torch.device = torch.device("cpu")
     compute_dtype: torch.dtype = torch.float32
+    tie_order: str = "position"  # passed to methods with `breaks_ties` (see methods._sparsify.TIE_ORDERS)
     # Inputs read ahead of the computation (counted in compute-dtype bytes). Reads are a small share of the
     # time (bench/speed.py), so a few tensors' worth keeps the reader busy without growing peak memory.
     prefetch_bytes: int = 384 << 20
@@ -155,6 +156,8 @@ def compute(task: TensorTask, tensors: list[torch.Tensor], base: torch.Tensor | 
         result = _compute_vocab_rows(task, inputs, base_in, device)
     else:
         kwargs = {**task.kwargs, "compute_dtype": dtype} if task.method.converts_inputs else task.kwargs
+        if task.method.breaks_ties:
+            kwargs = {**kwargs, "tie_order": options.tie_order}
         result = _apply_method(task, inputs, base_in, kwargs, device)
     return result.to(dtype=task.output.dtype).to("cpu")
 

@@ -10,6 +10,7 @@ for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_") and _module.name != "registry":
         importlib.import_module(f"{__name__}.{_module.name}")
 
+from mergesmith.methods._sparsify import TIE_ORDERS  # noqa: E402
 from mergesmith.methods.registry import Param, all_methods, get_method, merge_method, method_names  # noqa: E402
 
-__all__ = ["Param", "all_methods", "get_method", "merge_method", "method_names"]
+__all__ = ["TIE_ORDERS", "Param", "all_methods", "get_method", "merge_method", "method_names"]

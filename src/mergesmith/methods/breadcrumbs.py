@@ -16,17 +16,18 @@ from typing import Sequence
 
 import torch
 
-from mergesmith.methods._sparsify import outliers_plan
+from mergesmith.methods._sparsify import check_tie_order, outliers_plan
 from mergesmith.methods._task_vectors import CONSENSUS, GAMMA, merge_task_vectors, task_vector_params
 from mergesmith.methods.registry import merge_method
 
 
-def _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lambda_, consensus, dtype):
+def _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lambda_, consensus, dtype, tie_order):
     dens = density or [1.0] * len(tensors)
     gam = gamma or [0.01] * len(tensors)
+    check_tie_order(tie_order)
     return merge_task_vectors(
         tensors, base, weight,
-        sparsify=lambda tv, i, size: outliers_plan(tv, dens[i], gam[i], rescale=rescale, size=size),
+        sparsify=lambda tv, i, size: outliers_plan(tv, dens[i], gam[i], rescale=rescale, size=size, tie_order=tie_order),
         consensus=consensus, normalize=normalize, scale=lambda_, dtype=dtype,
     )
 
@@ -36,6 +37,7 @@ def _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lamb
     params=task_vector_params(normalize=False, rescale=False, extra=(GAMMA,)),
     base="required",
     converts_inputs=True,
+    breaks_ties=True,
     min_models=0,
     reference="https://arxiv.org/abs/2312.06795",
 )
@@ -51,9 +53,10 @@ def breadcrumbs(
     lambda_: float = 1.0,
     int8_mask: bool = False,
     compute_dtype: torch.dtype | None = None,
+    tie_order: str = "position",
 ) -> torch.Tensor:
     """Drop outliers and small entries, then a weighted sum of the task vectors."""
-    return _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lambda_, None, compute_dtype)
+    return _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lambda_, None, compute_dtype, tie_order)
 
 
 @merge_method(
@@ -61,6 +64,7 @@ def breadcrumbs(
     params=task_vector_params(normalize=False, rescale=False, extra=(GAMMA, CONSENSUS)),
     base="required",
     converts_inputs=True,
+    breaks_ties=True,
     min_models=0,
     reference="https://arxiv.org/abs/2312.06795",
 )
@@ -77,6 +81,8 @@ def breadcrumbs_ties(
     int8_mask: bool = False,
     compute_dtype: torch.dtype | None = None,
     consensus_method: str = "sum",
+    tie_order: str = "position",
 ) -> torch.Tensor:
     """Drop outliers and small entries, elect sign, disjoint merge."""
-    return _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lambda_, consensus_method, compute_dtype)
+    return _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lambda_, consensus_method, compute_dtype,
+                        tie_order)

@@ -101,6 +101,9 @@ class MethodSpec:
     # (bf16 for float32), converting chunk by chunk as it works: the executor hands them over as read, with no
     # full-size float32 copies.
     converts_inputs: bool = False
+    # The method selects entries by a threshold and takes a `tie_order` keyword saying how entries tied at it
+    # are chosen (`_sparsify.TIE_ORDERS`); the executor passes its option on.
+    breaks_ties: bool = False
     summary: str = ""
     reference: str = ""
     aliases: tuple[str, ...] = field(default=())
@@ -145,6 +148,7 @@ def merge_method(
     random: bool = False,
     elementwise: bool = False,
     converts_inputs: bool = False,
+    breaks_ties: bool = False,
     summary: str = "",
     reference: str = "",
     check: Callable[[dict[str, Any]], str | None] | None = None,
@@ -163,6 +167,7 @@ def merge_method(
                 random=random,
                 elementwise=elementwise,
                 converts_inputs=converts_inputs,
+                breaks_ties=breaks_ties,
                 summary=summary or (func.__doc__ or "").strip().split("\n")[0],
                 reference=reference,
                 check=check,

@@ -22,7 +22,9 @@ from typing import Sequence
 import torch
 
 from mergesmith.methods._consensus import CONSENSUS_METHODS, disjoint_into, elect_sign_into
-from mergesmith.methods._sparsify import TaskVector, chunk_size, selection_dtype, spans, top_fraction_keep, variance_across
+from mergesmith.methods._sparsify import (
+    TaskVector, check_tie_order, chunk_size, selection_dtype, spans, top_fraction_count, top_fraction_keep, variance_across,
+)
 from mergesmith.methods._task_vectors import CONSENSUS
 from mergesmith.methods.registry import Param, merge_method
 
@@ -51,10 +53,14 @@ def _task_vector_chunks(tvs, keep, size):
         yield s, e, ds
 
 
-def _top_variance(tvs, fraction: float, size: int) -> torch.Tensor:
+def _top_variance(tvs, fraction: float, size: int, tie_order: str) -> torch.Tensor:
     """uint8 0/1 mask of the entries SCE keeps (the top `fraction` by variance across the models). The float
     variance is dropped once the mask is made, so it never coexists with the output."""
     variance = variance_across(tvs, size)
+    if tie_order == "mergekit":  # the same topk call as mergekit, so equal variances are chosen alike
+        keep = torch.zeros(variance.shape, dtype=torch.uint8, device=variance.device)
+        keep[torch.topk(variance.abs(), k=top_fraction_count(variance, fraction), largest=True).indices] = 1
+        return keep
     cut = top_fraction_keep(variance, fraction)
     keep = torch.ones(variance.shape, dtype=torch.uint8, device=variance.device)
     buf = tvs[0].buffer(size, selection_dtype(variance.dtype))
@@ -75,6 +81,7 @@ def _top_variance(tvs, fraction: float, size: int) -> torch.Tensor:
     ),
     base="required",
     converts_inputs=True,
+    breaks_ties=True,
     min_models=0,
     reference="https://arxiv.org/abs/2408.07990",
 )
@@ -87,6 +94,7 @@ def sce(
     energy_floor: float = 1e-6,
     consensus_method: str = "sum",
     compute_dtype: torch.dtype | None = None,
+    tie_order: str = "position",
 ) -> torch.Tensor:
     """Select by variance, weight by energy, erase minority signs, merge.
 
@@ -102,7 +110,8 @@ def sce(
     size = chunk_size(base)
     flat_base = base.reshape(-1)
     tvs = [TaskVector(t, base, dtype) for t in tensors]
-    keep = _top_variance(tvs, select_topk, size) if select_topk < 1 else None
+    check_tie_order(tie_order)
+    keep = _top_variance(tvs, select_topk, size, tie_order) if select_topk < 1 else None
     energy = torch.zeros(len(tvs), dtype=torch.float64, device=device)
     for _, _, ds in _task_vector_chunks(tvs, keep, size):
         for i, d in enumerate(ds):
