@@ -262,9 +262,9 @@ def test_compute_dtype_bfloat16_rounds_like_mergekit(llama_family, tmp_path):
     bf16, fp32 = read_state(tmp_path / "bf16"), read_state(tmp_path / "fp32")
     name = "model.layers.1.mlp.up_proj.weight"
     x, y, z = (t[name].to(torch.bfloat16) for t in (base, a, b))
-    mixed = torch.zeros_like(x)
-    mixed.add_(y - x, alpha=0.3)
-    mixed.add_(z - x, alpha=0.7)
+    # mergekit's generalized task arithmetic: bf16 weight tensor, products rounded, sum(dim=0), base + sum
+    weights = torch.tensor([0.3, 0.7], dtype=torch.bfloat16).view(2, 1, 1)
+    mixed = (torch.stack([y - x, z - x]) * weights).sum(dim=0)
     assert torch.equal(bf16[name], x + mixed)
     assert torch.equal(fp32[name], (base[name] + 0.3 * (a[name] - base[name]) + 0.7 * (b[name] - base[name])).to(torch.bfloat16))
     assert not torch.equal(bf16[name], fp32[name])  # the two really differ

@@ -18,7 +18,9 @@ from typing import Callable, Sequence
 import torch
 
 from mergesmith.methods import _sparsify
-from mergesmith.methods._consensus import CONSENSUS_METHODS, disjoint_into, elect_sign_into, zero_to_one_
+from mergesmith.methods._consensus import (
+    CONSENSUS_METHODS, accumulation_dtype, disjoint_into, elect_sign_into, in_dtype, zero_to_one_,
+)
 from mergesmith.methods.registry import Param
 
 DENSITY = Param("density", float, default=1.0, per_model=True, doc="Fraction of this model's task vector to keep.")
@@ -92,13 +94,19 @@ def merge_task_vectors(
         return out
     width = min(size, n)
     deltas = [torch.empty(width, dtype=dtype, device=base.device) for _ in tensors]
-    scratch = torch.empty(width, dtype=dtype, device=base.device)
     mask_buf = torch.empty(width, dtype=_sparsify.selection_dtype(dtype), device=base.device)
-    ws = [float(w) for w in weights]
-    total = float(sum(ws))
+    # 16-bit dtypes: weights rounded to the dtype and sums across models in float32 rounded once, which is
+    # mergekit's arithmetic there (bf16 weight tensors, `sum(dim=0)`); wider dtypes: unchanged
+    acc = accumulation_dtype(dtype)
+    wide = acc != dtype
+    ws = [in_dtype(float(w), dtype) if wide else float(w) for w in weights]
+    total = in_dtype(sum(ws), dtype) if wide else float(sum(ws))
+    scratch = torch.empty(width, dtype=acc, device=base.device)
+    sums = torch.empty(width, dtype=acc, device=base.device) if wide else None
+    narrow = torch.empty(width, dtype=dtype, device=base.device) if wide else None
     if consensus is not None:
-        votes = torch.empty(width, dtype=dtype, device=base.device)
-        divisor = torch.empty(width, dtype=dtype, device=base.device)
+        votes = torch.empty(width, dtype=acc, device=base.device)
+        divisor = torch.empty(width, dtype=acc, device=base.device)
     for s, e in _sparsify.spans(n, size):
         m = e - s
         b = flat_base[s:e]
@@ -109,10 +117,16 @@ def merge_task_vectors(
             if plan is not None:
                 plan.apply(d, s, mask_buf[:m])
             ds.append(d)
+        total_into = sums[:m] if wide else mixed
         if consensus is None:
-            mixed.zero_()
-            for d, w in zip(ds, ws):
-                mixed.add_(d, alpha=w)
+            if wide:  # mergekit: the weighted deltas rounded, then summed
+                for d, w in zip(ds, ws):
+                    d.mul_(w)
+                mixed.copy_(_sum_into(ds, total_into))
+            else:
+                mixed.zero_()
+                for d, w in zip(ds, ws):
+                    mixed.add_(d, alpha=w)
             if normalize and abs(total) >= 1e-8:
                 mixed.div_(total)
         else:
@@ -120,12 +134,23 @@ def merge_task_vectors(
                 d.mul_(w)
             majority = elect_sign_into(ds, consensus, votes[:m], scratch[:m])
             div = divisor[:m]
-            disjoint_into(ds, ws, majority, mixed, div, scratch[:m], weigh_deltas=False)
+            disjoint_into(ds, ws, majority, total_into, div, scratch[:m], weigh_deltas=False)
+            if wide:
+                mixed.copy_(total_into)
             if normalize:
-                mixed.div_(zero_to_one_(div, scratch[:m]))
+                zero_to_one_(div, scratch[:m])
+                mixed.div_(narrow[:m].copy_(div) if wide else div)  # mergekit divides by the rounded divisor
         if scale != 1.0:
             mixed.mul_(scale)
         mixed.add_(b)
+    return out
+
+
+def _sum_into(deltas: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Σ deltas into `out` (of a wider dtype than the deltas: the sum rounds once, when read back)."""
+    out.copy_(deltas[0])
+    for d in deltas[1:]:
+        out.add_(d)
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from mergesmith.methods._consensus import CONSENSUS_METHODS, disjoint_into, elect_sign_into
+from mergesmith.methods._consensus import CONSENSUS_METHODS, accumulation_dtype, disjoint_into, elect_sign_into
 from mergesmith.methods._sparsify import (
     TaskVector, check_tie_order, chunk_size, selection_dtype, spans, top_fraction_count, top_fraction_keep, variance_across,
 )
@@ -115,16 +115,23 @@ def sce(
     energy = torch.zeros(len(tvs), dtype=torch.float64, device=device)
     for _, _, ds in _task_vector_chunks(tvs, keep, size):
         for i, d in enumerate(ds):
-            energy[i] += torch.dot(d, d) if d.dtype in (torch.float32, torch.float64) else d.float().square().sum()
+            # 16-bit dtypes square in the dtype (rounded), as mergekit's `tvs.square().mean()` does
+            energy[i] += torch.dot(d, d) if d.dtype in (torch.float32, torch.float64) else d.square().float().sum()
     weights = sce_weights((energy / max(n, 1)).to(dtype), energy_floor).tolist()
     out = torch.empty(base.shape, dtype=dtype, device=device)
     flat_out = out.view(-1)
     width = min(size, n)
-    vote, scratch, divisor = (torch.empty(width, dtype=dtype, device=device) for _ in range(3))
+    acc = accumulation_dtype(dtype)  # sums across models: float32 for 16-bit dtypes, rounded once
+    vote, scratch, divisor, sums = (torch.empty(width, dtype=acc, device=device) for _ in range(4))
+    narrow = torch.empty(width, dtype=dtype, device=device) if acc != dtype else None
     for s, e, ds in _task_vector_chunks(tvs, keep, size):
         m = e - s
         majority = elect_sign_into(ds, consensus_method, vote[:m], scratch[:m])
         mixed, div = flat_out[s:e], divisor[:m]
-        disjoint_into(ds, weights, majority, mixed, div, scratch[:m], weigh_deltas=True)
+        if narrow is None:
+            disjoint_into(ds, weights, majority, mixed, div, scratch[:m], weigh_deltas=True)
+        else:
+            mixed.copy_(disjoint_into(ds, weights, majority, sums[:m], div, scratch[:m], weigh_deltas=True))
+            div = narrow[:m].copy_(div)
         mixed.div_(div.clamp_(min=1e-6)).add_(flat_base[s:e])
     return out
