@@ -127,3 +127,42 @@ def test_api_rejects_an_unknown_tie_order(tmp_path):
     with pytest.raises(ConfigError, match="tie-order"):
         merge(config, tmp_path / "out", tie_order="sorted")
     assert not (tmp_path / "out").exists()
+
+
+def mergekit_ties_bf16(base, models, weights, density):
+    """mergekit's generalized task arithmetic for TIES, literally, on bf16 tensors."""
+    deltas = torch.stack([(m - base) * mergekit_magnitude_mask(m - base, density).to(torch.bfloat16) for m in models])
+    w = torch.tensor(weights, dtype=torch.bfloat16).view(-1, 1, 1)
+    deltas = deltas * w
+    majority = (deltas.sum(dim=0) >= 0).to(torch.bfloat16) * 2 - 1
+    mask = deltas.sign() == majority
+    mixed = (deltas * mask).sum(dim=0)
+    divisor = (w * mask).sum(dim=0)
+    divisor[divisor == 0] = 1
+    return base + mixed / divisor
+
+
+def mergekit_sce_bf16(base, models, topk):
+    tvs = torch.stack([m - base for m in models])
+    var = torch.var(tvs, dim=0, unbiased=False)
+    mask = torch.zeros_like(var)
+    mask.view(-1)[torch.topk(var.abs().view(-1), k=int(int(torch.count_nonzero(var)) * topk)).indices] = 1
+    tvs = tvs * mask.unsqueeze(0)
+    majority = (tvs.sum(dim=0) >= 0).to(torch.bfloat16) * 2 - 1
+    erase = tvs.sign() == majority
+    energy = tvs.square().reshape(len(models), -1).mean(dim=1)
+    eta = (energy / torch.sum(energy).item()).view(-1, 1, 1)
+    erased = eta * erase
+    return base + (tvs * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6)
+
+
+def test_bf16_compute_with_mergekit_ties_is_mergekits_arithmetic():
+    # the weights 0.6 and 0.3 are not bf16 numbers, and the three weighted deltas nearly cancel on many entries
+    base, models = quantized(5, models=3, step=1 / 128)
+    base, models = base.bfloat16(), [m.bfloat16() for m in models]
+    ours = get_method("ties").func(models, base=base, weight=[0.6, 0.3, 0.6], density=[0.5] * 3, compute_dtype=torch.bfloat16,
+                                   tie_order="mergekit")
+    assert torch.equal(ours, mergekit_ties_bf16(base, models, [0.6, 0.3, 0.6], 0.5))
+    ours = get_method("sce").func(models, base=base, select_topk=0.4, compute_dtype=torch.bfloat16, tie_order="mergekit",
+                                  energy_floor=0.0)
+    assert torch.equal(ours, mergekit_sce_bf16(base, models, 0.4))
