@@ -583,18 +583,31 @@ def _stored_mask(stored: torch.Tensor) -> Callable[[torch.Tensor, int, torch.Ten
     return mask
 
 
-def _bernoulli_into(words: RandomWords, density: float) -> Callable[[torch.Tensor | None, int, int, torch.Tensor], object]:
-    """keep_into for independent keeps with probability `density` (to 2^-32): word < threshold."""
-    threshold = _int32_threshold(density)
-    return lambda a, s, e, out: torch.lt(words.next(e - s), threshold, out=out)
+class Bernoulli:
+    """Independent keeps with probability `density` (to 2^-32): a word below `_int32_threshold(density)`.
+    The comparison is made where the words are drawn (numpy on the helper thread, on CPU), so the main
+    thread only copies the finished mask."""
+
+    def __init__(self, density: float):
+        self.threshold = _int32_threshold(density)
+
+    def __call__(self, words: torch.Tensor) -> torch.Tensor:
+        if words.device.type == "cpu":
+            return torch.from_numpy(words.numpy() < self.threshold)
+        return words < self.threshold
+
+
+def _bernoulli_plan(tv: TaskVector, density: float, rescale: bool, generator: torch.Generator | None, size: int) -> Plan:
+    keeps = RandomWords(generator, tv.device, prepare=Bernoulli(density))
+    return _stored_mask_plan(tv, rescale, spans(tv.numel(), size), lambda a, s, e, out: out.copy_(keeps.next(e - s)),
+                             magnitudes=False)
 
 
 def random_plan(tv: TaskVector, density: float, *, rescale: bool, generator: torch.Generator | None, size: int) -> Plan | None:
     """DARE: keep each entry independently with probability `density`; None (no draw) when density >= 1."""
     if density >= 1:
         return None
-    words = RandomWords(generator, tv.device)
-    return _stored_mask_plan(tv, rescale, spans(tv.numel(), size), _bernoulli_into(words, density), magnitudes=False)
+    return _bernoulli_plan(tv, density, rescale, generator, size)
 
 
 def check_della(density: float, epsilon: float) -> str | None:
@@ -689,8 +702,7 @@ def della_plan(tv: TaskVector, shape: torch.Size, density: float, epsilon: float
         raise MethodInputError(problem)
     cols = shape[1] if len(shape) >= 2 else n
     if cols == 1:
-        words = RandomWords(generator, tv.device)
-        return _stored_mask_plan(tv, rescale, spans(n, size), _bernoulli_into(words, density), magnitudes=False)
+        return _bernoulli_plan(tv, density, rescale, generator, size)
     sel = selection_dtype(tv.dtype)
     whole = len(shape) > 2  # rank along dim 1: move it last, rank the whole tensor, move the mask back
     rows_per = n // cols if whole else max(1, min(size // cols, n // cols))
