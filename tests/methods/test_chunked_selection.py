@@ -60,3 +60,36 @@ def test_counts_stay_exact_past_float32_integers(tied):
     k = above + 501
     (cut,) = select_top(TaskVector(mags, torch.zeros_like(mags)), [k], CHUNK)
     assert cut.threshold == 1.0 and cut.tie_end == above + 501
+
+
+@pytest.mark.parametrize("data", ["quantized", "continuous"])
+@pytest.mark.parametrize("models", [2, 3])
+def test_sce_selection_over_chunks(data, models):
+    # SCE selects on its variance tensor with the chunked pass: the same entries as the stable-sort reference
+    base, tuned = quantized_finetunes(3, models) if data == "quantized" else ref.finetunes(3, SHAPE, models)
+    out = ref.call("sce", base, tuned, select_topk=0.4)
+    import torch
+
+    tv = np.stack([m - base for m in tuned])
+    var = torch.var(torch.tensor(tv), dim=0, unbiased=False).numpy().ravel()
+    k = int(np.count_nonzero(var) * 0.4)
+    mask = np.zeros(var.size, bool)
+    mask[np.argsort(-var, kind="stable")[:k]] = True
+    kept = (tv * mask.reshape(SHAPE) != 0).any(axis=0)
+    assert ((out - base) != 0).sum() <= kept.sum()
+    assert not ((out - base) != 0)[~kept].any()  # nothing outside the reference selection moves
+    if data == "quantized":
+        ordered = np.sort(var)[::-1]
+        assert ordered[k - 1] == ordered[k]  # the threshold falls inside a block of equal variances
+
+
+def test_float64_threshold_of_a_single_value_window_is_not_rounded_to_float32():
+    # magnitudes that are multiples of 1/3 in float64 (no float32 holds them): the window of one value must
+    # keep its float64 threshold, or the Cut compares against a rounded one and keeps the wrong entries
+    base = np.zeros(SHAPE)  # task vectors exactly k/3 (a nonzero base would round them apart)
+    models = [np.round(np.random.default_rng(4).normal(size=SHAPE) * 3) / 3]
+    density = [0.5]  # the 50% largest end inside the block of magnitude 2/3
+    mags = np.sort(np.abs(models[0] - base).ravel())[::-1]
+    assert mags[int(0.5 * mags.size) - 1] == 2 / 3 and float(np.float32(2 / 3)) != 2 / 3
+    out = ref.call("ties", base, models, weight=[1], density=density)
+    np.testing.assert_allclose(out, ref.gta(base, models, [1], lambda x, i: ref.magnitude(x, density[i]), "sum", True), atol=1e-12)

@@ -115,6 +115,27 @@ class TaskVector:
         return torch.empty(min(size, max(self.numel(), 1)), dtype=dtype or self.dtype, device=self.device)
 
 
+class StoredValues(TaskVector):
+    """A flat tensor already in memory, read through the TaskVector interface so that `select_top` can select
+    on it chunk by chunk (SCE's variance)."""
+
+    def __init__(self, values: torch.Tensor):
+        self.values = values.reshape(-1)
+        self.dtype, self.device = values.dtype, values.device
+
+    def numel(self) -> int:
+        return self.values.numel()
+
+    def chunk(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
+        return self.values[start:end]  # read only by the selection: no copy
+
+    def whole(self) -> torch.Tensor:
+        return self.values
+
+    def sample(self, step: int) -> torch.Tensor:
+        return self.values[::step]
+
+
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest entry (1 <= k <= n) of a flat tensor, as a 0-dim tensor, in O(n) (see `select_top`)."""
     n = values.numel()
@@ -283,7 +304,7 @@ def select_top(tv: TaskVector, ks: Sequence[int], size: int) -> list[Cut]:
             v, counts = single[j], torch.stack(equal[j]).to(torch.int64)
             n_equal = int(counts.sum())
             if n_above < k <= n_above + n_equal:
-                cuts[j] = _cut(torch.tensor(v), n_above + n_equal, n_above, k, lambda m: _nth_equal(tv, v, counts, m, chunks))
+                cuts[j] = _cut(torch.tensor(v, dtype=torch.float64), n_above + n_equal, n_above, k, lambda m: _nth_equal(tv, v, counts, m, chunks))
                 continue
         else:
             window = torch.cat([v for v, _ in found[j]])
@@ -765,7 +786,8 @@ def top_fraction_count(values: torch.Tensor, fraction: float) -> int:
 
 def top_fraction_keep(values: torch.Tensor, fraction: float) -> Cut:
     """SCE's selection: the Cut of the `top_fraction_count` largest of the non-negative flat `values` (ties at
-    the threshold go to the earlier position)."""
+    the threshold go to the earlier position), by the chunked selection of `select_top`."""
     if fraction >= 1:
         return ALL
-    return cut_from_values(values, top_fraction_count(values, fraction))
+    (cut,) = select_top(StoredValues(values), [top_fraction_count(values, fraction)], chunk_size(values))
+    return cut
