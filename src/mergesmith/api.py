@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
 import yaml
 
 from mergesmith.config.loader import ConfigLike, load_config
@@ -61,6 +62,16 @@ def parse_size(text: str | int) -> int:
     return max(1, int(number * base ** powers[unit]))
 
 
+def _mergekit_math_dtype(plan: MergePlan) -> torch.dtype:
+    """The dtype mergekit does its arithmetic in: the config's `dtype`, else the one the outputs share (the
+    models' stored dtype when nothing overrides it), else float32."""
+    declared = parse_dtype(plan.config.dtype, "dtype")
+    if declared is not None:
+        return declared
+    outputs = {t.output.dtype for t in plan.tasks if not t.copy_only}
+    return outputs.pop() if len(outputs) == 1 else torch.float32
+
+
 def prepare(
     config: ConfigLike,
     *,
@@ -107,8 +118,9 @@ def merge(
     random_seed: int = 0,
     overwrite: bool = False,
     allow_crimes: bool = False,
-    compute_dtype: str = "float32",
+    compute_dtype: str | None = None,
     tie_order: str = "position",
+    mergekit_numerics: bool = False,
     on_plan: Callable[[MergePlan], None] | None = None,
     on_progress: Callable[[int, str], None] | None = None,
 ) -> MergeResult:
@@ -118,15 +130,21 @@ def merge(
     `compute_dtype` (float32 by default; "bfloat16" reproduces mergekit's arithmetic on bf16 models, which
     rounds every intermediate). `tie_order` says how TIES, Breadcrumbs and SCE choose among entries tied at
     their selection threshold: "position" (the default, O(n)) or "mergekit" (its sort order, at its cost).
+    `mergekit_numerics` sets both as mergekit has them: the config's `dtype` (unless `compute_dtype` is
+    given) and mergekit's tie order.
     """
     started = time.perf_counter()
     out_path = Path(out_dir)
     max_shard = parse_size(out_shard_size)
     torch_device = resolve_device(device)
-    math_dtype = parse_dtype(compute_dtype, "--compute-dtype")
+    math_dtype = parse_dtype(compute_dtype, "--compute-dtype") if compute_dtype is not None else None
+    if mergekit_numerics:
+        tie_order = "mergekit"
     if tie_order not in TIE_ORDERS:
         raise ConfigError(f"--tie-order {tie_order!r}: expected one of {', '.join(TIE_ORDERS)}")
     plan = prepare(config, random_seed=random_seed, dtype=dtype, allow_crimes=allow_crimes)
+    if math_dtype is None:
+        math_dtype = _mergekit_math_dtype(plan) if mergekit_numerics else torch.float32
     check_output_target(out_path, overwrite)
     if on_plan is not None:
         on_plan(plan)

@@ -166,3 +166,23 @@ def test_bf16_compute_with_mergekit_ties_is_mergekits_arithmetic():
     ours = get_method("sce").func(models, base=base, select_topk=0.4, compute_dtype=torch.bfloat16, tie_order="mergekit",
                                   energy_floor=0.0)
     assert torch.equal(ours, mergekit_sce_bf16(base, models, 0.4))
+
+
+def test_mergekit_numerics_is_both_options_with_the_config_dtype(tmp_path):
+    import mergesmith
+    from fixtures import make_model, read_state
+    from mergesmith.cli import main
+
+    base = make_model(tmp_path / "base", dtype=torch.bfloat16)
+    fts = [make_model(tmp_path / f"ft{i}", seed=i, base=base, dtype=torch.bfloat16, delta_scale=0.01) for i in (1, 2)]
+    config = {"merge_method": "ties", "base_model": str(base), "dtype": "bfloat16",
+              "models": [{"model": str(f), "parameters": {"weight": 0.6, "density": 0.3}} for f in fts]}
+    mergesmith.merge(config, tmp_path / "both", compute_dtype="bfloat16", tie_order="mergekit")
+    mergesmith.merge(config, tmp_path / "default")
+    import yaml
+
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
+    assert main(["merge", str(tmp_path / "c.yml"), str(tmp_path / "switch"), "--mergekit-numerics", "--quiet"]) == 0
+    both, switch, default = (read_state(tmp_path / d) for d in ("both", "switch", "default"))
+    assert all(torch.equal(both[n], switch[n]) for n in both)
+    assert any(not torch.equal(both[n], default[n]) for n in both)

@@ -27,10 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=False, help="same as --device cuda (mergekit flag)")
     p.add_argument("--out-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB; as in mergekit '1B' means 10^9 bytes (default 5GB)")
     p.add_argument("--dtype", default=None, help="output dtype (float32, float16, bfloat16); overrides out_dtype/dtype of the config")
-    p.add_argument("--compute-dtype", default="float32", help="dtype of the math (default float32); bfloat16 reproduces mergekit's bf16 arithmetic on bf16 models")
+    p.add_argument("--compute-dtype", default=None, help="dtype of the math (default float32); bfloat16 reproduces mergekit's bf16 arithmetic on bf16 models")
     p.add_argument("--tie-order", default="position", choices=("position", "mergekit"),
                    help="how TIES, Breadcrumbs and SCE choose among entries tied at their threshold: position (default, fast) "
                         "or mergekit (its sort order: bit-equal masks on bf16 task vectors, at mergekit's speed)")  # fmt: skip
+    p.add_argument("--mergekit-numerics", action="store_true",
+                   help="mergekit's arithmetic, to reproduce its tensors: math in the config's dtype and --tie-order mergekit "
+                        "(slower for TIES, Breadcrumbs and SCE)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="validate and plan, print the plan, write nothing")
     p.add_argument("--quiet", "-q", action=argparse.BooleanOptionalAction, default=False, help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder that holds no previous merge")
@@ -91,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
             allow_crimes=args.allow_crimes,
             compute_dtype=args.compute_dtype,
             tie_order=args.tie_order,
+            mergekit_numerics=args.mergekit_numerics,
             on_plan=on_plan,
             on_progress=bar.update,
         )
