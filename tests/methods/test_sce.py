@@ -82,3 +82,19 @@ def test_variance_equals_torch_var_bit_for_bit():
     models = [base + 1e-3 * torch.randn(300_000, generator=g) for _ in range(3)]
     expected = torch.var(torch.stack([m - base for m in models]), dim=0, unbiased=False)
     assert torch.equal(variance_across([TaskVector(m, base) for m in models], 1 << 16), expected)
+
+
+def test_variance_of_two_equals_torch_var_bit_for_bit_at_extreme_scales():
+    # the two-model path (its own sequence of float64 operations): magnitudes 1e-30 to 1e30 apart, zeros,
+    # equal entries, float32 task vectors
+    from mergesmith.methods._sparsify import TaskVector, variance_across
+
+    g = torch.Generator().manual_seed(4)
+    n = 300_000
+    a = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 20).clamp(max=1e30)
+    b = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 20).clamp(max=1e30)
+    a[::5], b[::7] = 0, 0
+    b[::11] = a[::11]
+    zero = torch.zeros(n)
+    expected = torch.var(torch.stack([a, b]), dim=0, unbiased=False)
+    assert torch.equal(variance_across([TaskVector(a, zero), TaskVector(b, zero)], 1 << 16), expected)

@@ -766,6 +766,8 @@ def variance_across(tvs: Sequence[TaskVector], size: int) -> torch.Tensor:
     n = tvs[0].numel()
     out = torch.empty(n, dtype=tvs[0].dtype, device=tvs[0].device)
     delta = tvs[0].buffer(size)
+    if len(tvs) == 2:
+        return _variance_of_two(tvs, size, out, delta)
     for s, e in spans(n, size):
         mean = tvs[0].chunk(s, e, delta[: e - s]).to(torch.float64, copy=True)
         m2 = torch.zeros_like(mean)
@@ -776,6 +778,19 @@ def variance_across(tvs: Sequence[TaskVector], size: int) -> torch.Tensor:
             m2.add_(step.mul_(x.sub_(mean)))
         torch.div(m2, len(tvs), out=m2)
         out[s:e] = m2
+    return out
+
+
+def _variance_of_two(tvs: Sequence[TaskVector], size: int, out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """`variance_across` for two task vectors (the common SCE merge): the Welford loop's float64 operations
+    in the same order, minus its exact no-ops (adding to a zero m2; the halvings done as multiplications by
+    0.5): 8 passes over the chunk instead of 11, the same bits."""
+    for s, e in spans(out.numel(), size):
+        mean = tvs[0].chunk(s, e, delta[: e - s]).to(torch.float64, copy=True)
+        x = tvs[1].chunk(s, e, delta[: e - s]).to(torch.float64, copy=True)
+        step = x - mean
+        mean.add_(step, alpha=0.5)  # mean + step / 2: the product is exact, one rounding, as in the loop
+        out[s:e] = step.mul_(x.sub_(mean)).mul_(0.5)
     return out
 
 
