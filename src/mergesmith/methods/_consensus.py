@@ -32,12 +32,18 @@ def in_dtype(value: float, dtype: torch.dtype) -> float:
     return float(torch.tensor(value, dtype=dtype))
 
 
+def sum_into(deltas: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Σ deltas into `out` (of a wider dtype than the deltas: the sum rounds once, when read back)."""
+    out.copy_(deltas[0])
+    for d in deltas[1:]:
+        out.add_(d)
+    return out
+
+
 def elect_sign_into(deltas: Sequence[torch.Tensor], method: str, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """+1/-1 per entry, the majority sign of `deltas` (one chunk per model) by `method`, written into `out`."""
     if method == "sum":
-        out.copy_(deltas[0])
-        for d in deltas[1:]:
-            out.add_(d)
+        sum_into(deltas, out)
     elif method == "count":
         _sign_into(deltas[0], out)
         for d in deltas[1:]:

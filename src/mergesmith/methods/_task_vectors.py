@@ -19,7 +19,7 @@ import torch
 
 from mergesmith.methods import _sparsify
 from mergesmith.methods._consensus import (
-    CONSENSUS_METHODS, accumulation_dtype, disjoint_into, elect_sign_into, in_dtype, zero_to_one_,
+    CONSENSUS_METHODS, accumulation_dtype, disjoint_into, elect_sign_into, in_dtype, sum_into, zero_to_one_,
 )
 from mergesmith.methods.registry import Param
 
@@ -122,7 +122,7 @@ def merge_task_vectors(
             if wide:  # mergekit: the weighted deltas rounded, then summed
                 for d, w in zip(ds, ws):
                     d.mul_(w)
-                mixed.copy_(_sum_into(ds, total_into))
+                mixed.copy_(sum_into(ds, total_into))
             else:
                 mixed.zero_()
                 for d, w in zip(ds, ws):
@@ -143,14 +143,6 @@ def merge_task_vectors(
         if scale != 1.0:
             mixed.mul_(scale)
         mixed.add_(b)
-    return out
-
-
-def _sum_into(deltas: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    """Σ deltas into `out` (of a wider dtype than the deltas: the sum rounds once, when read back)."""
-    out.copy_(deltas[0])
-    for d in deltas[1:]:
-        out.add_(d)
     return out
 
 
