@@ -18,7 +18,6 @@ from mergesmith.device import resolve_device
 from mergesmith.errors import ConfigError
 from mergesmith.execute.pipeline import ExecutionOptions, execute_plan
 from mergesmith.io.model_card import render_model_card
-from mergesmith.methods import TIE_ORDERS
 from mergesmith.io.output_folder import (
     StagingFolder,
     check_output_target,
@@ -29,6 +28,7 @@ from mergesmith.io.output_folder import (
 from mergesmith.io.shard_writer import ShardWriter
 from mergesmith.io.tokenizer_output import resolve_chat_template, tokenizer_donor_name, write_chat_template
 from mergesmith.io.source_model import SourceModel
+from mergesmith.methods import TIE_ORDERS
 from mergesmith.plan.planner import MergePlan, parse_dtype, plan_merge
 from mergesmith.tokenizer.output import write_output_tokenizer
 from mergesmith.validate.compatibility import check_compatibility

@@ -381,6 +381,15 @@ def _l1_scale(before: torch.Tensor, after: torch.Tensor, dtype: torch.dtype, eps
     return torch.where(small, torch.ones_like(before), before / torch.where(small, torch.ones_like(after), after))
 
 
+def _masking_plan(tv: TaskVector, mask: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor | None], *,
+                  rescale: bool, size: int) -> Plan:
+    """The plan applying `mask`, with mergekit's L1 rescale factor when `rescale` (one more pass)."""
+    plan = Plan(mask)
+    if rescale:
+        _set_rescale(plan, tv, size)
+    return plan
+
+
 def _set_rescale(plan: Plan, tv: TaskVector, size: int) -> None:
     """Set `plan.scale` so the masked task vector keeps its L1 norm (mergekit's rescale), in one pass."""
     sel = selection_dtype(tv.dtype)
@@ -401,6 +410,7 @@ vectors, at mergekit's cost; see `docs/task_vector_methods.md`)."""
 
 
 def check_tie_order(tie_order: str) -> None:
+    """Raise for an unknown tie order; the methods that take one call it on entry."""
     if tie_order not in TIE_ORDERS:
         raise ValueError(f"unknown tie order {tie_order!r} (expected one of {', '.join(TIE_ORDERS)})")
 
@@ -415,10 +425,7 @@ def _index_mask_plan(tv: TaskVector, indices: torch.Tensor, *, rescale: bool, si
     """A plan keeping the entries at the flat `indices` (stored as a bool mask)."""
     stored = torch.zeros(tv.numel(), dtype=torch.bool, device=tv.device)
     stored[indices] = True
-    plan = Plan(_stored_mask(stored))
-    if rescale:
-        _set_rescale(plan, tv, size)
-    return plan
+    return _masking_plan(tv, _stored_mask(stored), rescale=rescale, size=size)
 
 
 def magnitude_plan(tv: TaskVector, density: float, *, rescale: bool, size: int, tie_order: str = "position") -> Plan | None:
@@ -426,7 +433,6 @@ def magnitude_plan(tv: TaskVector, density: float, *, rescale: bool, size: int, 
 
     density <= 0 (or an empty tensor) keeps nothing. A positive density always keeps at least one entry, as
     mergekit does (older mergekit asserted here instead). Ties at the threshold: see `TIE_ORDERS`."""
-    check_tie_order(tie_order)
     if density >= 1:
         return None
     n = tv.numel()
@@ -440,10 +446,7 @@ def magnitude_plan(tv: TaskVector, density: float, *, rescale: bool, size: int, 
     def mask(d, start, out):
         return cut.mask_into(_abs_into(d, out), start, out)
 
-    plan = Plan(mask)
-    if rescale:
-        _set_rescale(plan, tv, size)
-    return plan
+    return _masking_plan(tv, mask, rescale=rescale, size=size)
 
 
 def outliers_plan(tv: TaskVector, density: float, gamma: float, *, rescale: bool, size: int,
@@ -452,7 +455,6 @@ def outliers_plan(tv: TaskVector, density: float, gamma: float, *, rescale: bool
 
     When density + gamma > 1 the outlier cut shrinks so the kept count is still int(density * n). gamma = 0
     is plain magnitude trimming (with int(density * n), which may be 0, instead of max(1, ...))."""
-    check_tie_order(tie_order)
     if density >= 1:
         return None
     n = tv.numel()
@@ -478,10 +480,7 @@ def outliers_plan(tv: TaskVector, density: float, gamma: float, *, rescale: bool
         inside = kept.mask_into(a, start, a)
         return top if inside is None else top.mul_(inside)
 
-    plan = Plan(mask)
-    if rescale:
-        _set_rescale(plan, tv, size)
-    return plan
+    return _masking_plan(tv, mask, rescale=rescale, size=size)
 
 
 class RandomWords:
