@@ -11,10 +11,14 @@ sce = get_method("sce").func
 
 def reference(base, models, topk, consensus="sum", energy_floor=1e-6):
     tv = np.stack([m - base for m in models])
-    if topk < 1:
+    if topk < 1 and len(models) == 2:
+        # the variance of two models is (m1 - m2)^2 / 4: ranked by their difference, rounded once
+        var = np.abs(models[0] - models[1]).ravel()
+    elif topk < 1:
         # torch.var is mergekit's definition; its float64 Welford rounding decides ties that numpy's
         # two-pass formula would split differently on quantized deltas
         var = torch.var(torch.tensor(tv), dim=0, unbiased=False).numpy().ravel()
+    if topk < 1:
         k = int(np.count_nonzero(var) * topk) if topk > 0 else 0
         mask = np.zeros(var.size, bool)
         mask[np.argsort(-var, kind="stable")[:k]] = True
@@ -98,3 +102,21 @@ def test_variance_of_two_equals_torch_var_bit_for_bit_at_extreme_scales():
     zero = torch.zeros(n)
     expected = torch.var(torch.stack([a, b]), dim=0, unbiased=False)
     assert torch.equal(variance_across([TaskVector(a, zero), TaskVector(b, zero)], 1 << 16), expected)
+
+
+def test_two_models_select_by_their_difference_exactly_as_by_the_variance():
+    # integer task vectors: torch.var is exact, and many entries tie. Two models are selected by |m1 - m2|
+    # (streamed, no variance tensor); the kept set, ties by position across chunks included, must be the
+    # one the variance gives
+    r = np.random.default_rng(11)
+    base = r.integers(-50, 50, size=(800, 700)).astype(np.float64)
+    models = [base + r.integers(-6, 7, size=base.shape) for _ in range(2)]
+    tv = np.stack([m - base for m in models])
+    var = torch.var(torch.tensor(tv), dim=0, unbiased=False).numpy().ravel()
+    k = int(np.count_nonzero(var) * 0.37)
+    kept = np.zeros(var.size, bool)
+    kept[np.argsort(-var, kind="stable")[:k]] = True
+    assert np.sort(var)[::-1][k - 1] == np.sort(var)[::-1][k]  # the cut falls inside a block of ties
+    out = ref.call("sce", base, models, select_topk=0.37)
+    masked = tv * kept.reshape(base.shape)
+    np.testing.assert_allclose(out, reference(base, [base + d for d in masked], 1.0), atol=1e-12)

@@ -11,7 +11,8 @@ entries and applies the L1 rescale factor. The steps follow mergekit's semantics
 * `della_plan`: DELLA: per-row keep probabilities ranging linearly from density - epsilon (smallest
   magnitude of the row) to density + epsilon (largest); equal magnitudes share their average rank.
 * `rescale`: after masking, scale so the L1 norm matches the unmasked vector (mergekit's `rescale`).
-* `variance_across` / `top_fraction_keep`: SCE's selection by variance across the models.
+* `variance_across` / `select_top_fraction`: SCE's selection by variance across the models (for two models,
+  by their difference, which ranks entries as the variance does).
 
 Why it is fast on a CPU:
 
@@ -167,13 +168,13 @@ def _sample_step(n: int) -> int:
     return (n // samples) | 1
 
 
-def _window(sample: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _window(sample: torch.Tensor, n: int, k: int, widen: float = 1.0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """A value window [lo, hi] that holds the k-th largest of n values with near certainty, from a sample
-    (either side None when open)."""
+    (either side None when open); `widen` scales the margin when k itself is an estimate."""
     s = sample.numel()
     q = (n - k + 0.5) / n
     centre = q * s
-    margin = 4.0 * math.sqrt(s * q * (1 - q)) + 8.0
+    margin = widen * 4.0 * math.sqrt(s * q * (1 - q)) + 8.0
     lo_rank = int(centre - margin)
     hi_rank = int(math.ceil(centre + margin))
     lo = torch.kthvalue(sample, lo_rank).values if lo_rank >= 1 else None
@@ -260,27 +261,55 @@ def select_top(tv: TaskVector, ks: Sequence[int], size: int) -> list[Cut]:
     that missed falls back to whole-tensor selection.
     """
     n = tv.numel()
-    cuts: list[Cut | None] = [(NONE if k <= 0 else ALL if k >= n else None) for k in ks]
-    todo = [j for j, c in enumerate(cuts) if c is None]
-    if not todo:
-        return cuts  # type: ignore[return-value]
+    if all(k <= 0 or k >= n for k in ks):
+        return [NONE if k <= 0 else ALL for k in ks]
+    return _select(tv, size, list(ks), lambda nonzero: list(ks))
+
+
+def select_top_fraction(tv: TaskVector, fraction: float, size: int) -> Cut:
+    """The Cut of the `top_fraction_count` largest magnitudes, the fraction counting the non-zero ones (SCE's
+    selection), in `select_top`'s single pass: the sample estimates the non-zero count to place the window
+    (widened for the estimate's error) and the pass counts it exactly, so no separate counting pass."""
+    if fraction <= 0:
+        return NONE
+    if fraction >= 1:
+        return ALL
+
+    def ks(nonzero: int) -> list[int]:
+        return [top_fraction_count(nonzero, fraction)]
+
+    return _select(tv, size, None, ks)[0]
+
+
+def _select(tv: TaskVector, size: int, targets: list[int] | None, exact_ks: Callable[[int | None], list[int]]) -> list[Cut]:
+    """`select_top`'s pass. `targets` are the ranks the windows bracket; None: estimate them as
+    `exact_ks(non-zero count in the sample, scaled to n)`, and count the non-zero entries in the pass, whose
+    exact count `exact_ks` turns into the ranks to cut at."""
+    n = tv.numel()
+    counting = targets is None
     if n <= max(size, _SMALL):
         values = _abs_into(tv.whole())
-        return [cut_from_values(values, k) if c is None else c for c, k in zip(cuts, ks)]
+        return [cut_from_values(values, k) for k in exact_ks(int(torch.count_nonzero(values)) if counting else None)]
     sel = selection_dtype(tv.dtype)
     sample = _abs_into(tv.sample(_sample_step(n))).contiguous()
-    windows = {j: _window(sample, n, ks[j]) for j in todo}
+    if counting:
+        targets = exact_ks(round(int(torch.count_nonzero(sample)) * n / sample.numel()))
+    todo = list(range(len(targets)))
+    windows = {j: _window(sample, n, min(max(targets[j], 1), n), widen=1.5 if counting else 1.0) for j in todo}
     if any(lo is None and hi is None for lo, hi in windows.values()):
         values = _abs_into(tv.whole())
-        return [cut_from_values(values, k) if c is None else c for c, k in zip(cuts, ks)]
+        return [cut_from_values(values, k) for k in exact_ks(int(torch.count_nonzero(values)) if counting else None)]
     single = {j: float(lo) for j, (lo, hi) in windows.items() if lo is not None and hi is not None and bool(lo == hi)}
     above = {j: torch.zeros((), dtype=torch.float64) for j in todo}  # counts: exact past 2^24, unlike float32
     equal: dict[int, list[torch.Tensor]] = {j: [] for j in single}
     found: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {j: [] for j in todo if j not in single}
+    nonzero = 0
     chunks = spans(n, size)
     buf, abuf, scratch = tv.buffer(size), tv.buffer(size, sel), tv.buffer(size, sel)
     for s, e in chunks:
         a = _abs_into(tv.chunk(s, e, buf[: e - s]), abuf[: e - s])
+        if counting:
+            nonzero += int(torch.count_nonzero(a))
         for j in todo:
             lo, hi = windows[j]
             if j in single:
@@ -298,13 +327,17 @@ def select_top(tv: TaskVector, ks: Sequence[int], size: int) -> list[Cut]:
                 inside = a >= lo
             where = torch.nonzero(inside).flatten()
             found[j].append((a[where], where + s))
-    for j in todo:
-        k, n_above = ks[j], int(above[j])
+    cuts: list[Cut] = []
+    for j, k in enumerate(exact_ks(nonzero) if counting else targets):
+        n_above = int(above[j])
+        if k <= 0 or k >= n:
+            cuts.append(NONE if k <= 0 else ALL)
+            continue
         if j in single:
             v, counts = single[j], torch.stack(equal[j]).to(torch.int64)
             n_equal = int(counts.sum())
             if n_above < k <= n_above + n_equal:
-                cuts[j] = _cut(torch.tensor(v, dtype=torch.float64), n_above + n_equal, n_above, k, lambda m: _nth_equal(tv, v, counts, m, chunks))
+                cuts.append(_cut(torch.tensor(v, dtype=torch.float64), n_above + n_equal, n_above, k, lambda m: _nth_equal(tv, v, counts, m, chunks)))
                 continue
         else:
             window = torch.cat([v for v, _ in found[j]])
@@ -314,10 +347,10 @@ def select_top(tv: TaskVector, ks: Sequence[int], size: int) -> list[Cut]:
                 threshold = torch.kthvalue(window, window.numel() - need + 1).values
                 n_ge = n_above + int(torch.count_nonzero(window >= threshold))
                 n_gt = n_above + int(torch.count_nonzero(window > threshold))
-                cuts[j] = _cut(threshold, n_ge, n_gt, k, lambda m: int(positions[window == threshold][m - 1]))
+                cuts.append(_cut(threshold, n_ge, n_gt, k, lambda m: int(positions[window == threshold][m - 1])))
                 continue
-        cuts[j] = cut_from_values(_abs_into(tv.whole()), k)
-    return cuts  # type: ignore[return-value]
+        cuts.append(cut_from_values(_abs_into(tv.whole()), k))
+    return cuts
 
 
 def _nth_equal(tv: TaskVector, value: float, counts: torch.Tensor, m: int, chunks: list[tuple[int, int]]) -> int:
@@ -793,15 +826,6 @@ def _variance_of_two(tvs: Sequence[TaskVector], size: int, out: torch.Tensor, de
     return out
 
 
-def top_fraction_count(values: torch.Tensor, fraction: float) -> int:
-    """SCE's selection size: int(fraction * m), m counting the non-zero `values`."""
-    return int(int(torch.count_nonzero(values)) * fraction) if fraction > 0 else 0
-
-
-def top_fraction_keep(values: torch.Tensor, fraction: float) -> Cut:
-    """SCE's selection: the Cut of the `top_fraction_count` largest of the non-negative flat `values` (ties at
-    the threshold go to the earlier position), by the chunked selection of `select_top`."""
-    if fraction >= 1:
-        return ALL
-    (cut,) = select_top(StoredValues(values), [top_fraction_count(values, fraction)], chunk_size(values))
-    return cut
+def top_fraction_count(nonzero: int, fraction: float) -> int:
+    """SCE's selection size: int(fraction * m) of the m entries with non-zero variance."""
+    return int(nonzero * fraction) if fraction > 0 else 0

@@ -2,7 +2,8 @@
 weights from the task vectors' energy, Erase entries that disagree with the elected sign, then merge.
 
     δᵢ = modelᵢ − base, masked to the top `select_topk` fraction of entries by variance across models
-         (the fraction counts entries of non-zero variance; 1 selects everything)
+         (the fraction counts entries of non-zero variance; 1 selects everything; ties go to the earlier
+         entry, or to the entries mergekit's topk picks under `--tie-order mergekit`)
     ηᵢ = mean(δᵢ²) / Σⱼ mean(δⱼ²)
     out = base + Σᵢ ηᵢ·mᵢ·δᵢ / max(Σᵢ ηᵢ·mᵢ, 1e-6),   mᵢ = sign agreement with the elected sign
 
@@ -23,7 +24,8 @@ import torch
 
 from mergesmith.methods._consensus import CONSENSUS_METHODS, accumulation_dtype, disjoint_into, elect_sign_into
 from mergesmith.methods._sparsify import (
-    TaskVector, check_tie_order, chunk_size, selection_dtype, spans, top_fraction_count, top_fraction_keep, variance_across,
+    StoredValues, TaskVector, check_tie_order, chunk_size, select_top_fraction, selection_dtype, spans, top_fraction_count,
+    variance_across,
 )
 from mergesmith.methods._task_vectors import CONSENSUS
 from mergesmith.methods.registry import Param, merge_method
@@ -39,18 +41,37 @@ def sce_weights(energy: torch.Tensor, energy_floor: float = 0.0) -> torch.Tensor
     return energy / total
 
 
-def _task_vector_chunks(tvs, keep, size):
-    """Yield (start, end, [masked task vector chunk per model]), reusing buffers; `keep` is a uint8 0/1 mask
-    of the selected entries, or None for all."""
+def _task_vector_chunks(tvs, member, size):
+    """Yield (start, end, [masked task vector chunk per model]), reusing buffers; `member(s, e, out)` writes
+    the 0/1 selection of [s, e) into `out` (selection dtype) and returns it, or None for all."""
     bufs = [tv.buffer(size) for tv in tvs]
     mask = tvs[0].buffer(size, selection_dtype(tvs[0].dtype))
     for s, e in spans(tvs[0].numel(), size):
         ds = [tv.chunk(s, e, buf[: e - s]) for tv, buf in zip(tvs, bufs)]
-        if keep is not None:
-            member = mask[: e - s].copy_(keep[s:e])  # uint8 -> float converts fast (bool would not)
+        selected = member(s, e, mask[: e - s])
+        if selected is not None:
             for d in ds:
-                d.mul_(member)
+                d.mul_(selected)
         yield s, e, ds
+
+
+def _selection(tvs, fraction: float, size: int, tie_order: str):
+    """SCE's selection as `member(s, e, out)` (see `_task_vector_chunks`): the top `fraction` of the entries
+    of non-zero variance across the models.
+
+    Two models under the position tie order (the common merge): their variance is (m1 - m2)^2 / 4, so the
+    difference of the two models, rounded once, ranks the entries as their exact variance does. It is
+    streamed, so neither a variance tensor nor a stored mask is made, and its float32 rounding merges fewer
+    entries into ties than the variance's would. Otherwise the variance is computed as mergekit computes it
+    (bit for bit) and the mask is stored."""
+    if fraction >= 1:
+        return lambda s, e, out: None
+    if tie_order == "position" and len(tvs) == 2:
+        spread = TaskVector(tvs[0].model, tvs[1].model, selection_dtype(tvs[0].dtype))
+        cut = select_top_fraction(spread, fraction, size)
+        return lambda s, e, out: cut.mask_into(spread.chunk(s, e, out).abs_(), s, out)
+    keep = _top_variance(tvs, fraction, size, tie_order)
+    return lambda s, e, out: out.copy_(keep[s:e])  # uint8 -> float converts fast (bool would not)
 
 
 def _top_variance(tvs, fraction: float, size: int, tie_order: str) -> torch.Tensor:
@@ -59,9 +80,10 @@ def _top_variance(tvs, fraction: float, size: int, tie_order: str) -> torch.Tens
     variance = variance_across(tvs, size)
     if tie_order == "mergekit":  # the same topk call as mergekit, so equal variances are chosen alike
         keep = torch.zeros(variance.shape, dtype=torch.uint8, device=variance.device)
-        keep[torch.topk(variance.abs(), k=top_fraction_count(variance, fraction), largest=True).indices] = 1
+        k = top_fraction_count(int(torch.count_nonzero(variance)), fraction)
+        keep[torch.topk(variance.abs(), k=k, largest=True).indices] = 1
         return keep
-    cut = top_fraction_keep(variance, fraction)
+    cut = select_top_fraction(StoredValues(variance), fraction, size)
     keep = torch.ones(variance.shape, dtype=torch.uint8, device=variance.device)
     buf = tvs[0].buffer(size, selection_dtype(variance.dtype))
     for s, e in spans(variance.numel(), size):
@@ -98,9 +120,10 @@ def sce(
 ) -> torch.Tensor:
     """Select by variance, weight by energy, erase minority signs, merge.
 
-    Three chunked passes over the inputs (variance, energies, merge); the task vectors are recomputed per
-    chunk instead of being stacked, so the full-size allocations are the output and the variance. The work is
-    done in `compute_dtype` (default: the base's); the inputs may be stored in another (bf16 as read).
+    Chunked passes over the inputs (selection, energies, merge); the task vectors are recomputed per chunk
+    instead of being stacked, so the only full-size allocation is the output (plus the variance and a stored
+    mask where `_selection` needs them). The work is done in `compute_dtype` (default: the base's); the
+    inputs may be stored in another (bf16 as read).
     """
     if not tensors:
         return base.to(compute_dtype or base.dtype)
@@ -111,9 +134,9 @@ def sce(
     flat_base = base.reshape(-1)
     tvs = [TaskVector(t, base, dtype) for t in tensors]
     check_tie_order(tie_order)
-    keep = _top_variance(tvs, select_topk, size, tie_order) if select_topk < 1 else None
+    member = _selection(tvs, select_topk, size, tie_order)
     energy = torch.zeros(len(tvs), dtype=torch.float64, device=device)
-    for _, _, ds in _task_vector_chunks(tvs, keep, size):
+    for _, _, ds in _task_vector_chunks(tvs, member, size):
         for i, d in enumerate(ds):
             # 16-bit dtypes square in the dtype (rounded), as mergekit's `tvs.square().mean()` does
             energy[i] += torch.dot(d, d) if d.dtype in (torch.float32, torch.float64) else d.square().float().sum()
@@ -124,7 +147,7 @@ def sce(
     acc = accumulation_dtype(dtype)  # sums across models: float32 for 16-bit dtypes, rounded once
     vote, scratch, divisor, sums = (torch.empty(width, dtype=acc, device=device) for _ in range(4))
     narrow = torch.empty(width, dtype=dtype, device=device) if acc != dtype else None
-    for s, e, ds in _task_vector_chunks(tvs, keep, size):
+    for s, e, ds in _task_vector_chunks(tvs, member, size):
         m = e - s
         majority = elect_sign_into(ds, consensus_method, vote[:m], scratch[:m])
         mixed, div = flat_out[s:e], divisor[:m]
