@@ -15,6 +15,7 @@ import sys
 from typing import Sequence
 
 from mergesmith.errors import MergesmithError
+from mergesmith.runtime import tune_for_streaming
 
 COMMANDS = ("merge", "demo", "check", "methods", "eval", "convert", "export_gguf", "analyze", "report")
 
@@ -25,6 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    tune_for_streaming()
     try:
         return args.handler(args)
     except MergesmithError as exc:

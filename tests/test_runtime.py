@@ -1,0 +1,33 @@
+"""The command line's process settings (mergesmith.runtime): made before torch loads, user settings win."""
+
+import os
+import subprocess
+import sys
+
+PROBE = (
+    "import os, sys; from mergesmith.runtime import tune_for_streaming; tune_for_streaming(); "
+    "print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+)
+
+
+def _probe(**env):
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def test_spin_count_is_set_before_torch_loads():
+    assert _probe() == ["3000", "False"]
+
+
+def test_user_settings_win():
+    assert _probe(GOMP_SPINCOUNT="77")[0] == "77"
+    assert _probe(OMP_WAIT_POLICY="PASSIVE")[0] == "None"  # a wait policy of their own: no spin count added
+
+
+def test_cli_applies_it(tmp_path):
+    # `mergesmith methods` goes through main(): the variable must be in the environment torch would see
+    code = "import os, sys; from mergesmith.cli import main; main(['methods']); print('SPIN', os.environ.get('GOMP_SPINCOUNT'))"
+    clean = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "SPIN 3000"
