@@ -13,6 +13,10 @@ shards through the kernel. On a machine with few cores two defaults of the C run
   for about 150 MB more peak RSS. (Raising the mmap threshold alone is worse: the heap is then trimmed
   after every free, and DELLA took 9 million faults.)
 
+Not set: PyTorch's `THP_MEM_ALLOC_ENABLE` (huge pages for tensors of 2 MB and more). It took linear from 6.1
+to 5.0 s but DELLA from 16.6 to 22.8 s and SCE from 13.1 to 14.6 s, the kernel compacting memory for the
+huge pages as intermediates come and go.
+
 Settings the user made (environment variables) win. Library callers (`mergesmith.merge` in their own
 process) are not touched: these are process-wide choices that belong to whoever owns the process.
 """

@@ -95,22 +95,22 @@ def read_tensor(stored: StoredTensor, rows: tuple[int, int] | None = None) -> to
         start, end = start + rows[0] * row_bytes, start + rows[1] * row_bytes
         shape[0] = rows[1] - rows[0]
     size = end - start
-    buffer = bytearray(size)
-    if size:
-        fd = os.open(stored.file, os.O_RDONLY)
-        try:
-            view = memoryview(buffer)
-            done = 0
-            while done < size:
-                got = os.preadv(fd, [view[done:]], start + done)
-                if got == 0:
-                    raise SafetensorsFormatError(f"{stored.file}: file ends inside tensor data")
-                done += got
-        finally:
-            os.close(fd)
     if size == 0:
         return torch.empty(shape, dtype=stored.dtype)
-    return torch.frombuffer(buffer, dtype=stored.dtype).reshape(shape)
+    # torch's allocator, not a bytearray: no zero-fill before the read, and huge pages where enabled
+    buffer = torch.empty(size, dtype=torch.uint8)
+    fd = os.open(stored.file, os.O_RDONLY)
+    try:
+        view = memoryview(buffer.numpy())
+        done = 0
+        while done < size:
+            got = os.preadv(fd, [view[done:]], start + done)
+            if got == 0:
+                raise SafetensorsFormatError(f"{stored.file}: file ends inside tensor data")
+            done += got
+    finally:
+        os.close(fd)
+    return buffer.view(stored.dtype).reshape(shape)
 
 
 def encode_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
