@@ -32,7 +32,7 @@ class ExecutionOptions:
     # Inputs read ahead of the computation (counted in compute-dtype bytes). Reads are a small share of the
     # time (bench/speed.py), so a few tensors' worth keeps the reader busy without growing peak memory.
     prefetch_bytes: int = 384 << 20
-    chunk_bytes: int = 64 << 20  # elementwise tensors larger than this (in compute dtype) go in row chunks
+    chunk_bytes: int = 24 << 20  # elementwise tensors larger than this (in compute dtype) go in row chunks
     max_pending_writes: int = 4
 
 
