@@ -76,3 +76,28 @@ def test_float32_and_bfloat16_inputs():
         out = ties([torch.tensor(m, dtype=dtype) for m in models], base=torch.tensor(base, dtype=dtype),
                    weight=[1, 1], density=[0.5, 0.5])
         assert out.dtype == dtype and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_plans_built_concurrently_equal_plans_built_in_turn(method, monkeypatch):
+    # with several torch threads the models' plans are built on threads of their own; the output must be
+    # bit-identical to building them one after the other (one torch thread takes that path)
+    from mergesmith.methods import _task_vectors
+
+    calls = []
+    build = _task_vectors._build_plans
+    monkeypatch.setattr(_task_vectors, "_build_plans", lambda *a: calls.append(a[3] and torch.get_num_threads() > 1) or build(*a))
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(700, 800, generator=g)  # two streaming chunks and more
+    models = [base + torch.randn(base.shape, generator=g) * 0.01 for _ in range(3)]
+    func, kwargs = get_method(method).func, dict(weight=[0.5, 0.3, 0.2], density=[0.4, 0.5, 0.6])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        together = func(models, base=base, **kwargs)
+        torch.set_num_threads(1)
+        in_turn = func(models, base=base, **kwargs)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [True, False]
+    assert torch.equal(together, in_turn)

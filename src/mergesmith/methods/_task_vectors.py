@@ -13,6 +13,7 @@ sum with |Σ w| < 1e-8 is treated as 1. Both as in mergekit's generalized task a
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import torch
@@ -59,6 +60,30 @@ Sparsifier = Callable[["_sparsify.TaskVector", int, int], "_sparsify.Plan | None
 (see `_sparsify.Plan`), or None to keep it whole. Plans are made in model order (random draws)."""
 
 
+_PLANNERS: ThreadPoolExecutor | None = None
+
+
+def _build_plans(sparsify: Sparsifier | None, tvs: list, size: int, concurrent: bool) -> list:
+    """One sparsification plan per task vector. With `concurrent`, on CPU, with several models and several
+    torch threads, the plans are built at once on threads of their own, torch running one thread each
+    meanwhile: a plan's selection pass is a chain of small ops that OpenMP splits poorly between two cores
+    also serving the shard reader and writer (1B, 2 cores: ties 14.7 -> 13.3 s, breadcrumbs 13.6 -> 12.7).
+    Random plans must not: each draws its seed from the shared generator, in model order."""
+    global _PLANNERS
+    if sparsify is None:
+        return [None] * len(tvs)
+    threads = torch.get_num_threads()
+    if not concurrent or len(tvs) < 2 or threads < 2 or tvs[0].device.type != "cpu":
+        return [sparsify(tv, i, size) for i, tv in enumerate(tvs)]
+    if _PLANNERS is None:
+        _PLANNERS = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergesmith-plan")
+    torch.set_num_threads(1)
+    try:
+        return [job.result() for job in [_PLANNERS.submit(sparsify, tv, i, size) for i, tv in enumerate(tvs)]]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def merge_task_vectors(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -69,8 +94,10 @@ def merge_task_vectors(
     normalize: bool,
     scale: float,
     dtype: torch.dtype | None = None,
+    concurrent_plans: bool = False,
 ) -> torch.Tensor:
     """base + scale · (sparsified, weighted, optionally sign-agreeing) task vectors; see the module docstring.
+    `concurrent_plans`: the plans are independent of their order (no random draws), see `_build_plans`.
 
     Streams over cache-sized chunks (`_sparsify.chunk_size`): the task vectors are recomputed per chunk
     from the inputs instead of being stored, and the only full-size allocation is the output (plus one bool
@@ -87,7 +114,7 @@ def merge_task_vectors(
     size = _sparsify.chunk_size(base)
     flat_base = base.reshape(-1)
     tvs = [_sparsify.TaskVector(t, base, dtype) for t in tensors]
-    plans = [sparsify(tv, i, size) if sparsify is not None else None for i, tv in enumerate(tvs)]
+    plans = _build_plans(sparsify, tvs, size, concurrent_plans)
     out = torch.empty(base.shape, dtype=dtype, device=base.device)
     flat_out = out.view(-1)
     if n == 0:

@@ -29,6 +29,7 @@ def _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lamb
         tensors, base, weight,
         sparsify=lambda tv, i, size: outliers_plan(tv, dens[i], gam[i], rescale=rescale, size=size, tie_order=tie_order),
         consensus=consensus, normalize=normalize, scale=lambda_, dtype=dtype,
+        concurrent_plans=True,
     )
 
 

@@ -48,4 +48,5 @@ def ties(
         tensors, base, weight,
         sparsify=lambda tv, i, size: magnitude_plan(tv, dens[i], rescale=rescale, size=size, tie_order=tie_order),
         consensus=consensus_method, normalize=normalize, scale=lambda_, dtype=compute_dtype,
+        concurrent_plans=True,
     )
