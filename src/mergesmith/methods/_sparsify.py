@@ -41,6 +41,7 @@ seeds each tensor from the seed and the tensor's name; mergekit draws one global
 from __future__ import annotations
 
 import math
+import threading
 from contextlib import contextmanager, nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Sequence
@@ -400,7 +401,8 @@ class Plan:
     rescale factor `scale` when set.
 
     `mask(d, start, out)` writes the chunk's 0/1 keep mask into `out` (selection dtype) and returns it, or
-    returns None to keep everything."""
+    returns None to keep everything. It may be called from several threads at once (the merge pass splits
+    its chunks across threads), so any buffer of its own must be per thread."""
 
     def __init__(self, mask: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor | None] | None, *, zero: bool = False):
         self.mask, self.zero = mask, zero
@@ -428,7 +430,16 @@ class L1Norms:
         self.after = torch.zeros((), dtype=torch.float64, device=device)
 
     def add(self, a: torch.Tensor, keep: torch.Tensor | None) -> None:
-        """Add the chunk of magnitudes `a` and its masked part (`keep`: 0/1 of a's dtype; None keeps all)."""
+        """Add the chunk of magnitudes `a` and its masked part (`keep`: 0/1 of a's dtype; None keeps all).
+        On CPU `a` is overwritten: numpy's pairwise sums add in the same order whatever the thread count,
+        where torch's sum and dot split the chunk by thread (so the rescale factor, and DARE's output, moved
+        by an ulp between machines with different core counts)."""
+        if a.device.type == "cpu":
+            x = a.numpy()
+            whole = float(np.add.reduce(x))
+            self.before += whole
+            self.after += whole if keep is None else float(np.add.reduce(np.multiply(x, keep.numpy(), out=x)))
+            return
         whole = a.sum()
         self.before += whole
         self.after += whole if keep is None else torch.dot(a, keep)
@@ -532,10 +543,12 @@ def outliers_plan(tv: TaskVector, density: float, gamma: float, *, rescale: bool
     dropped_top = n - bottom_n - keep_n
     # Ascending ranks [bottom_n, bottom_n + keep_n): the top (n - bottom_n) minus the top dropped_top.
     kept, dropped = select_top(tv, [n - bottom_n, dropped_top], size)
-    scratch = tv.buffer(size, selection_dtype(tv.dtype))
+    own = threading.local()  # a magnitudes buffer per thread: the merge may apply a plan from several
 
     def mask(d, start, out):
-        a = _abs_into(d, scratch[: d.numel()])
+        if getattr(own, "scratch", None) is None:
+            own.scratch = tv.buffer(size, selection_dtype(tv.dtype))
+        a = _abs_into(d, own.scratch[: d.numel()])
         top = dropped.mask_into(a, start, out)
         if top is None:
             return out.zero_()
