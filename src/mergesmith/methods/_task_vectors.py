@@ -60,28 +60,36 @@ Sparsifier = Callable[["_sparsify.TaskVector", int, int], "_sparsify.Plan | None
 (see `_sparsify.Plan`), or None to keep it whole. Plans are made in model order (random draws)."""
 
 
-_PLANNERS: ThreadPoolExecutor | None = None
+_WORKERS: ThreadPoolExecutor | None = None
+
+
+def _together(jobs: list[Callable[[], object]], device: torch.device) -> list:
+    """Run independent jobs on threads of their own, torch running one thread each meanwhile, when on CPU
+    with several torch threads; otherwise in turn. Streamed passes are chains of small ops (and numpy
+    scans) that OpenMP splits poorly between two cores that also serve the shard reader and writer; whole
+    chunks or plans per thread use them better (1B, 2 cores: ties 14.7 -> 13.3 s, breadcrumbs 13.6 ->
+    12.7 s from the plans alone)."""
+    global _WORKERS
+    threads = torch.get_num_threads()
+    if len(jobs) < 2 or threads < 2 or device.type != "cpu":
+        return [job() for job in jobs]
+    if _WORKERS is None:
+        _WORKERS = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergesmith-work")
+    torch.set_num_threads(1)
+    try:
+        return [future.result() for future in [_WORKERS.submit(job) for job in jobs]]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _build_plans(sparsify: Sparsifier | None, tvs: list, size: int, concurrent: bool) -> list:
-    """One sparsification plan per task vector. With `concurrent`, on CPU, with several models and several
-    torch threads, the plans are built at once on threads of their own, torch running one thread each
-    meanwhile: a plan's selection pass is a chain of small ops that OpenMP splits poorly between two cores
-    also serving the shard reader and writer (1B, 2 cores: ties 14.7 -> 13.3 s, breadcrumbs 13.6 -> 12.7).
-    Random plans must not: each draws its seed from the shared generator, in model order."""
-    global _PLANNERS
+    """One sparsification plan per task vector; with `concurrent`, built `_together`. Random plans must not
+    be: each draws its seed from the shared generator, in model order."""
     if sparsify is None:
         return [None] * len(tvs)
-    threads = torch.get_num_threads()
-    if not concurrent or len(tvs) < 2 or threads < 2 or tvs[0].device.type != "cpu":
+    if not concurrent:
         return [sparsify(tv, i, size) for i, tv in enumerate(tvs)]
-    if _PLANNERS is None:
-        _PLANNERS = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergesmith-plan")
-    torch.set_num_threads(1)
-    try:
-        return [job.result() for job in [_PLANNERS.submit(sparsify, tv, i, size) for i, tv in enumerate(tvs)]]
-    finally:
-        torch.set_num_threads(threads)
+    return _together([lambda tv=tv, i=i: sparsify(tv, i, size) for i, tv in enumerate(tvs)], tvs[0].device)
 
 
 def merge_task_vectors(
@@ -119,57 +127,65 @@ def merge_task_vectors(
     flat_out = out.view(-1)
     if n == 0:
         return out
-    width = min(size, n)
-    deltas = [torch.empty(width, dtype=dtype, device=base.device) for _ in tensors]
-    mask_buf = torch.empty(width, dtype=_sparsify.selection_dtype(dtype), device=base.device)
     # 16-bit dtypes: weights rounded to the dtype and sums across models in float32 rounded once, which is
     # mergekit's arithmetic there (bf16 weight tensors, `sum(dim=0)`); wider dtypes: unchanged
     acc = accumulation_dtype(dtype)
     wide = acc != dtype
     ws = [in_dtype(float(w), dtype) if wide else float(w) for w in weights]
     total = in_dtype(sum(ws), dtype) if wide else float(sum(ws))
-    scratch = torch.empty(width, dtype=acc, device=base.device)
-    sums = torch.empty(width, dtype=acc, device=base.device) if wide else None
-    narrow = torch.empty(width, dtype=dtype, device=base.device) if wide else None
-    if consensus is not None:
-        votes = torch.empty(width, dtype=acc, device=base.device)
-        divisor = torch.empty(width, dtype=acc, device=base.device)
-    for s, e in _sparsify.spans(n, size):
-        m = e - s
-        b = flat_base[s:e]
-        mixed = flat_out[s:e]
-        ds = []
-        for tv, plan, buf in zip(tvs, plans, deltas):
-            d = tv.chunk(s, e, buf[:m])
-            if plan is not None:
-                plan.apply(d, s, mask_buf[:m])
-            ds.append(d)
-        total_into = sums[:m] if wide else mixed
-        if consensus is None:
-            if wide:  # mergekit: the weighted deltas rounded, then summed
+
+    def merge_chunks(chunks: list[tuple[int, int]]) -> None:
+        """The merge of the chunks' spans into `out`, with buffers of its own (chunks are independent)."""
+        width = max(e - s for s, e in chunks)
+        deltas = [torch.empty(width, dtype=dtype, device=base.device) for _ in tensors]
+        mask_buf = torch.empty(width, dtype=_sparsify.selection_dtype(dtype), device=base.device)
+        scratch = torch.empty(width, dtype=acc, device=base.device)
+        sums = torch.empty(width, dtype=acc, device=base.device) if wide else None
+        narrow = torch.empty(width, dtype=dtype, device=base.device) if wide else None
+        if consensus is not None:
+            votes = torch.empty(width, dtype=acc, device=base.device)
+            divisor = torch.empty(width, dtype=acc, device=base.device)
+        for s, e in chunks:
+            m = e - s
+            b = flat_base[s:e]
+            mixed = flat_out[s:e]
+            ds = []
+            for tv, plan, buf in zip(tvs, plans, deltas):
+                d = tv.chunk(s, e, buf[:m])
+                if plan is not None:
+                    plan.apply(d, s, mask_buf[:m])
+                ds.append(d)
+            total_into = sums[:m] if wide else mixed
+            if consensus is None:
+                if wide:  # mergekit: the weighted deltas rounded, then summed
+                    for d, w in zip(ds, ws):
+                        d.mul_(w)
+                    mixed.copy_(sum_into(ds, total_into))
+                else:
+                    mixed.zero_()
+                    for d, w in zip(ds, ws):
+                        mixed.add_(d, alpha=w)
+                if normalize and abs(total) >= 1e-8:
+                    mixed.div_(total)
+            else:
                 for d, w in zip(ds, ws):
                     d.mul_(w)
-                mixed.copy_(sum_into(ds, total_into))
-            else:
-                mixed.zero_()
-                for d, w in zip(ds, ws):
-                    mixed.add_(d, alpha=w)
-            if normalize and abs(total) >= 1e-8:
-                mixed.div_(total)
-        else:
-            for d, w in zip(ds, ws):
-                d.mul_(w)
-            majority = elect_sign_into(ds, consensus, votes[:m], scratch[:m])
-            div = divisor[:m]
-            disjoint_into(ds, ws, majority, total_into, div, scratch[:m], weigh_deltas=False)
-            if wide:
-                mixed.copy_(total_into)
-            if normalize:
-                zero_to_one_(div, scratch[:m])
-                mixed.div_(narrow[:m].copy_(div) if wide else div)  # mergekit divides by the rounded divisor
-        if scale != 1.0:
-            mixed.mul_(scale)
-        mixed.add_(b)
+                majority = elect_sign_into(ds, consensus, votes[:m], scratch[:m])
+                div = divisor[:m]
+                disjoint_into(ds, ws, majority, total_into, div, scratch[:m], weigh_deltas=False)
+                if wide:
+                    mixed.copy_(total_into)
+                if normalize:
+                    zero_to_one_(div, scratch[:m])
+                    mixed.div_(narrow[:m].copy_(div) if wide else div)  # mergekit divides by the rounded divisor
+            if scale != 1.0:
+                mixed.mul_(scale)
+            mixed.add_(b)
+
+    chunks = _sparsify.spans(n, size)
+    parts = min(len(chunks), torch.get_num_threads()) if base.device.type == "cpu" else 1
+    per = -(-len(chunks) // max(parts, 1))
+    _together([lambda part=chunks[i : i + per]: merge_chunks(part) for i in range(0, len(chunks), per)], base.device)
     return out
 
 
