@@ -78,7 +78,7 @@ def test_float32_and_bfloat16_inputs():
         assert out.dtype == dtype and torch.isfinite(out.float()).all()
 
 
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "della", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "della", "task_arithmetic", "sce"])
 def test_work_split_across_threads_equals_work_in_turn(method, monkeypatch):
     # with several torch threads the merge pass splits its chunks across threads (and TIES and breadcrumbs
     # build their models' plans at once); the output must be bit-identical to one thread doing it all
@@ -92,8 +92,10 @@ def test_work_split_across_threads_equals_work_in_turn(method, monkeypatch):
     models = [base + torch.randn(base.shape, generator=g) * 0.01 for _ in range(3)]
     method_info = get_method(method)
     kwargs = {"weight": [0.5, 0.3, 0.2]}
-    if method != "task_arithmetic":
+    if method not in ("task_arithmetic", "sce"):
         kwargs["density"] = [0.4, 0.5, 0.6]
+    if method == "sce":  # energy weights on every tensor: their sums must not depend on the threads either
+        kwargs = {"select_topk": 0.5, "energy_floor": 0.0}
     if method_info.random:
         kwargs["generator"] = None
     before = torch.get_num_threads()

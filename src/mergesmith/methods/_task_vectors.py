@@ -82,6 +82,13 @@ def _together(jobs: list[Callable[[], object]], device: torch.device) -> list:
         torch.set_num_threads(threads)
 
 
+def in_parts(chunks: list[tuple[int, int]], work: Callable[[list[tuple[int, int]]], None], device: torch.device) -> None:
+    """`work` over contiguous shares of independent chunks, one share per torch thread, `_together`."""
+    parts = min(len(chunks), torch.get_num_threads()) if device.type == "cpu" else 1
+    per = -(-len(chunks) // max(parts, 1))
+    _together([lambda share=chunks[i : i + per]: work(share) for i in range(0, len(chunks), per)], device)
+
+
 def _build_plans(sparsify: Sparsifier | None, tvs: list, size: int, concurrent: bool) -> list:
     """One sparsification plan per task vector; with `concurrent`, built `_together`. Random plans must not
     be: each draws its seed from the shared generator, in model order."""
@@ -182,10 +189,7 @@ def merge_task_vectors(
                 mixed.mul_(scale)
             mixed.add_(b)
 
-    chunks = _sparsify.spans(n, size)
-    parts = min(len(chunks), torch.get_num_threads()) if base.device.type == "cpu" else 1
-    per = -(-len(chunks) // max(parts, 1))
-    _together([lambda part=chunks[i : i + per]: merge_chunks(part) for i in range(0, len(chunks), per)], base.device)
+    in_parts(_sparsify.spans(n, size), merge_chunks, base.device)
     return out
 
 
@@ -210,6 +214,7 @@ __all__ = [
     "DENSITY",
     "EPSILON",
     "GAMMA",
+    "in_parts",
     "merge_task_vectors",
     "per_model_check",
     "task_vector_params",

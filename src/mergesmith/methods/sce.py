@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from mergesmith.methods._consensus import CONSENSUS_METHODS, accumulation_dtype, disjoint_into, elect_sign_into
@@ -27,7 +28,7 @@ from mergesmith.methods._sparsify import (
     StoredValues, TaskVector, check_tie_order, chunk_size, select_top_fraction, selection_dtype, spans, top_fraction_count,
     variance_across,
 )
-from mergesmith.methods._task_vectors import CONSENSUS
+from mergesmith.methods._task_vectors import CONSENSUS, in_parts
 from mergesmith.methods.registry import Param, merge_method
 
 
@@ -41,12 +42,29 @@ def sce_weights(energy: torch.Tensor, energy_floor: float = 0.0) -> torch.Tensor
     return energy / total
 
 
-def _task_vector_chunks(tvs, member, size):
-    """Yield (start, end, [masked task vector chunk per model]), reusing buffers; `member(s, e, out)` writes
-    the 0/1 selection of [s, e) into `out` (selection dtype) and returns it, or None for all."""
+def _sum_of_squares(d: torch.Tensor) -> float | torch.Tensor:
+    """Σ d² of a chunk (overwritten on CPU). 16-bit dtypes square in the dtype (rounded), as mergekit's
+    `tvs.square().mean()` does. On CPU numpy's pairwise sum adds in one order whatever the thread count
+    (torch's dot and sum split the chunk by thread, which moved SCE's weights by an ulp)."""
+    if d.dtype not in (torch.float32, torch.float64):
+        d = d.square_().float()
+    elif d.device.type != "cpu":
+        return torch.dot(d, d)
+    else:
+        d = d.square_()
+    if d.device.type != "cpu":
+        return d.sum()
+    return float(np.add.reduce(d.numpy()))
+
+
+def _task_vector_chunks(tvs, member, chunks):
+    """Yield (start, end, [masked task vector chunk per model]) for the (start, end) `chunks`, reusing
+    buffers; `member(s, e, out)` writes the 0/1 selection of [s, e) into `out` (selection dtype) and returns
+    it, or None for all."""
+    size = max((e - s for s, e in chunks), default=1)
     bufs = [tv.buffer(size) for tv in tvs]
     mask = tvs[0].buffer(size, selection_dtype(tvs[0].dtype))
-    for s, e in spans(tvs[0].numel(), size):
+    for s, e in chunks:
         ds = [tv.chunk(s, e, buf[: e - s]) for tv, buf in zip(tvs, bufs)]
         selected = member(s, e, mask[: e - s])
         if selected is not None:
@@ -136,25 +154,29 @@ def sce(
     check_tie_order(tie_order)
     member = _selection(tvs, select_topk, size, tie_order)
     energy = torch.zeros(len(tvs), dtype=torch.float64, device=device)
-    for _, _, ds in _task_vector_chunks(tvs, member, size):
+    for _, _, ds in _task_vector_chunks(tvs, member, spans(n, size)):
         for i, d in enumerate(ds):
-            # 16-bit dtypes square in the dtype (rounded), as mergekit's `tvs.square().mean()` does
-            energy[i] += torch.dot(d, d) if d.dtype in (torch.float32, torch.float64) else d.square().float().sum()
+            energy[i] += _sum_of_squares(d)
     weights = sce_weights((energy / max(n, 1)).to(dtype), energy_floor).tolist()
     out = torch.empty(base.shape, dtype=dtype, device=device)
     flat_out = out.view(-1)
-    width = min(size, n)
     acc = accumulation_dtype(dtype)  # sums across models: float32 for 16-bit dtypes, rounded once
-    vote, scratch, divisor, sums = (torch.empty(width, dtype=acc, device=device) for _ in range(4))
-    narrow = torch.empty(width, dtype=dtype, device=device) if acc != dtype else None
-    for s, e, ds in _task_vector_chunks(tvs, member, size):
-        m = e - s
-        majority = elect_sign_into(ds, consensus_method, vote[:m], scratch[:m])
-        mixed, div = flat_out[s:e], divisor[:m]
-        if narrow is None:
-            disjoint_into(ds, weights, majority, mixed, div, scratch[:m], weigh_deltas=True)
-        else:
-            mixed.copy_(disjoint_into(ds, weights, majority, sums[:m], div, scratch[:m], weigh_deltas=True))
-            div = narrow[:m].copy_(div)
-        mixed.div_(div.clamp_(min=1e-6)).add_(flat_base[s:e])
+
+    def merge_chunks(chunks):
+        width = max(e - s for s, e in chunks)
+        vote, scratch, divisor, sums = (torch.empty(width, dtype=acc, device=device) for _ in range(4))
+        narrow = torch.empty(width, dtype=dtype, device=device) if acc != dtype else None
+        for s, e, ds in _task_vector_chunks(tvs, member, chunks):
+            m = e - s
+            majority = elect_sign_into(ds, consensus_method, vote[:m], scratch[:m])
+            mixed, div = flat_out[s:e], divisor[:m]
+            if narrow is None:
+                disjoint_into(ds, weights, majority, mixed, div, scratch[:m], weigh_deltas=True)
+            else:
+                mixed.copy_(disjoint_into(ds, weights, majority, sums[:m], div, scratch[:m], weigh_deltas=True))
+                div = narrow[:m].copy_(div)
+            mixed.div_(div.clamp_(min=1e-6)).add_(flat_base[s:e])
+
+    if n:
+        in_parts(spans(n, size), merge_chunks, device)
     return out
