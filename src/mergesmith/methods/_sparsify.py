@@ -574,14 +574,14 @@ class RandomWords:
     without `prepare`, the words."""
 
     def __init__(self, generator: torch.Generator | None, device: torch.device,
-                 prepare: Callable[[torch.Tensor], object] | None = None):
+                 prepare: Callable[[torch.Tensor], object] | None = None, seed: int | None = None):
         self.device, self.generator = device, generator
         self.prepare = prepare or (lambda words: words)
         self.gen_device = generator.device if generator is not None else torch.device("cpu")
         self._bits = None
         if self.gen_device.type == "cpu":
-            seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
-            self._bits = np.random.SFC64(seed)
+            # `seed`: drawn ahead by `stream_seed` (plans built concurrently must not race for the generator)
+            self._bits = np.random.SFC64(stream_seed(generator) if seed is None else seed)
             self._pending = np.empty(0, dtype=np.int32)
             self._future: Future | None = None
 
@@ -608,6 +608,16 @@ class RandomWords:
         words, self._pending = have[:count], have[count:]
         self._future = _helper().submit(self._draw_prepared, count)  # the next chunk is usually as long as this one
         return self.prepare(torch.from_numpy(words).to(self.device)) if prepared is None else prepared
+
+
+def stream_seed(generator: torch.Generator | None) -> int:
+    """The 63-bit seed of one `RandomWords` stream, drawn from a CPU generator (or torch's global one)."""
+    return int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+
+
+def draws_on_cpu(generator: torch.Generator | None) -> bool:
+    """Whether `RandomWords` seeds a numpy stream from this generator (else it draws from it chunk by chunk)."""
+    return generator is None or generator.device.type == "cpu"
 
 
 _HELPER: ThreadPoolExecutor | None = None
@@ -693,17 +703,20 @@ class Bernoulli:
         return words < self.threshold
 
 
-def _bernoulli_plan(tv: TaskVector, density: float, rescale: bool, generator: torch.Generator | None, size: int) -> Plan:
-    keeps = RandomWords(generator, tv.device, prepare=Bernoulli(density))
+def _bernoulli_plan(tv: TaskVector, density: float, rescale: bool, generator: torch.Generator | None, size: int,
+                    seed: int | None = None) -> Plan:
+    keeps = RandomWords(generator, tv.device, prepare=Bernoulli(density), seed=seed)
     return _stored_mask_plan(tv, rescale, spans(tv.numel(), size), lambda a, s, e, out: out.copy_(keeps.next(e - s)),
                              magnitudes=False)
 
 
-def random_plan(tv: TaskVector, density: float, *, rescale: bool, generator: torch.Generator | None, size: int) -> Plan | None:
-    """DARE: keep each entry independently with probability `density`; None (no draw) when density >= 1."""
+def random_plan(tv: TaskVector, density: float, *, rescale: bool, generator: torch.Generator | None, size: int,
+                seed: int | None = None) -> Plan | None:
+    """DARE: keep each entry independently with probability `density`; None (no draw) when density >= 1.
+    `seed`: the stream's seed, drawn ahead with `stream_seed` in model order (else drawn here)."""
     if density >= 1:
         return None
-    return _bernoulli_plan(tv, density, rescale, generator, size)
+    return _bernoulli_plan(tv, density, rescale, generator, size, seed)
 
 
 def check_della(density: float, epsilon: float) -> str | None:

@@ -90,8 +90,9 @@ def in_parts(chunks: list[tuple[int, int]], work: Callable[[list[tuple[int, int]
 
 
 def _build_plans(sparsify: Sparsifier | None, tvs: list, size: int, concurrent: bool) -> list:
-    """One sparsification plan per task vector; with `concurrent`, built `_together`. Random plans must not
-    be: each draws its seed from the shared generator, in model order."""
+    """One sparsification plan per task vector; with `concurrent`, built `_together`. Random plans may only
+    when their stream seeds were drawn beforehand, in model order (as DARE does with `stream_seed`): built
+    concurrently, they would race for the shared generator."""
     if sparsify is None:
         return [None] * len(tvs)
     if not concurrent:

@@ -15,17 +15,20 @@ from typing import Sequence
 
 import torch
 
-from mergesmith.methods._sparsify import random_plan
+from mergesmith.methods._sparsify import draws_on_cpu, random_plan, stream_seed
 from mergesmith.methods._task_vectors import CONSENSUS, merge_task_vectors, task_vector_params
 from mergesmith.methods.registry import merge_method
 
 
 def _dare(tensors, base, weight, density, normalize, rescale, lambda_, consensus, generator, dtype):
     dens = density or [1.0] * len(tensors)
+    # each plan's stream seed drawn here, in model order, so the plans can then be built concurrently
+    ahead = draws_on_cpu(generator)
+    seeds = [stream_seed(generator) if ahead and d < 1 else None for d in dens]
     return merge_task_vectors(
         tensors, base, weight,
-        sparsify=lambda tv, i, size: random_plan(tv, dens[i], rescale=rescale, generator=generator, size=size),
-        consensus=consensus, normalize=normalize, scale=lambda_, dtype=dtype,
+        sparsify=lambda tv, i, size: random_plan(tv, dens[i], rescale=rescale, generator=generator, size=size, seed=seeds[i]),
+        consensus=consensus, normalize=normalize, scale=lambda_, dtype=dtype, concurrent_plans=ahead,
     )
 
 
