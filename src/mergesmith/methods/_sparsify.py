@@ -264,7 +264,7 @@ def select_top(tv: TaskVector, ks: Sequence[int], size: int) -> list[Cut]:
     n = tv.numel()
     if all(k <= 0 or k >= n for k in ks):
         return [NONE if k <= 0 else ALL for k in ks]
-    return _select(tv, size, list(ks), lambda nonzero: list(ks))
+    return _select(tv, size, lambda nonzero: list(ks), counting=False)
 
 
 def select_top_fraction(tv: TaskVector, fraction: float, size: int) -> Cut:
@@ -279,27 +279,25 @@ def select_top_fraction(tv: TaskVector, fraction: float, size: int) -> Cut:
     def ks(nonzero: int) -> list[int]:
         return [top_fraction_count(nonzero, fraction)]
 
-    return _select(tv, size, None, ks)[0]
+    return _select(tv, size, ks, counting=True)[0]
 
 
-def _select(tv: TaskVector, size: int, targets: list[int] | None, exact_ks: Callable[[int | None], list[int]]) -> list[Cut]:
-    """`select_top`'s pass. `targets` are the ranks the windows bracket; None: estimate them as
-    `exact_ks(non-zero count in the sample, scaled to n)`, and count the non-zero entries in the pass, whose
-    exact count `exact_ks` turns into the ranks to cut at."""
+def _select(tv: TaskVector, size: int, ks_of: Callable[[int | None], list[int]], *, counting: bool) -> list[Cut]:
+    """`select_top`'s pass, cutting at the ranks `ks_of(non-zero count)`. Without `counting` the ranks do not
+    depend on the count (it is None). With it, the windows bracket `ks_of(the sample's non-zero count, scaled
+    to n)`, the pass counts the non-zero entries, and the cuts are made at `ks_of(that exact count)`."""
     n = tv.numel()
-    counting = targets is None
     if n <= max(size, _SMALL):
         values = _abs_into(tv.whole())
-        return [cut_from_values(values, k) for k in exact_ks(int(torch.count_nonzero(values)) if counting else None)]
+        return [cut_from_values(values, k) for k in ks_of(int(torch.count_nonzero(values)) if counting else None)]
     sel = selection_dtype(tv.dtype)
     sample = _abs_into(tv.sample(_sample_step(n))).contiguous()
-    if counting:
-        targets = exact_ks(round(int(torch.count_nonzero(sample)) * n / sample.numel()))
+    targets = ks_of(round(int(torch.count_nonzero(sample)) * n / sample.numel()) if counting else None)
     todo = list(range(len(targets)))
     windows = {j: _window(sample, n, min(max(targets[j], 1), n), widen=1.5 if counting else 1.0) for j in todo}
     if any(lo is None and hi is None for lo, hi in windows.values()):
         values = _abs_into(tv.whole())
-        return [cut_from_values(values, k) for k in exact_ks(int(torch.count_nonzero(values)) if counting else None)]
+        return [cut_from_values(values, k) for k in ks_of(int(torch.count_nonzero(values)) if counting else None)]
     single = {j: float(lo) for j, (lo, hi) in windows.items() if lo is not None and hi is not None and bool(lo == hi)}
     above = {j: torch.zeros((), dtype=torch.float64) for j in todo}  # counts: exact past 2^24, unlike float32
     equal: dict[int, list[torch.Tensor]] = {j: [] for j in single}
@@ -339,7 +337,7 @@ def _select(tv: TaskVector, size: int, targets: list[int] | None, exact_ks: Call
             where = torch.nonzero(inside).flatten()
             found[j].append((a[where], where + s))
     cuts: list[Cut] = []
-    for j, k in enumerate(exact_ks(nonzero) if counting else targets):
+    for j, k in enumerate(ks_of(nonzero) if counting else targets):
         n_above = int(above[j])
         if k <= 0 or k >= n:
             cuts.append(NONE if k <= 0 else ALL)
@@ -579,7 +577,7 @@ class RandomWords:
         self.prepare = prepare or (lambda words: words)
         self.gen_device = generator.device if generator is not None else torch.device("cpu")
         self._bits = None
-        if self.gen_device.type == "cpu":
+        if draws_on_cpu(generator):
             # `seed`: drawn ahead by `stream_seed` (plans built concurrently must not race for the generator)
             self._bits = np.random.SFC64(stream_seed(generator) if seed is None else seed)
             self._pending = np.empty(0, dtype=np.int32)

@@ -57,7 +57,8 @@ def task_vector_params(*, normalize: bool, rescale: bool, extra: Sequence[Param]
 
 Sparsifier = Callable[["_sparsify.TaskVector", int, int], "_sparsify.Plan | None"]
 """(task vector, model index, chunk size) -> the plan that sparsifies that model's task vector chunk by chunk
-(see `_sparsify.Plan`), or None to keep it whole. Plans are made in model order (random draws)."""
+(see `_sparsify.Plan`), or None to keep it whole. Plans are made in model order unless built concurrently
+(see `_build_plans`)."""
 
 
 _WORKERS: ThreadPoolExecutor | None = None
@@ -113,7 +114,7 @@ def merge_task_vectors(
     concurrent_plans: bool = False,
 ) -> torch.Tensor:
     """base + scale · (sparsified, weighted, optionally sign-agreeing) task vectors; see the module docstring.
-    `concurrent_plans`: the plans are independent of their order (no random draws), see `_build_plans`.
+    `concurrent_plans`: the plans may be built at once (no random draws, or seeds drawn ahead), see `_build_plans`.
 
     Streams over cache-sized chunks (`_sparsify.chunk_size`): the task vectors are recomputed per chunk
     from the inputs instead of being stored, and the only full-size allocation is the output (plus one bool

@@ -43,18 +43,16 @@ def sce_weights(energy: torch.Tensor, energy_floor: float = 0.0) -> torch.Tensor
 
 
 def _sum_of_squares(d: torch.Tensor) -> float | torch.Tensor:
-    """Σ d² of a chunk (overwritten on CPU). 16-bit dtypes square in the dtype (rounded), as mergekit's
-    `tvs.square().mean()` does. On CPU numpy's pairwise sum adds in one order whatever the thread count
-    (torch's dot and sum split the chunk by thread, which moved SCE's weights by an ulp)."""
-    if d.dtype not in (torch.float32, torch.float64):
-        d = d.square_().float()
-    elif d.device.type != "cpu":
+    """Σ d² of a chunk (overwritten, except by the dot product). 16-bit dtypes square in the dtype (rounded),
+    as mergekit's `tvs.square().mean()` does. On CPU numpy's pairwise sum adds in one order whatever the
+    thread count (torch's dot and sum split the chunk by thread, which moved SCE's weights by an ulp)."""
+    wide = d.dtype in (torch.float32, torch.float64)
+    if wide and d.device.type != "cpu":
         return torch.dot(d, d)
-    else:
-        d = d.square_()
-    if d.device.type != "cpu":
-        return d.sum()
-    return float(np.add.reduce(d.numpy()))
+    squares = d.square_() if wide else d.square_().float()
+    if squares.device.type != "cpu":
+        return squares.sum()
+    return float(np.add.reduce(squares.numpy()))
 
 
 def _task_vector_chunks(tvs, member, chunks):
