@@ -49,6 +49,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from mergesmith.methods import _kernels
 from mergesmith.methods.registry import MethodInputError
 
 # Below this many elements, plain kthvalue on everything is as fast as anything cleverer.
@@ -116,6 +117,26 @@ class TaskVector:
         """A chunk buffer (compute dtype unless given)."""
         return torch.empty(min(size, max(self.numel(), 1)), dtype=dtype or self.dtype, device=self.device)
 
+    def compiled(self) -> bool:
+        """Whether `_kernels`' loops can work on this task vector: float32 on CPU, inputs bf16 or float32."""
+        return (self.dtype == torch.float32 and self.device.type == "cpu"
+                and all(t.dtype in _KERNEL_INPUTS for t in (self.model, self.base)) and _kernels.available())
+
+    def operands(self, start: int, end: int, model_buf: torch.Tensor, base_buf: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(model[start:end], base[start:end]) as float32 numpy arrays for the compiled loops: views when
+        stored as float32, else widened into the buffers (float32, at least end - start long)."""
+        return as_float32(self.model[start:end], model_buf), as_float32(self.base[start:end], base_buf)
+
+
+_KERNEL_INPUTS = (torch.float32, torch.bfloat16)
+
+
+def as_float32(chunk: torch.Tensor, buf: torch.Tensor) -> np.ndarray:
+    """A flat CPU chunk as a float32 numpy array: a view when it is float32, else widened into `buf`."""
+    if chunk.dtype == torch.float32:
+        return chunk.numpy()
+    return buf[: chunk.numel()].copy_(chunk).numpy()
+
 
 class StoredValues(TaskVector):
     """A flat tensor already in memory, read through the TaskVector interface so that `select_top` can select
@@ -136,6 +157,9 @@ class StoredValues(TaskVector):
 
     def sample(self, step: int) -> torch.Tensor:
         return self.values[::step]
+
+    def compiled(self) -> bool:
+        return False
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -202,6 +226,7 @@ class Cut:
 
     def __init__(self, threshold: float | None, tie_end: int | None = None, *, everything: bool = False):
         self.threshold, self.tie_end, self.everything = threshold, tie_end, everything
+        self._bounds: tuple[np.float32, np.float32] | None = None
 
     def mask_into(self, a: torch.Tensor, start: int, out: torch.Tensor) -> torch.Tensor | None:
         """1.0 for the members among the chunk a = magnitudes[start:start + len(a)], else 0.0, written into
@@ -227,8 +252,38 @@ class Cut:
         return out.clamp_(min=0).sign_()
 
 
+    def bounds(self, start: int) -> tuple[np.float32, np.float32, int]:
+        """(ge, gt, split) in `_kernels.weighted_delta`'s terms for the chunk starting at `start`: a magnitude
+        at chunk position i is a member when it exceeds ge (i < split) or gt (i >= split)."""
+        if self.everything or (self.threshold is not None and self.threshold <= 0):
+            return _MINUS_INF, _MINUS_INF, 0
+        if self.threshold is None:
+            return _PLUS_INF, _PLUS_INF, 0
+        if self._bounds is None:  # once: `_below` makes tensors, and this runs per chunk
+            self._bounds = np.float32(_below(self.threshold, torch.float32)), np.float32(self.threshold)
+        return *self._bounds, (self.tie_end - start) if self.tie_end is not None else _NO_SPLIT
+
+
+_MINUS_INF, _PLUS_INF = np.float32(-np.inf), np.float32(np.inf)
+_NO_SPLIT = 1 << 62
 ALL = Cut(None, everything=True)
 NONE = Cut(None)
+
+
+class KeepRule:
+    """A plan's mask as data, for the compiled loops: the members of `keep` that are not members of `drop`,
+    and, when `stored` (a flat bool tensor) is set, only its True entries."""
+
+    def __init__(self, keep: Cut = ALL, drop: Cut = NONE, stored: torch.Tensor | None = None):
+        self.keep, self.drop = keep, drop
+        self.stored = stored
+
+    def stored_array(self, start: int, end: int) -> np.ndarray:
+        """The stored mask's [start, end) as uint8 (empty when there is none: every entry may be kept)."""
+        return _NO_MASK if self.stored is None else self.stored[start:end].view(torch.uint8).numpy()
+
+
+_NO_MASK = np.empty(0, dtype=np.uint8)
 
 
 def _cut(threshold: torch.Tensor, n_ge: int, n_gt: int, k: int, nth_tie: Callable[[int], int]) -> Cut:
@@ -305,7 +360,11 @@ def _select(tv: TaskVector, size: int, ks_of: Callable[[int | None], list[int]],
     nonzero = 0
     chunks = spans(n, size)
     buf, abuf, scratch = tv.buffer(size), tv.buffer(size, sel), tv.buffer(size, sel)
+    compiled = tv.compiled()
     for s, e in chunks:
+        if compiled:  # the same counts and gathers in one compiled loop per window
+            nonzero += _scan_compiled(*tv.operands(s, e, abuf, scratch), s, windows, single, above, equal, found)
+            continue
         a = _abs_into(tv.chunk(s, e, buf[: e - s]), abuf[: e - s])
         if counting:
             nonzero += int(np.count_nonzero(a.numpy()) if a.device.type == "cpu" else torch.count_nonzero(a))
@@ -362,6 +421,28 @@ def _select(tv: TaskVector, size: int, ks_of: Callable[[int | None], list[int]],
     return cuts
 
 
+def _scan_compiled(model: np.ndarray, base: np.ndarray, start: int, windows: dict, single: dict, above: dict,
+                   equal: dict, found: dict) -> int:
+    """`_select`'s work on one chunk with `_kernels`' loops: per window, count the magnitudes above it and
+    (single-value windows) equal to it, or gather those inside with their positions. Returns the chunk's
+    non-zero count."""
+    loops = _kernels.loops()
+    nonzero = 0
+    for j, (lo, hi) in windows.items():
+        low = _MINUS_INF if lo is None else np.float32(lo.item())
+        high = _PLUS_INF if hi is None else np.float32(hi.item())
+        n_above, n_inside, nonzero = loops.window_count(model, base, low, high)
+        above[j] += n_above
+        if j in single:
+            equal[j].append(torch.tensor(n_inside))
+            continue
+        values, positions = np.empty(n_inside + 1, dtype=np.float32), np.empty(n_inside + 1, dtype=np.int64)
+        if n_inside:
+            loops.window_gather(model, base, low, high, start, values, positions)
+        found[j].append((torch.from_numpy(values[:n_inside]), torch.from_numpy(positions[:n_inside])))
+    return nonzero
+
+
 def _counts_above_cpu(a: torch.Tensor, v: float) -> tuple[int, int]:
     """(entries > v, entries >= v) of a CPU chunk."""
     x = a.numpy()
@@ -400,10 +481,15 @@ class Plan:
 
     `mask(d, start, out)` writes the chunk's 0/1 keep mask into `out` (selection dtype) and returns it, or
     returns None to keep everything. It may be called from several threads at once (the merge pass splits
-    its chunks across threads), so any buffer of its own must be per thread."""
+    its chunks across threads), so any buffer of its own must be per thread.
 
-    def __init__(self, mask: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor | None] | None, *, zero: bool = False):
+    `rule` says the same as `mask` as data (`KeepRule`), for the compiled loops; None when the plan has none,
+    and the merge then takes the torch path."""
+
+    def __init__(self, mask: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor | None] | None, *, zero: bool = False,
+                 rule: KeepRule | None = None):
         self.mask, self.zero = mask, zero
+        self.rule = KeepRule(keep=NONE) if zero else rule
         self.scale: torch.Tensor | None = None
 
     def apply(self, d: torch.Tensor, start: int, scratch: torch.Tensor) -> torch.Tensor:
@@ -454,9 +540,10 @@ def _l1_scale(before: torch.Tensor, after: torch.Tensor, dtype: torch.dtype, eps
 
 
 def _masking_plan(tv: TaskVector, mask: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor | None], *,
-                  rescale: bool, size: int) -> Plan:
-    """The plan applying `mask`, with mergekit's L1 rescale factor when `rescale` (one more pass)."""
-    plan = Plan(mask)
+                  rescale: bool, size: int, rule: KeepRule | None = None) -> Plan:
+    """The plan applying `mask` (described by `rule`), with mergekit's L1 rescale factor when `rescale` (one
+    more pass)."""
+    plan = Plan(mask, rule=rule)
     if rescale:
         _set_rescale(plan, tv, size)
     return plan
@@ -497,7 +584,7 @@ def _index_mask_plan(tv: TaskVector, indices: torch.Tensor, *, rescale: bool, si
     """A plan keeping the entries at the flat `indices` (stored as a bool mask)."""
     stored = torch.zeros(tv.numel(), dtype=torch.bool, device=tv.device)
     stored[indices] = True
-    return _masking_plan(tv, _stored_mask(stored), rescale=rescale, size=size)
+    return _masking_plan(tv, _stored_mask(stored), rescale=rescale, size=size, rule=KeepRule(stored=stored))
 
 
 def magnitude_plan(tv: TaskVector, density: float, *, rescale: bool, size: int, tie_order: str = "position") -> Plan | None:
@@ -518,7 +605,7 @@ def magnitude_plan(tv: TaskVector, density: float, *, rescale: bool, size: int, 
     def mask(d, start, out):
         return cut.mask_into(_abs_into(d, out), start, out)
 
-    return _masking_plan(tv, mask, rescale=rescale, size=size)
+    return _masking_plan(tv, mask, rescale=rescale, size=size, rule=KeepRule(keep=cut))
 
 
 def outliers_plan(tv: TaskVector, density: float, gamma: float, *, rescale: bool, size: int,
@@ -554,7 +641,7 @@ def outliers_plan(tv: TaskVector, density: float, gamma: float, *, rescale: bool
         inside = kept.mask_into(a, start, a)
         return top if inside is None else top.mul_(inside)
 
-    return _masking_plan(tv, mask, rescale=rescale, size=size)
+    return _masking_plan(tv, mask, rescale=rescale, size=size, rule=KeepRule(keep=kept, drop=dropped))
 
 
 class RandomWords:
@@ -671,7 +758,7 @@ def _stored_mask_plan(tv: TaskVector, rescale: bool, chunks: list[tuple[int, int
             if rescale:
                 norms.add(a, mbuf[: e - s].copy_(stored[s:e].view(torch.uint8)))
 
-    plan = Plan(_stored_mask(stored))
+    plan = Plan(_stored_mask(stored), rule=KeepRule(stored=stored))
     if rescale:
         plan.scale = norms.scale(tv.dtype)
     return plan

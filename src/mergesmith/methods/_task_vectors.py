@@ -16,9 +16,10 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
-from mergesmith.methods import _sparsify
+from mergesmith.methods import _kernels, _sparsify
 from mergesmith.methods._consensus import (
     CONSENSUS_METHODS, accumulation_dtype, disjoint_into, elect_sign_into, in_dtype, sum_into, zero_to_one_,
 )
@@ -142,6 +143,11 @@ def merge_task_vectors(
     wide = acc != dtype
     ws = [in_dtype(float(w), dtype) if wide else float(w) for w in weights]
     total = in_dtype(sum(ws), dtype) if wide else float(sum(ws))
+    if dtype == torch.float32 and all(tv.compiled() for tv in tvs) and all(p is None or p.rule is not None for p in plans):
+        work = _compiled_merge(tvs, plans, ws, consensus=consensus, normalize=normalize, total=total, scale=scale,
+                               flat_base=flat_base, flat_out=flat_out)
+        in_parts(_sparsify.spans(n, _kernels.CHUNK), work, base.device)
+        return out
 
     def merge_chunks(chunks: list[tuple[int, int]]) -> None:
         """The merge of the chunks' spans into `out`, with buffers of its own (chunks are independent)."""
@@ -193,6 +199,37 @@ def merge_task_vectors(
 
     in_parts(_sparsify.spans(n, size), merge_chunks, base.device)
     return out
+
+
+def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: str | None, normalize: bool,
+                    total: float, scale: float, flat_base: torch.Tensor, flat_out: torch.Tensor) -> Callable[[list[tuple[int, int]]], None]:
+    """`merge_task_vectors`' chunk work on float32 CPU tensors with `_kernels`' loops: per chunk, one loop per
+    model writes its masked, rescaled, weighted delta, and one loop combines them into the output."""
+    loops = _kernels.loops()
+    rules = [p.rule if p is not None else _sparsify.KeepRule() for p in plans]
+    rescales = [np.float32(1) if p is None or p.scale is None else np.float32(float(p.scale)) for p in plans]
+    ws = np.array(weights, dtype=np.float32)
+    divide = normalize and abs(total) >= 1e-8
+
+    def work(chunks: list[tuple[int, int]]) -> None:
+        width = max(e - s for s, e in chunks)
+        deltas = np.empty((len(tvs), width), dtype=np.float32)
+        model_buf, base_buf = torch.empty(width), torch.empty(width)
+        votes, divisor = np.empty(width, dtype=np.float32), np.empty(width, dtype=np.float32)
+        for s, e in chunks:
+            m = e - s
+            base = _sparsify.as_float32(flat_base[s:e], base_buf)
+            for j, (tv, rule) in enumerate(zip(tvs, rules)):
+                loops.weighted_delta(_sparsify.as_float32(tv.model[s:e], model_buf), base, *rule.keep.bounds(s),
+                                     *rule.drop.bounds(s), rule.stored_array(s, e), rescales[j], ws[j], deltas[j, :m])
+            out = flat_out[s:e].numpy()
+            if consensus is None:
+                loops.sum_into(deltas, m, divide, np.float32(total), np.float32(scale), base, out)
+            else:
+                loops.consensus_into(deltas, m, ws, consensus == "count", normalize, np.float32(scale), base, votes,
+                                     divisor, out)
+
+    return work
 
 
 def per_model_check(name: str, fn: Callable[..., str | None], *keys: str) -> Callable[[dict], str | None]:

@@ -1,0 +1,150 @@
+"""The compiled loops (`methods._kernels`) against the torch path they replace on float32 CPU merges.
+
+Each case runs a method twice on the same inputs, with the loops and with them turned off, on tensors large
+enough for several streaming chunks and for the chunked selection, with bf16-quantized task vectors so that
+many magnitudes tie at the thresholds. Methods that elect signs must agree exactly; task arithmetic's sum
+rounds each weighted delta first in the loops (see `_kernels`), so there an ulp of the sum is allowed.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from mergesmith.methods import _kernels, _sparsify, _task_vectors
+from mergesmith.methods.registry import get_method
+
+pytestmark = pytest.mark.skipif(not _kernels.available(), reason="numba is not installed")
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """A switch that turns the compiled loops off for the code called inside it."""
+    available = _kernels.available
+
+    class Switch:
+        def __enter__(self):
+            monkeypatch.setattr(_kernels, "available", lambda: False)
+
+        def __exit__(self, *exc):
+            monkeypatch.setattr(_kernels, "available", available)
+
+    return Switch()
+
+
+def _family(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(700, 640, generator=g) * 0.02).to(dtype)  # 448,000 entries: 2 chunks, chunked selection
+    models = [(base.float() + torch.randn(base.shape, generator=g) * 0.002).to(dtype) for _ in range(3)]
+    models[2][:50] = base[:50]  # rows where one task vector is zero: no vote, and a divisor without it
+    return models, base
+
+
+CASES = [
+    ("ties", {"density": [0.4, 0.5, 0.6]}),
+    ("ties", {"density": [0.3, 0.3, 0.9], "consensus_method": "count", "normalize": False, "lambda_": 0.7}),
+    ("ties", {"density": [0.5, 0.5, 0.5], "rescale": True}),
+    ("breadcrumbs", {"density": [0.6, 0.5, 0.7], "gamma": [0.02, 0.05, 0.0]}),
+    ("breadcrumbs_ties", {"density": [0.6, 0.5, 0.7], "gamma": [0.02, 0.05, 0.01]}),
+    ("dare_ties", {"density": [0.4, 0.5, 0.6]}),
+    ("dare_linear", {"density": [0.4, 0.5, 0.6], "rescale": False}),
+    ("della", {"density": [0.4, 0.5, 0.6], "epsilon": [0.1, 0.1, 0.2]}),
+    ("della_linear", {"density": [0.4, 0.5, 0.6], "epsilon": [0.1, 0.1, 0.2]}),
+    ("task_arithmetic", {"lambda_": 0.8}),
+    ("task_arithmetic", {"normalize": True}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+def test_loops_equal_the_torch_path(method, params, dtype, torch_path, monkeypatch):
+    models, base = _family(dtype)
+    info = get_method(method)
+    used = []
+    compiled_merge = _task_vectors._compiled_merge
+    monkeypatch.setattr(_task_vectors, "_compiled_merge", lambda *a, **k: used.append(1) or compiled_merge(*a, **k))
+
+    def run():
+        kwargs = {"weight": [0.5, 0.3, 0.4], **params, "compute_dtype": torch.float32}
+        if info.random:
+            kwargs["generator"] = torch.Generator().manual_seed(11)
+        return info.func(models, base=base, **kwargs)
+
+    compiled = run()
+    assert used  # the loops did the merge
+    with torch_path:
+        reference = run()
+    assert len(used) == 1
+    assert compiled.dtype == reference.dtype == torch.float32
+    if method.startswith("task_arithmetic") or method in ("breadcrumbs", "dare_linear", "della_linear"):
+        torch.testing.assert_close(compiled, reference, rtol=2.4e-7, atol=1e-9)
+    else:
+        assert torch.equal(compiled, reference)
+    assert not torch.equal(compiled, base.float())  # the merge did something
+
+
+def test_selection_finds_the_same_cuts(torch_path):
+    # quantized magnitudes: the k-th largest is shared by many entries, and the cut must end at the same tie
+    models, base = _family(torch.bfloat16, seed=3)
+    tv = _sparsify.TaskVector(models[0], base, torch.float32)
+    n = tv.numel()
+    ks = [1, n // 3, n // 2, n - 5, 777]
+    compiled = _sparsify.select_top(tv, ks, _sparsify.CHUNK)
+    with torch_path:
+        reference = _sparsify.select_top(tv, ks, _sparsify.CHUNK)
+    assert [(c.threshold, c.tie_end) for c in compiled] == [(c.threshold, c.tie_end) for c in reference]
+    fraction = _sparsify.select_top_fraction(tv, 0.37, _sparsify.CHUNK)
+    with torch_path:
+        expected = _sparsify.select_top_fraction(tv, 0.37, _sparsify.CHUNK)
+    assert (fraction.threshold, fraction.tie_end) == (expected.threshold, expected.tie_end)
+
+
+def test_window_gather_keeps_everything_inside_narrow_and_open_windows():
+    loops = _kernels.loops()
+    rng = np.random.default_rng(0)
+    model = rng.standard_normal(5000).astype(np.float32)
+    base = np.zeros(5000, dtype=np.float32)
+    a = np.abs(model)
+    v = np.sort(a)
+    for lo, hi in [(v[2000], v[2000]), (v[2000], v[2001]), (v[10], v[4000]), (-np.inf, v[100]), (v[4900], np.inf)]:
+        lo, hi = np.float32(lo), np.float32(hi)
+        inside = np.flatnonzero((a >= lo) & (a <= hi))
+        values, positions = np.empty(inside.size + 1, np.float32), np.empty(inside.size + 1, np.int64)
+        found = loops.window_gather(model, base, lo, hi, 100, values, positions)
+        assert found == inside.size
+        assert np.array_equal(positions[:found], inside + 100)
+        assert np.array_equal(values[:found], a[inside])
+        above, count, nonzero = loops.window_count(model, base, lo, hi)
+        assert (above, count, nonzero) == (int((a > hi).sum()), inside.size, 5000)
+
+
+@pytest.mark.parametrize("cut,expected", [
+    (_sparsify.ALL, [True, True, True, True]),
+    (_sparsify.NONE, [False, False, False, False]),
+    (_sparsify.Cut(0.5, tie_end=12), [False, True, True, False]),  # 0.5 at positions 11 (in) and 12 (out)
+    (_sparsify.Cut(0.0), [True, True, True, True]),
+])
+def test_cut_bounds_give_the_cut_membership(cut, expected):
+    # magnitudes 0.25, 0.5, 0.75, 0.5 at flat positions 10..13: the bounds must say what mask_into says
+    a = np.array([0.25, 0.5, 0.75, 0.5], dtype=np.float32)
+    ge, gt, split = cut.bounds(10)
+    members = [bool(x > (ge if i < split else gt)) for i, x in enumerate(a)]
+    assert members == expected
+    mask = cut.mask_into(torch.from_numpy(a.copy()), 10, torch.empty(4))
+    assert members == ([True] * 4 if mask is None else mask.bool().tolist())
+
+
+def test_weighted_delta_keeps_ties_before_the_split_only():
+    # every magnitude equals the threshold: positions before the split are kept, from it on dropped; the
+    # drop bound removes the largest; a stored mask removes what it says; the rest is scaled, then weighted
+    loops = _kernels.loops()
+    model = np.array([0.5, -0.5, 0.5, -0.5, 0.5, 0.5, 2.0, -0.5], dtype=np.float32)
+    base = np.zeros(8, dtype=np.float32)
+    keep_ge, keep_gt = np.nextafter(np.float32(0.5), np.float32(0)), np.float32(0.5)
+    out = np.empty(8, dtype=np.float32)
+    no_drop = (np.float32(np.inf), np.float32(np.inf), 0)
+    loops.weighted_delta(model, base, keep_ge, keep_gt, 3, *no_drop, np.empty(0, np.uint8), np.float32(2), np.float32(0.25), out)
+    assert out.tolist() == [0.25, -0.25, 0.25, 0, 0, 0, 1.0, 0]
+    drop_top = (np.float32(1.0), np.float32(1.0), 0)
+    stored = np.array([1, 0, 1, 1, 1, 1, 1, 1], dtype=np.uint8)
+    loops.weighted_delta(model, base, keep_ge, keep_gt, 5, *drop_top, stored, np.float32(1), np.float32(1), out)
+    assert out.tolist() == [0.5, 0, 0.5, -0.5, 0.5, 0, 0, 0]
