@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 PROBE = (
-    "import os, sys; from mergesmith.runtime import tune_for_streaming; tune_for_streaming(); "
-    "print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+    "import gc, os, sys; from mergesmith.runtime import tune_for_streaming; tune_for_streaming(); "
+    "print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules, gc.get_threshold()[0])"
 )
 
 
@@ -17,7 +17,11 @@ def _probe(**env):
 
 
 def test_spin_count_is_set_before_torch_loads():
-    assert _probe() == ["3000", "False"]
+    assert _probe()[:2] == ["3000", "False"]
+
+
+def test_garbage_collector_runs_less_often():
+    assert _probe()[2] == "100000"
 
 
 def test_user_settings_win():
