@@ -1,7 +1,7 @@
 """Process settings for the command line, made before torch is imported.
 
 A streamed merge runs PyTorch's elementwise ops on the main thread while reader and writer threads copy
-shards through the kernel. On a machine with few cores two defaults of the C runtime then cost time
+shards through the kernel. On a machine with few cores some defaults of the C and Python runtimes then cost time
 (1B models, 2-core EPYC, `bench/speed.py`):
 
 * libgomp's idle OpenMP threads spin for about 300,000 iterations before sleeping, on the cores the reader
@@ -11,8 +11,11 @@ shards through the kernel. On a machine with few cores two defaults of the C run
   and intermediate is page-faulted in again (1.6-2.2 million faults a merge). Serving them from the heap
   and trimming only past 1 GiB took DELLA from 20.5-22 to 17.3-17.6 s and linear from 7-8 to 6.4-6.7 s,
   for about 150 MB more peak RSS. (Raising the mmap threshold alone is worse: the heap is then trimmed
-  after every free, and DELLA took 9 million faults.)
-
+  after every free, and DELLA took 9 million faults.) glibc caps that threshold at 32 MB, and each reader
+  and worker thread got an arena of its own whose heaps come and go, so with the compiled task-vector
+  loops half of a TIES merge's faults remained. One arena and no mmap at all (every buffer from the one
+  heap) halved them again: TIES 9.8-10.3 -> 9.3 s, DELLA 20.3 -> 18.6 s, linear unchanged, for 0.1-0.4 GB
+  more peak RSS.
 * Python's cyclic garbage collector runs a collection every 700 net allocations of container objects, and
   a merge makes many small ones (tensor views, numpy arrays, futures) per chunk. Each collection holds
   the GIL, so the reader, writer and worker threads all wait; the older generations hold everything
@@ -38,7 +41,7 @@ GOMP_SPINCOUNT = "3000"
 MMAP_THRESHOLD = 32 << 20  # glibc's upper limit for this setting on 64-bit
 TRIM_THRESHOLD = 1 << 30
 GC_FIRST_THRESHOLD = 100_000
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8  # mallopt parameters (malloc.h)
 
 
 def tune_for_streaming() -> None:
@@ -61,3 +64,5 @@ def _glibc_heap_thresholds() -> None:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    mallopt(_M_MMAP_MAX, 0)
+    mallopt(_M_ARENA_MAX, 1)

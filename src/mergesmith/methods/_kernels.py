@@ -10,9 +10,10 @@ and any machine without numba (`available()` is then False and the callers take 
 stored as bf16 are widened to float32 by torch (its conversion is as fast as a copy) before the loops.
 
 The loops compute, entry by entry, the float32 operations of the torch path in the same order, except that
-the task-arithmetic sum rounds each weighted delta before adding it (mergekit's `(deltas * weights).sum()`),
-where torch's `add_(d, alpha=w)` may fuse the multiply: the two differ by at most an ulp of the sum. Zeros
-may differ in sign. `MERGESMITH_KERNELS=0` in the environment turns the loops off.
+a sum without sign election (Breadcrumbs, DARE and DELLA linear) rounds each weighted delta before adding it
+(mergekit's `(deltas * weights).sum()`), where torch's `add_(d, alpha=w)` may fuse the multiply: the two
+differ by at most an ulp of the sum. Zeros may differ in sign. Plain task arithmetic (no mask, no election)
+stays on torch, which is as fast for its three operations a model. `MERGESMITH_KERNELS=0` in the environment turns the loops off.
 
 Writing them: each loop runs over `range(n)` and indexes contiguous arrays with its own counter only. An
 offset index (`x[start + i]`) could be negative as far as numba knows, and the wrap-around test it adds
