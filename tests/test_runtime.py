@@ -35,3 +35,9 @@ def test_cli_applies_it(tmp_path):
     clean = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "SPIN 3000"
+
+
+def test_garbage_collector_choice_of_the_user_is_kept():
+    code = "import gc; gc.set_threshold(0); from mergesmith.runtime import tune_for_streaming; tune_for_streaming(); print(gc.get_threshold()[0])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"
