@@ -271,12 +271,39 @@ NONE = Cut(None)
 
 
 class KeepRule:
-    """A plan's mask as data, for the compiled loops: the members of `keep` that are not members of `drop`,
-    and, when `stored` (a flat bool tensor) is set, only its True entries."""
+    """Which entries of a task vector a plan keeps: the members of `keep` that are not members of `drop`
+    (magnitude cuts), or the True entries of `stored` (a flat bool mask made by a random or sorting plan).
+    The torch path applies it with `mask_into`; the compiled loops read the same data (`Cut.bounds`,
+    `stored_array`)."""
 
     def __init__(self, keep: Cut = ALL, drop: Cut = NONE, stored: torch.Tensor | None = None):
+        if stored is not None and (keep is not ALL or drop is not NONE):
+            raise ValueError("a stored mask replaces the cuts; give one or the other")
         self.keep, self.drop = keep, drop
         self.stored = stored
+        self._own = threading.local()  # a magnitudes buffer per thread: the merge may apply a rule from several
+
+    def keeps_nothing(self) -> bool:
+        return self.keep is NONE and self.stored is None
+
+    def mask_into(self, d: torch.Tensor, start: int, out: torch.Tensor) -> torch.Tensor | None:
+        """The 0/1 keep mask of the chunk d = (model - base)[start:start + len(d)], written into `out` (d's
+        length, selection dtype) and returned; None keeps everything. Safe to call from several threads."""
+        if self.stored is not None:
+            # bool -> float conversion is slow on CPU; the same bytes read as uint8 convert fast
+            return out.copy_(self.stored[start : start + d.numel()].view(torch.uint8))
+        if self.drop is NONE:
+            return self.keep.mask_into(_abs_into(d, out), start, out)
+        scratch = getattr(self._own, "scratch", None)
+        if scratch is None or scratch.numel() < d.numel():
+            scratch = self._own.scratch = torch.empty(d.numel(), dtype=out.dtype, device=out.device)
+        a = _abs_into(d, scratch[: d.numel()])
+        top = self.drop.mask_into(a, start, out)
+        if top is None:
+            return out.zero_()
+        top.neg_().add_(1)  # 1 - membership of the dropped top
+        inside = self.keep.mask_into(a, start, a)
+        return top if inside is None else top.mul_(inside)
 
     def stored_array(self, start: int, end: int) -> np.ndarray:
         """The stored mask's [start, end) as uint8 (empty when there is none: every entry may be kept)."""
@@ -284,6 +311,7 @@ class KeepRule:
 
 
 _NO_MASK = np.empty(0, dtype=np.uint8)
+KEEP_NOTHING = KeepRule(keep=NONE)
 
 
 def _cut(threshold: torch.Tensor, n_ge: int, n_gt: int, k: int, nth_tie: Callable[[int], int]) -> Cut:
@@ -475,28 +503,19 @@ def _nth_equal(tv: TaskVector, value: float, counts: torch.Tensor, m: int, chunk
 
 
 class Plan:
-    """How one task vector is sparsified, chunk by chunk: `apply(d, start)` zeroes the dropped entries of the
-    flat chunk d = (model - base)[start:start + len(d)] (multiplying by a 0/1 mask) and applies the L1
-    rescale factor `scale` when set.
+    """How one task vector is sparsified, chunk by chunk: `apply(d, start)` zeroes the entries of the flat
+    chunk d = (model - base)[start:start + len(d)] that `rule` drops (multiplying by a 0/1 mask) and applies
+    the L1 rescale factor `scale` when set. The merge pass may apply a plan from several threads at once."""
 
-    `mask(d, start, out)` writes the chunk's 0/1 keep mask into `out` (selection dtype) and returns it, or
-    returns None to keep everything. It may be called from several threads at once (the merge pass splits
-    its chunks across threads), so any buffer of its own must be per thread.
-
-    `rule` says the same as `mask` as data (`KeepRule`), for the compiled loops; None when the plan has none,
-    and the merge then takes the torch path."""
-
-    def __init__(self, mask: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor | None] | None, *, zero: bool = False,
-                 rule: KeepRule | None = None):
-        self.mask, self.zero = mask, zero
-        self.rule = KeepRule(keep=NONE) if zero else rule
+    def __init__(self, rule: KeepRule):
+        self.rule = rule
         self.scale: torch.Tensor | None = None
 
     def apply(self, d: torch.Tensor, start: int, scratch: torch.Tensor) -> torch.Tensor:
         """Sparsify the chunk d in place; `scratch` is a buffer of d's length in the selection dtype."""
-        if self.zero:
+        if self.rule.keeps_nothing():
             return d.zero_()
-        keep = self.mask(d, start, scratch) if self.mask is not None else None
+        keep = self.rule.mask_into(d, start, scratch)
         if keep is not None:
             d.mul_(keep)
         if self.scale is not None:
@@ -539,11 +558,9 @@ def _l1_scale(before: torch.Tensor, after: torch.Tensor, dtype: torch.dtype, eps
     return torch.where(small, torch.ones_like(before), before / torch.where(small, torch.ones_like(after), after))
 
 
-def _masking_plan(tv: TaskVector, mask: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor | None], *,
-                  rescale: bool, size: int, rule: KeepRule | None = None) -> Plan:
-    """The plan applying `mask` (described by `rule`), with mergekit's L1 rescale factor when `rescale` (one
-    more pass)."""
-    plan = Plan(mask, rule=rule)
+def _masking_plan(tv: TaskVector, rule: KeepRule, *, rescale: bool, size: int) -> Plan:
+    """The plan applying `rule`, with mergekit's L1 rescale factor when `rescale` (one more pass)."""
+    plan = Plan(rule)
     if rescale:
         _set_rescale(plan, tv, size)
     return plan
@@ -556,7 +573,7 @@ def _set_rescale(plan: Plan, tv: TaskVector, size: int) -> None:
     buf, abuf, mbuf = tv.buffer(size), tv.buffer(size, sel), tv.buffer(size, sel)
     for s, e in spans(tv.numel(), size):
         d = tv.chunk(s, e, buf[: e - s])
-        keep = plan.mask(d, s, mbuf[: e - s]) if plan.mask is not None else None
+        keep = plan.rule.mask_into(d, s, mbuf[: e - s])
         norms.add(_abs_into(d, abuf[: e - s]), keep)
     plan.scale = norms.scale(tv.dtype)
 
@@ -584,7 +601,7 @@ def _index_mask_plan(tv: TaskVector, indices: torch.Tensor, *, rescale: bool, si
     """A plan keeping the entries at the flat `indices` (stored as a bool mask)."""
     stored = torch.zeros(tv.numel(), dtype=torch.bool, device=tv.device)
     stored[indices] = True
-    return _masking_plan(tv, _stored_mask(stored), rescale=rescale, size=size, rule=KeepRule(stored=stored))
+    return _masking_plan(tv, KeepRule(stored=stored), rescale=rescale, size=size)
 
 
 def magnitude_plan(tv: TaskVector, density: float, *, rescale: bool, size: int, tie_order: str = "position") -> Plan | None:
@@ -596,16 +613,12 @@ def magnitude_plan(tv: TaskVector, density: float, *, rescale: bool, size: int, 
         return None
     n = tv.numel()
     if density <= 0 or n == 0:
-        return Plan(None, zero=True)
+        return Plan(KEEP_NOTHING)
     k = max(1, int(density * n))
     if tie_order == "mergekit":
         return _index_mask_plan(tv, torch.argsort(_sort_magnitudes(tv), descending=True)[:k], rescale=rescale, size=size)
     (cut,) = select_top(tv, [k], size)
-
-    def mask(d, start, out):
-        return cut.mask_into(_abs_into(d, out), start, out)
-
-    return _masking_plan(tv, mask, rescale=rescale, size=size, rule=KeepRule(keep=cut))
+    return _masking_plan(tv, KeepRule(keep=cut), rescale=rescale, size=size)
 
 
 def outliers_plan(tv: TaskVector, density: float, gamma: float, *, rescale: bool, size: int,
@@ -621,27 +634,14 @@ def outliers_plan(tv: TaskVector, density: float, gamma: float, *, rescale: bool
     top_n = max(0, int(gamma * n))
     bottom_n = max(0, n - keep_n - top_n)
     if keep_n == 0 or n == 0:
-        return Plan(None, zero=True)
+        return Plan(KEEP_NOTHING)
     if tie_order == "mergekit":
         ascending = torch.sort(_sort_magnitudes(tv), descending=False).indices
         return _index_mask_plan(tv, ascending[bottom_n : bottom_n + keep_n], rescale=rescale, size=size)
     dropped_top = n - bottom_n - keep_n
     # Ascending ranks [bottom_n, bottom_n + keep_n): the top (n - bottom_n) minus the top dropped_top.
     kept, dropped = select_top(tv, [n - bottom_n, dropped_top], size)
-    own = threading.local()  # a magnitudes buffer per thread: the merge may apply a plan from several
-
-    def mask(d, start, out):
-        if getattr(own, "scratch", None) is None:
-            own.scratch = tv.buffer(size, selection_dtype(tv.dtype))
-        a = _abs_into(d, own.scratch[: d.numel()])
-        top = dropped.mask_into(a, start, out)
-        if top is None:
-            return out.zero_()
-        top.neg_().add_(1)  # 1 - membership of the dropped top
-        inside = kept.mask_into(a, start, a)
-        return top if inside is None else top.mul_(inside)
-
-    return _masking_plan(tv, mask, rescale=rescale, size=size, rule=KeepRule(keep=kept, drop=dropped))
+    return _masking_plan(tv, KeepRule(keep=kept, drop=dropped), rescale=rescale, size=size)
 
 
 class RandomWords:
@@ -758,20 +758,10 @@ def _stored_mask_plan(tv: TaskVector, rescale: bool, chunks: list[tuple[int, int
             if rescale:
                 norms.add(a, mbuf[: e - s].copy_(stored[s:e].view(torch.uint8)))
 
-    plan = Plan(_stored_mask(stored), rule=KeepRule(stored=stored))
+    plan = Plan(KeepRule(stored=stored))
     if rescale:
         plan.scale = norms.scale(tv.dtype)
     return plan
-
-
-def _stored_mask(stored: torch.Tensor) -> Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]:
-    """A `Plan.mask` reading a flat bool keep mask."""
-
-    def mask(d, start, out):
-        # bool -> float conversion is slow on CPU; the same bytes read as uint8 convert fast
-        return out.copy_(stored[start : start + d.numel()].view(torch.uint8))
-
-    return mask
 
 
 class Bernoulli:
@@ -890,7 +880,7 @@ def della_plan(tv: TaskVector, shape: torch.Size, density: float, epsilon: float
         return None
     n = tv.numel()
     if density <= 0 or n == 0:
-        return Plan(None, zero=True)
+        return Plan(KEEP_NOTHING)
     problem = check_della(density, epsilon)
     if problem:
         raise MethodInputError(problem)

@@ -144,7 +144,7 @@ def merge_task_vectors(
     ws = [in_dtype(float(w), dtype) if wide else float(w) for w in weights]
     total = in_dtype(sum(ws), dtype) if wide else float(sum(ws))
     masked = consensus is not None or any(p is not None for p in plans)  # plain task arithmetic: torch is as fast
-    if masked and dtype == torch.float32 and all(p is None or p.rule is not None for p in plans) and all(tv.compiled() for tv in tvs):
+    if masked and all(tv.compiled() for tv in tvs):
         work = _compiled_merge(tvs, plans, ws, consensus=consensus, normalize=normalize, total=total, scale=scale,
                                flat_base=flat_base, flat_out=flat_out)
         in_parts(_sparsify.spans(n, _kernels.CHUNK), work, base.device)
