@@ -38,10 +38,9 @@ import os
 import sys
 
 GOMP_SPINCOUNT = "3000"
-MMAP_THRESHOLD = 32 << 20  # glibc's upper limit for this setting on 64-bit
 TRIM_THRESHOLD = 1 << 30
 GC_FIRST_THRESHOLD = 100_000
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8  # mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # mallopt parameters (malloc.h)
 
 
 def tune_for_streaming() -> None:
@@ -50,19 +49,19 @@ def tune_for_streaming() -> None:
     if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
     if sys.platform.startswith("linux") and not any(k.startswith("MALLOC_") for k in os.environ):
-        _glibc_heap_thresholds()
+        _one_glibc_heap()
     first, *older = gc.get_threshold()
     if 0 < first < GC_FIRST_THRESHOLD:  # 0: the collector is off; a larger one was the user's choice
         gc.set_threshold(GC_FIRST_THRESHOLD, *older)
 
 
-def _glibc_heap_thresholds() -> None:
+def _one_glibc_heap() -> None:
+    """Every allocation from one heap (no mmap: the mmap threshold then no longer matters), trimmed past 1 GiB."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     mallopt(_M_MMAP_MAX, 0)
     mallopt(_M_ARENA_MAX, 1)
