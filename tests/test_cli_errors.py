@@ -159,3 +159,12 @@ def test_methods_command_lists_parameters(capsys):
     assert main(["methods", "task_arithmetic"]) == 0
     out = capsys.readouterr().out
     assert "lambda" in out and "weight" in out and "needs base_model" in out
+
+
+def test_a_closed_output_pipe_is_no_traceback():
+    # `mergesmith methods | head -1`: the reader leaves before the listing is written
+    child = subprocess.Popen([sys.executable, "-m", "mergesmith.cli", "methods"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()
+    err = child.stderr.read().decode()
+    assert child.wait() == 141
+    assert "Traceback" not in err

@@ -41,3 +41,25 @@ def test_garbage_collector_choice_of_the_user_is_kept():
     code = "import gc; gc.set_threshold(0); from mergesmith.runtime import tune_for_streaming; tune_for_streaming(); print(gc.get_threshold()[0])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0"
+
+
+def _entry(code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run `code` then the console script's entry point with `args`, in a child process, output piped."""
+    script = f"import sys; {code}; from mergesmith.cli import entry; sys.argv = ['mergesmith', *{list(args)!r}]; entry()"
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a user's shell has it
+    return subprocess.run([sys.executable, "-c", script], env=buffered, capture_output=True, text=True)
+
+
+def test_quick_exit_flushes_output_and_runs_exit_handlers():
+    # piped stdout is block-buffered: without the flush, os._exit would drop the listing
+    done = _entry("import atexit; atexit.register(lambda: print('handler ran'))", "methods")
+    assert done.returncode == 0
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("ties: ") for line in lines), done.stdout
+    assert lines[-1] == "handler ran"
+
+
+def test_quick_exit_keeps_the_exit_code_of_a_user_error(tmp_path):
+    done = _entry("pass", "merge", str(tmp_path / "missing.yml"), str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert "missing.yml" in done.stderr and "Traceback" not in done.stderr

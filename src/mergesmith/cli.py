@@ -4,18 +4,19 @@ Each subcommand lives in `mergesmith.commands.<name>` with a `register(subparser
 command means adding a module and its name to COMMANDS.
 
 Exit codes: 0 success, 2 a problem with the input (config, models, options), 3 an evaluation verdict of
-"failed merge", 130 interrupted. Anything else escaping is a bug and shows a traceback.
+"failed merge", 130 interrupted, 141 the reader of the output went away (a closed pipe). Anything else escaping is a bug and shows a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
 from mergesmith.errors import MergesmithError
-from mergesmith.runtime import tune_for_streaming
+from mergesmith.runtime import exit_now, tune_for_streaming
 
 COMMANDS = ("merge", "demo", "check", "methods", "eval", "convert", "export_gguf", "analyze", "report")
 
@@ -36,6 +37,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; no output folder was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # whoever read our output left (`mergesmith methods | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush has somewhere to go
+        return 141  # 128 + SIGPIPE, as a process the signal ended
+
+
+def entry() -> None:
+    """The `mergesmith` console script: `main`, then a quick exit (see `runtime.exit_now`). A bug's
+    exception still leaves through the normal path, with its traceback."""
+    exit_now(main())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,4 +60,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
