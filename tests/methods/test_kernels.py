@@ -153,3 +153,38 @@ def test_plain_task_arithmetic_stays_on_torch(monkeypatch):
     models, base = _family(torch.float32)
     monkeypatch.setattr(_task_vectors, "_compiled_merge", lambda *a, **k: pytest.fail("compiled path taken"))
     get_method("task_arithmetic").func(models, base=base, weight=[0.5, 0.3, 0.4], compute_dtype=torch.float32)
+
+
+def test_bfloat16_rounding_is_torchs_bit_for_bit():
+    g = torch.Generator().manual_seed(3)
+    normal = torch.randn(100_000, generator=g) * torch.pow(2.0, torch.randint(-140, 128, (100_000,), generator=g).float())
+    bf = torch.randn(1000, generator=g).to(torch.bfloat16).float()
+    halfway = (bf.view(torch.int32) + 0x8000).view(torch.float32)  # exactly between two bf16 values: ties to even
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 3.4028235e38, -3.4028235e38, 1e-45, -1e-45,
+                            1.1754942e-38, 3.3961776e38, 3.3961775e38])
+    values = torch.cat([normal, bf, halfway, halfway.neg(), special])
+    out = torch.empty(values.numel(), dtype=torch.bfloat16)
+    _kernels.loops().to_bfloat16(values.numpy().view(np.uint32), out.view(torch.int16).numpy().view(np.uint16))
+    assert torch.equal(out.view(torch.int16), values.to(torch.bfloat16).view(torch.int16))
+    nan = torch.tensor([float("nan"), -float("nan")])
+    _kernels.loops().to_bfloat16(nan.numpy().view(np.uint32), out[:2].view(torch.int16).numpy().view(np.uint16))
+    assert out[:2].isnan().all()
+
+
+@pytest.mark.parametrize("method,params", [CASES[0], CASES[3], CASES[5]], ids=["ties", "breadcrumbs", "dare_ties"])
+def test_a_bfloat16_output_is_the_float32_result_rounded_once(method, params, torch_path):
+    models, base = _family(torch.bfloat16)
+    info = get_method(method)
+
+    def run(**extra):
+        kwargs = {"weight": [0.5, 0.3, 0.4], **params, "compute_dtype": torch.float32, **extra}
+        if info.random:
+            kwargs["generator"] = torch.Generator().manual_seed(11)
+        return info.func(models, base=base, **kwargs)
+
+    assert info.rounds_output
+    rounded = run(output_dtype=torch.bfloat16)
+    assert rounded.dtype == torch.bfloat16
+    assert torch.equal(rounded.view(torch.int16), run().to(torch.bfloat16).view(torch.int16))
+    with torch_path:  # the torch path leaves the rounding to the caller
+        assert run(output_dtype=torch.bfloat16).dtype == torch.float32

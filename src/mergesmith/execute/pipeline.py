@@ -158,6 +158,8 @@ def compute(task: TensorTask, tensors: list[torch.Tensor], base: torch.Tensor | 
         kwargs = {**task.kwargs, "compute_dtype": dtype} if task.method.converts_inputs else task.kwargs
         if task.method.breaks_ties:
             kwargs = {**kwargs, "tie_order": options.tie_order}
+        if task.method.rounds_output:
+            kwargs = {**kwargs, "output_dtype": task.output.dtype}
         result = _apply_method(task, inputs, base_in, kwargs, device)
     return result.to(dtype=task.output.dtype).to("cpu")
 

@@ -10,6 +10,8 @@ What stays in PyTorch: every other dtype (16-bit compute for mergekit's arithmet
 plain task arithmetic (no mask, no election: torch is as fast for its three operations a model), SCE's merge
 pass, and any machine without numba (`available()` is then False and the callers take their torch path).
 Inputs stored as bf16 are widened to float32 by torch (its conversion is as fast as a copy) before the loops.
+A bf16 output is rounded from the float32 result chunk by chunk (`to_bfloat16`, bit for bit torch's rounding),
+which saves a float32 output tensor and the separate conversion pass over it.
 
 The loops compute, entry by entry, the float32 operations of the torch path in the same order, except that
 a sum without sign election (Breadcrumbs, DARE and DELLA linear) rounds each weighted delta before adding it
@@ -187,7 +189,17 @@ def _compile() -> SimpleNamespace:
                 j += (a >= lo) & (a <= hi)
         return j
 
+    @jit
+    def to_bfloat16(bits, out):
+        """out = the float32 values whose bit patterns are `bits` (uint32) rounded to bfloat16 bit patterns (uint16),
+        to nearest, ties to even, as PyTorch's conversion rounds; a NaN becomes the quiet NaN 0x7FC0."""
+        for i in range(out.size):
+            b = bits[i]
+            rounded = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+            out[i] = np.uint16(0x7FC0) if nan else np.uint16(rounded)
+
     return SimpleNamespace(
         weighted_delta=weighted_delta, consensus_into=consensus_into, sum_into=sum_into,
-        window_count=window_count, window_gather=window_gather,
+        window_count=window_count, window_gather=window_gather, to_bfloat16=to_bfloat16,
     )

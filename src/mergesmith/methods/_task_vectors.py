@@ -113,6 +113,7 @@ def merge_task_vectors(
     scale: float,
     dtype: torch.dtype | None = None,
     concurrent_plans: bool = False,
+    output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """base + scale · (sparsified, weighted, optionally sign-agreeing) task vectors; see the module docstring.
     `concurrent_plans`: the plans may be built at once (no random draws, or seeds drawn ahead), see `_build_plans`.
@@ -122,6 +123,10 @@ def merge_task_vectors(
     mask per model for the random methods). Every output element goes through the same float operations, in
     the same order, as the whole-tensor formulation. The work is done in `dtype` (default: the base's); the
     inputs may be stored in another (bf16 as read), each chunk is converted as it is used.
+
+    `output_dtype`: the dtype the caller will store the result in. Where the compiled loops merge float32 into
+    bf16, the result comes back in it, each chunk rounded once as `Tensor.to` would (no float32 output tensor,
+    no second pass); otherwise it comes back in `dtype`.
     """
     dtype = dtype or base.dtype
     if not tensors:
@@ -133,7 +138,10 @@ def merge_task_vectors(
     flat_base = base.reshape(-1)
     tvs = [_sparsify.TaskVector(t, base, dtype) for t in tensors]
     plans = _build_plans(sparsify, tvs, size, concurrent_plans)
-    out = torch.empty(base.shape, dtype=dtype, device=base.device)
+    masked = consensus is not None or any(p is not None for p in plans)  # plain task arithmetic: torch is as fast
+    compiled = masked and n > 0 and all(tv.compiled() for tv in tvs)
+    rounded = compiled and output_dtype == torch.bfloat16
+    out = torch.empty(base.shape, dtype=output_dtype if rounded else dtype, device=base.device)
     flat_out = out.view(-1)
     if n == 0:
         return out
@@ -143,8 +151,7 @@ def merge_task_vectors(
     wide = acc != dtype
     ws = [in_dtype(float(w), dtype) if wide else float(w) for w in weights]
     total = in_dtype(sum(ws), dtype) if wide else float(sum(ws))
-    masked = consensus is not None or any(p is not None for p in plans)  # plain task arithmetic: torch is as fast
-    if masked and all(tv.compiled() for tv in tvs):
+    if compiled:
         work = _compiled_merge(tvs, plans, ws, consensus=consensus, normalize=normalize, total=total, scale=scale,
                                flat_base=flat_base, flat_out=flat_out)
         in_parts(_sparsify.spans(n, _kernels.CHUNK), work, base.device)
@@ -205,7 +212,9 @@ def merge_task_vectors(
 def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: str | None, normalize: bool,
                     total: float, scale: float, flat_base: torch.Tensor, flat_out: torch.Tensor) -> Callable[[list[tuple[int, int]]], None]:
     """`merge_task_vectors`' chunk work on float32 CPU tensors with `_kernels`' loops: per chunk, one loop per
-    model writes its masked, rescaled, weighted delta, and one loop combines them into the output."""
+    model writes its masked, rescaled, weighted delta, and one loop combines them into the output (float32,
+    or bf16 through a float32 chunk rounded by `to_bfloat16`)."""
+    rounded = flat_out.dtype == torch.bfloat16
     loops = _kernels.loops()
     rules = [p.rule if p is not None else _sparsify.KeepRule() for p in plans]
     rescales = [np.float32(1) if p is None or p.scale is None else np.float32(float(p.scale)) for p in plans]
@@ -217,18 +226,21 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
         deltas = np.empty((len(tvs), width), dtype=np.float32)
         model_buf, base_buf = torch.empty(width), torch.empty(width)
         votes, divisor = np.empty(width, dtype=np.float32), np.empty(width, dtype=np.float32)
+        merged = np.empty(width, dtype=np.float32) if rounded else None
         for s, e in chunks:
             m = e - s
             base = _sparsify.as_float32(flat_base[s:e], base_buf)
             for j, (tv, rule) in enumerate(zip(tvs, rules)):
                 loops.weighted_delta(_sparsify.as_float32(tv.model[s:e], model_buf), base, *rule.keep.bounds(s),
                                      *rule.drop.bounds(s), rule.stored_array(s, e), rescales[j], ws[j], deltas[j, :m])
-            out = flat_out[s:e].numpy()
+            out = merged[:m] if rounded else flat_out[s:e].numpy()
             if consensus is None:
                 loops.sum_into(deltas, m, divide, np.float32(total), np.float32(scale), base, out)
             else:
                 loops.consensus_into(deltas, m, ws, consensus == "count", normalize, np.float32(scale), base, votes,
                                      divisor, out)
+            if rounded:
+                loops.to_bfloat16(out.view(np.uint32), flat_out[s:e].view(torch.int16).numpy().view(np.uint16))
 
     return work
 

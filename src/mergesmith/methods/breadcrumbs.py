@@ -21,7 +21,7 @@ from mergesmith.methods._task_vectors import CONSENSUS, GAMMA, merge_task_vector
 from mergesmith.methods.registry import merge_method
 
 
-def _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lambda_, consensus, dtype, tie_order):
+def _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lambda_, consensus, dtype, tie_order, output_dtype):
     dens = density or [1.0] * len(tensors)
     gam = gamma or [0.01] * len(tensors)
     check_tie_order(tie_order)
@@ -29,7 +29,7 @@ def _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lamb
         tensors, base, weight,
         sparsify=lambda tv, i, size: outliers_plan(tv, dens[i], gam[i], rescale=rescale, size=size, tie_order=tie_order),
         consensus=consensus, normalize=normalize, scale=lambda_, dtype=dtype,
-        concurrent_plans=True,
+        concurrent_plans=True, output_dtype=output_dtype,
     )
 
 
@@ -38,6 +38,7 @@ def _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lamb
     params=task_vector_params(normalize=False, rescale=False, extra=(GAMMA,)),
     base="required",
     converts_inputs=True,
+    rounds_output=True,
     breaks_ties=True,
     min_models=0,
     reference="https://arxiv.org/abs/2312.06795",
@@ -55,9 +56,11 @@ def breadcrumbs(
     int8_mask: bool = False,
     compute_dtype: torch.dtype | None = None,
     tie_order: str = "position",
+    output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Drop outliers and small entries, then a weighted sum of the task vectors."""
-    return _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lambda_, None, compute_dtype, tie_order)
+    return _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lambda_, None, compute_dtype, tie_order,
+                        output_dtype)
 
 
 @merge_method(
@@ -65,6 +68,7 @@ def breadcrumbs(
     params=task_vector_params(normalize=False, rescale=False, extra=(GAMMA, CONSENSUS)),
     base="required",
     converts_inputs=True,
+    rounds_output=True,
     breaks_ties=True,
     min_models=0,
     reference="https://arxiv.org/abs/2312.06795",
@@ -83,7 +87,8 @@ def breadcrumbs_ties(
     compute_dtype: torch.dtype | None = None,
     consensus_method: str = "sum",
     tie_order: str = "position",
+    output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Drop outliers and small entries, elect sign, disjoint merge."""
     return _breadcrumbs(tensors, base, weight, density, gamma, normalize, rescale, lambda_, consensus_method, compute_dtype,
-                        tie_order)
+                        tie_order, output_dtype)

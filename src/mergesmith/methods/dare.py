@@ -20,7 +20,7 @@ from mergesmith.methods._task_vectors import CONSENSUS, merge_task_vectors, task
 from mergesmith.methods.registry import merge_method
 
 
-def _dare(tensors, base, weight, density, normalize, rescale, lambda_, consensus, generator, dtype):
+def _dare(tensors, base, weight, density, normalize, rescale, lambda_, consensus, generator, dtype, output_dtype):
     dens = density or [1.0] * len(tensors)
     # each plan's stream seed drawn here, in model order, so the plans can then be built concurrently
     ahead = draws_on_cpu(generator)
@@ -28,7 +28,7 @@ def _dare(tensors, base, weight, density, normalize, rescale, lambda_, consensus
     return merge_task_vectors(
         tensors, base, weight,
         sparsify=lambda tv, i, size: random_plan(tv, dens[i], rescale=rescale, generator=generator, size=size, seed=seeds[i]),
-        consensus=consensus, normalize=normalize, scale=lambda_, dtype=dtype, concurrent_plans=ahead,
+        consensus=consensus, normalize=normalize, scale=lambda_, dtype=dtype, concurrent_plans=ahead, output_dtype=output_dtype,
     )
 
 
@@ -37,6 +37,7 @@ def _dare(tensors, base, weight, density, normalize, rescale, lambda_, consensus
     params=task_vector_params(normalize=False, rescale=True, extra=(CONSENSUS,)),
     base="required",
     converts_inputs=True,
+    rounds_output=True,
     min_models=0,
     random=True,
     reference="https://arxiv.org/abs/2311.03099",
@@ -54,9 +55,10 @@ def dare_ties(
     compute_dtype: torch.dtype | None = None,
     consensus_method: str = "sum",
     generator: torch.Generator | None = None,
+    output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Random drop with rescale, elect sign, disjoint merge."""
-    return _dare(tensors, base, weight, density, normalize, rescale, lambda_, consensus_method, generator, compute_dtype)
+    return _dare(tensors, base, weight, density, normalize, rescale, lambda_, consensus_method, generator, compute_dtype, output_dtype)
 
 
 @merge_method(
@@ -64,6 +66,7 @@ def dare_ties(
     params=task_vector_params(normalize=False, rescale=True),
     base="required",
     converts_inputs=True,
+    rounds_output=True,
     min_models=0,
     random=True,
     reference="https://arxiv.org/abs/2311.03099",
@@ -80,6 +83,7 @@ def dare_linear(
     int8_mask: bool = False,
     compute_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
+    output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Random drop with rescale, then a weighted sum of the task vectors."""
-    return _dare(tensors, base, weight, density, normalize, rescale, lambda_, None, generator, compute_dtype)
+    return _dare(tensors, base, weight, density, normalize, rescale, lambda_, None, generator, compute_dtype, output_dtype)

@@ -24,7 +24,7 @@ from mergesmith.methods.registry import merge_method
 _check = per_model_check("DELLA", check_della, "density", "epsilon")
 
 
-def _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_, consensus, generator, dtype):
+def _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_, consensus, generator, dtype, output_dtype):
     dens = density or [1.0] * len(tensors)
     eps = epsilon or [0.15] * len(tensors)
     return merge_task_vectors(
@@ -32,7 +32,7 @@ def _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_,
         sparsify=lambda tv, i, size: della_plan(
             tv, base.shape, dens[i], eps[i], rescale=rescale, generator=generator, size=size
         ),
-        consensus=consensus, normalize=normalize, scale=lambda_, dtype=dtype,
+        consensus=consensus, normalize=normalize, scale=lambda_, dtype=dtype, output_dtype=output_dtype,
     )
 
 
@@ -41,6 +41,7 @@ def _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_,
     params=task_vector_params(normalize=True, rescale=True, extra=(EPSILON, CONSENSUS)),
     base="required",
     converts_inputs=True,
+    rounds_output=True,
     min_models=0,
     random=True,
     reference="https://arxiv.org/abs/2406.11617",
@@ -60,9 +61,10 @@ def della(
     compute_dtype: torch.dtype | None = None,
     consensus_method: str = "sum",
     generator: torch.Generator | None = None,
+    output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """MagPrune with rescale, elect sign, disjoint merge."""
-    return _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_, consensus_method, generator, compute_dtype)
+    return _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_, consensus_method, generator, compute_dtype, output_dtype)
 
 
 @merge_method(
@@ -70,6 +72,7 @@ def della(
     params=task_vector_params(normalize=False, rescale=True, extra=(EPSILON,)),
     base="required",
     converts_inputs=True,
+    rounds_output=True,
     min_models=0,
     random=True,
     reference="https://arxiv.org/abs/2406.11617",
@@ -88,6 +91,7 @@ def della_linear(
     int8_mask: bool = False,
     compute_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
+    output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """MagPrune with rescale, then a weighted sum of the task vectors."""
-    return _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_, None, generator, compute_dtype)
+    return _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_, None, generator, compute_dtype, output_dtype)

@@ -104,6 +104,9 @@ class MethodSpec:
     # The method selects entries by a threshold and takes a `tie_order` keyword saying how entries tied at it
     # are chosen (`_sparsify.TIE_ORDERS`); the executor passes its option on.
     breaks_ties: bool = False
+    # The method takes an `output_dtype` keyword (the dtype the executor stores) and may return its result in
+    # it, rounded once from its compute dtype, when writing it directly saves a pass over the output.
+    rounds_output: bool = False
     summary: str = ""
     reference: str = ""
     aliases: tuple[str, ...] = field(default=())
@@ -149,6 +152,7 @@ def merge_method(
     elementwise: bool = False,
     converts_inputs: bool = False,
     breaks_ties: bool = False,
+    rounds_output: bool = False,
     summary: str = "",
     reference: str = "",
     check: Callable[[dict[str, Any]], str | None] | None = None,
@@ -168,6 +172,7 @@ def merge_method(
                 elementwise=elementwise,
                 converts_inputs=converts_inputs,
                 breaks_ties=breaks_ties,
+                rounds_output=rounds_output,
                 summary=summary or (func.__doc__ or "").strip().split("\n")[0],
                 reference=reference,
                 check=check,

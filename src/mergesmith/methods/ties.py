@@ -23,6 +23,7 @@ from mergesmith.methods.registry import merge_method
     params=task_vector_params(normalize=True, rescale=False, extra=(CONSENSUS,)),
     base="required",
     converts_inputs=True,
+    rounds_output=True,
     breaks_ties=True,
     min_models=0,
     reference="https://arxiv.org/abs/2306.01708",
@@ -40,6 +41,7 @@ def ties(
     compute_dtype: torch.dtype | None = None,
     consensus_method: str = "sum",
     tie_order: str = "position",
+    output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Trim (top-k magnitude), elect sign, disjoint merge."""
     dens = density or [1.0] * len(tensors)
@@ -48,5 +50,5 @@ def ties(
         tensors, base, weight,
         sparsify=lambda tv, i, size: magnitude_plan(tv, dens[i], rescale=rescale, size=size, tie_order=tie_order),
         consensus=consensus_method, normalize=normalize, scale=lambda_, dtype=compute_dtype,
-        concurrent_plans=True,
+        concurrent_plans=True, output_dtype=output_dtype,
     )
