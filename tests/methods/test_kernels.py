@@ -188,3 +188,19 @@ def test_a_bfloat16_output_is_the_float32_result_rounded_once(method, params, to
     assert torch.equal(rounded.view(torch.int16), run().to(torch.bfloat16).view(torch.int16))
     with torch_path:  # the torch path leaves the rounding to the caller
         assert run(output_dtype=torch.bfloat16).dtype == torch.float32
+
+
+def test_ranked_keep_draws_the_words_random_words_hands_out():
+    # odd row lengths and blocks: a word's upper half carries over to the next row and the next call
+    g = torch.Generator().manual_seed(4)
+    rows, cols = 9, 333
+    mags = (torch.randn(2, rows, cols, generator=g) * 0.01).to(torch.bfloat16).float().abs()  # many ties
+    mags[0, 2, :] = 0  # a row of one tied group
+    keep = _sparsify.RankedKeep(rows, cols, 0.45, 0.2, torch.float32, torch.device("cpu"))
+    words = _sparsify.RandomWords(None, torch.device("cpu"), prepare=keep.lookups, seed=77)
+    state = _sparsify.word_state(77)
+    for block in mags:
+        expected = keep(block, words.next(block.numel()), torch.empty(rows, cols, dtype=torch.bool))
+        got = keep.compiled_into(block, state, torch.empty(rows, cols, dtype=torch.bool))
+        assert torch.equal(got, expected)
+        assert 0.3 < got.float().mean() < 0.6
