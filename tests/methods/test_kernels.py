@@ -204,3 +204,15 @@ def test_ranked_keep_draws_the_words_random_words_hands_out():
         got = keep.compiled_into(block, state, torch.empty(rows, cols, dtype=torch.bool))
         assert torch.equal(got, expected)
         assert 0.3 < got.float().mean() < 0.6
+
+
+def test_bernoulli_keep_draws_the_words_random_words_hands_out():
+    words = _sparsify.RandomWords(None, torch.device("cpu"), prepare=_sparsify.Bernoulli(0.3), seed=5)
+    state, threshold = _sparsify.word_state(5), _sparsify.Bernoulli(0.3).threshold
+    kept = []
+    for count in (7, 1, 0, 1000, 33, 2):  # odd counts: half-used words carried over
+        got = np.empty(count, dtype=np.bool_)
+        _kernels.loops().bernoulli_keep(state, threshold, got)
+        assert np.array_equal(got, words.next(count).numpy())
+        kept.append(got)
+    assert 0.25 < np.concatenate(kept).mean() < 0.35

@@ -200,36 +200,57 @@ def _compile() -> SimpleNamespace:
             out[i] = np.uint16(0x7FC0) if nan else np.uint16(rounded)
 
     @jit
+    def sfc64(s0, s1, s2, s3):
+        """numpy's sfc64_next: (the drawn 64-bit word, the next state)."""
+        drawn = s0 + s1 + s3
+        return (drawn, s1 ^ (s1 >> np.uint64(11)), s2 + (s2 << np.uint64(3)),
+                ((s2 << np.uint64(24)) | (s2 >> np.uint64(40))) + drawn, s3 + np.uint64(1))
+
+    # A stream's state (`_sparsify.word_state`) is numpy SFC64's four words, then a flag and the upper half of
+    # a word drawn but half used. Its int32 words are each drawn word's lower half, then its upper half: the
+    # words, and so the keeps below, are those `_sparsify.RandomWords` hands out.
+
+    @jit
     def ranked_keep(bits, rows, state, alpha, beta, high, out):
         """DELLA's keep test (see `_sparsify.RankedKeep`) of the (r, c) magnitudes whose int32 bit patterns are
-        `bits`, against their rows sorted and padded in `rows` (r, c + 3), into the bool `out` (r, c). Each entry
-        takes the next int32 word of numpy's SFC64 stream whose state is `state` (its four words, then a flag
-        and the upper half of a word drawn but half used), which it advances: the words, and so the keeps, are
-        those `RandomWords` would hand out."""
-        s0, s1, s2, s3 = state[0], state[1], state[2], state[3]
-        pending, half = state[4], state[5]
-        one, low32 = np.uint64(1), np.uint64(0xFFFFFFFF)
+        `bits`, against their rows sorted and padded in `rows` (r, c + 3), into the bool `out` (r, c), an entry
+        a word from `state`, which it advances."""
+        s0, s1, s2, s3, pending, half = state[0], state[1], state[2], state[3], state[4], state[5]
+        low32 = np.uint64(0xFFFFFFFF)
         r, c = bits.shape
         for i in range(r):
             row, b, o = rows[i], bits[i], out[i]
             for j in range(c):
                 if pending:
-                    word = half
-                    pending = np.uint64(0)
-                else:  # numpy's sfc64_next
-                    drawn = s0 + s1 + s3
-                    s3 += one
-                    s0 = s1 ^ (s1 >> np.uint64(11))
-                    s1 = s2 + (s2 << np.uint64(3))
-                    s2 = ((s2 << np.uint64(24)) | (s2 >> np.uint64(40))) + drawn
-                    word, half, pending = drawn & low32, drawn >> np.uint64(32), one
+                    word, pending = half, np.uint64(0)
+                else:
+                    drawn, s0, s1, s2, s3 = sfc64(s0, s1, s2, s3)
+                    word, half, pending = drawn & low32, drawn >> np.uint64(32), np.uint64(1)
                 w = np.int64(np.int32(np.uint32(word)))
                 coin = w & 1
                 position = min(max(np.float64(w >> 1) * alpha + beta, 0.0), high)
                 o[j] = b[j] > row[np.int64(position) + coin] - coin
         state[0], state[1], state[2], state[3], state[4], state[5] = s0, s1, s2, s3, pending, half
 
+    @jit
+    def bernoulli_keep(state, threshold, out):
+        """out[i] = (the next int32 word from `state` < threshold): DARE's independent keeps."""
+        s0, s1, s2, s3, pending, half = state[0], state[1], state[2], state[3], state[4], state[5]
+        low32 = np.uint64(0xFFFFFFFF)
+        n, j = out.size, 0
+        if pending and n:
+            out[0], j, pending = np.int32(np.uint32(half)) < threshold, 1, np.uint64(0)
+        for k in range((n - j) // 2):
+            drawn, s0, s1, s2, s3 = sfc64(s0, s1, s2, s3)
+            out[j + 2 * k] = np.int32(np.uint32(drawn & low32)) < threshold
+            out[j + 2 * k + 1] = np.int32(np.uint32(drawn >> np.uint64(32))) < threshold
+        if (n - j) % 2:
+            drawn, s0, s1, s2, s3 = sfc64(s0, s1, s2, s3)
+            out[n - 1], half, pending = np.int32(np.uint32(drawn & low32)) < threshold, drawn >> np.uint64(32), np.uint64(1)
+        state[0], state[1], state[2], state[3], state[4], state[5] = s0, s1, s2, s3, pending, half
+
     return SimpleNamespace(
         weighted_delta=weighted_delta, consensus_into=consensus_into, sum_into=sum_into,
         window_count=window_count, window_gather=window_gather, to_bfloat16=to_bfloat16, ranked_keep=ranked_keep,
+        bernoulli_keep=bernoulli_keep,
     )
