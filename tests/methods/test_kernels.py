@@ -216,3 +216,33 @@ def test_bernoulli_keep_draws_the_words_random_words_hands_out():
         assert np.array_equal(got, words.next(count).numpy())
         kept.append(got)
     assert 0.25 < np.concatenate(kept).mean() < 0.35
+
+
+CACHE_PROBE = """
+import torch
+from mergesmith.methods import _kernels
+from mergesmith.methods.registry import get_method
+g = torch.Generator().manual_seed(0)
+base = (torch.randn(700, 640, generator=g) * 0.02).to(torch.bfloat16)
+models = [(base.float() + torch.randn(base.shape, generator=g) * 0.002).to(torch.bfloat16) for _ in range(2)]
+for name in ("ties", "breadcrumbs", "dare_linear", "della"):
+    kwargs = {"weight": [0.5, 0.5], "density": [0.5, 0.5], "compute_dtype": torch.float32, "output_dtype": torch.bfloat16}
+    if get_method(name).random:
+        kwargs["generator"] = torch.Generator().manual_seed(1)
+    get_method(name).func(models, base=base, **kwargs)
+loops = _kernels.loops()
+print({name: (sum(getattr(loops, name).stats.cache_hits.values()), sum(getattr(loops, name).stats.cache_misses.values()))
+       for name in _kernels.LOOPS})
+"""
+
+
+def test_every_loop_loads_from_numbas_cache_in_a_new_process():
+    # a loop numba cannot cache is compiled again by every merge (0.5 s each); run twice so the first may compile
+    import ast
+    import subprocess
+    import sys
+
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", CACHE_PROBE], capture_output=True, text=True, check=True)
+    counts = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert all(hits >= 1 and misses == 0 for hits, misses in counts.values()), counts

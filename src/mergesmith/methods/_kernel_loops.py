@@ -1,0 +1,195 @@
+"""The compiled loops themselves (numba), imported by `_kernels` only when they are wanted; see `_kernels` for
+what they are for, the numerics they keep and how to write them.
+
+They are module-level functions, not closures: numba keys a cached closure by its free variables, and a
+dispatcher captured in one (a loop calling another loop) pickles differently in every process, so such a
+loop was compiled anew by every merge (0.5-0.6 s each for consensus_into and DELLA's ranked_keep).
+"""
+
+import numpy as np
+from numba import njit
+
+# fastmath stays off: each float operation rounds as written, in this order. cache: compiled once per machine
+# (next to this file, or numba's user cache when that is read-only).
+jit = njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+
+
+@jit
+def weighted_delta(model, base, keep_ge, keep_gt, keep_split, drop_ge, drop_gt, drop_split, stored, scale, weight, out):
+    """out = ((model - base) if kept else 0) * scale * weight. Kept: magnitude above the keep bound and not
+    above the drop bound (each bound is `ge` before its split position and `gt` from it on: how a Cut
+    breaks ties by position), and stored[i] != 0 when `stored` is not empty. A NaN is kept, as the torch
+    path's mask multiply keeps it."""
+    n = out.size
+    zero = np.float32(0)
+    if stored.size == 0:
+        for i in range(n):
+            d = model[i] - base[i]
+            a = abs(d)
+            kb = keep_ge if i < keep_split else keep_gt
+            xb = drop_ge if i < drop_split else drop_gt
+            keep = (not a <= kb) & (not a > xb)
+            out[i] = ((d if keep else zero) * scale) * weight
+    else:
+        for i in range(n):
+            d = model[i] - base[i]
+            a = abs(d)
+            kb = keep_ge if i < keep_split else keep_gt
+            xb = drop_ge if i < drop_split else drop_gt
+            keep = (not a <= kb) & (not a > xb) & (stored[i] != 0)
+            out[i] = ((d if keep else zero) * scale) * weight
+
+@jit
+def sum_rows(deltas, n, out):
+    """out[:n] = the rows of `deltas` (first n columns) added from the first to the last."""
+    first = deltas[0]
+    for i in range(n):
+        out[i] = first[i]
+    for j in range(1, deltas.shape[0]):
+        row = deltas[j]
+        for i in range(n):
+            out[i] += row[i]
+
+@jit
+def consensus_into(deltas, n, weights, by_count, normalize, scale, base, votes, divisor, out):
+    """TIES' elect and disjoint merge of the weighted deltas (rows of `deltas`, first n columns):
+    out = base + scale * (Σ agreeing deltas) / (Σ agreeing weights, 0 -> 1, when normalize).
+    The majority sign is that of the sum of the deltas (or of their signs, `by_count`); >= 0 elects +.
+    `votes` and `divisor` are scratch of length >= n."""
+    k = deltas.shape[0]
+    zero, one = np.float32(0), np.float32(1)
+    first = deltas[0]
+    if by_count:
+        for i in range(n):
+            votes[i] = np.sign(first[i])
+        for j in range(1, k):
+            row = deltas[j]
+            for i in range(n):
+                votes[i] += np.sign(row[i])
+    else:
+        sum_rows(deltas, n, votes)
+    for i in range(n):
+        votes[i] = one if votes[i] >= zero else -one
+        out[i] = zero
+        divisor[i] = zero
+    for j in range(k):
+        row = deltas[j]
+        w = weights[j]
+        for i in range(n):
+            agree = row[i] * votes[i] > zero  # same sign as the majority, and not zero
+            out[i] += row[i] if agree else zero
+            divisor[i] += w if agree else zero
+    if normalize:
+        for i in range(n):
+            out[i] = out[i] / (divisor[i] if divisor[i] != zero else one)
+    for i in range(n):
+        out[i] = out[i] * scale + base[i]
+
+@jit
+def sum_into(deltas, n, divide, divisor, scale, base, out):
+    """out = base + scale * (Σ weighted deltas) / divisor (when divide): task arithmetic's combination."""
+    sum_rows(deltas, n, out)
+    if divide:
+        for i in range(n):
+            out[i] = out[i] / divisor
+    for i in range(n):
+        out[i] = out[i] * scale + base[i]
+
+@jit
+def window_count(model, base, lo, hi):
+    """(entries with |model - base| > hi, entries with lo <= |model - base| <= hi, non-zero entries)."""
+    above = 0
+    inside = 0
+    nonzero = 0
+    zero = np.float32(0)
+    for i in range(model.size):
+        a = abs(model[i] - base[i])
+        above += a > hi
+        inside += (a >= lo) & (a <= hi)
+        nonzero += a != zero
+    return above, inside, nonzero
+
+@jit
+def window_gather(model, base, lo, hi, offset, values, positions):
+    """The magnitudes in [lo, hi] and their positions (+ offset), in order, into values and positions (one
+    entry longer than the count: writes are made before the exact test decides to keep them). Few
+    entries are in a window, so one float test, true around the window only, guards the writes: two
+    tests would make the first a coin flip for the branch predictor."""
+    j = 0
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # an open side: no middle to measure from
+        for i in range(model.size):
+            a = abs(model[i] - base[i])
+            values[j] = a
+            positions[j] = offset + i
+            j += (a >= lo) & (a <= hi)
+        return j
+    # every magnitude in [lo, hi] is within reach of the middle, rounding included (a few ulps of hi)
+    middle = (lo + hi) * np.float32(0.5)
+    reach = (hi - lo) * np.float32(0.5) + hi * np.float32(2.0**-20) + np.float32(1e-38)
+    for i in range(model.size):
+        a = abs(model[i] - base[i])
+        if abs(a - middle) <= reach:
+            values[j] = a
+            positions[j] = offset + i
+            j += (a >= lo) & (a <= hi)
+    return j
+
+@jit
+def to_bfloat16(bits, out):
+    """out = the float32 values whose bit patterns are `bits` (uint32) rounded to bfloat16 bit patterns (uint16),
+    to nearest, ties to even, as PyTorch's conversion rounds; a NaN becomes the quiet NaN 0x7FC0."""
+    for i in range(out.size):
+        b = bits[i]
+        rounded = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+        nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+        out[i] = np.uint16(0x7FC0) if nan else np.uint16(rounded)
+
+@jit
+def sfc64(s0, s1, s2, s3):
+    """numpy's sfc64_next: (the drawn 64-bit word, the next state)."""
+    drawn = s0 + s1 + s3
+    return (drawn, s1 ^ (s1 >> np.uint64(11)), s2 + (s2 << np.uint64(3)),
+            ((s2 << np.uint64(24)) | (s2 >> np.uint64(40))) + drawn, s3 + np.uint64(1))
+
+# A stream's state (`_sparsify.word_state`) is numpy SFC64's four words, then a flag and the upper half of
+# a word drawn but half used. Its int32 words are each drawn word's lower half, then its upper half: the
+# words, and so the keeps below, are those `_sparsify.RandomWords` hands out.
+
+@jit
+def ranked_keep(bits, rows, state, alpha, beta, high, out):
+    """DELLA's keep test (see `_sparsify.RankedKeep`) of the (r, c) magnitudes whose int32 bit patterns are
+    `bits`, against their rows sorted and padded in `rows` (r, c + 3), into the bool `out` (r, c), an entry
+    a word from `state`, which it advances."""
+    s0, s1, s2, s3, pending, half = state[0], state[1], state[2], state[3], state[4], state[5]
+    low32 = np.uint64(0xFFFFFFFF)
+    r, c = bits.shape
+    for i in range(r):
+        row, b, o = rows[i], bits[i], out[i]
+        for j in range(c):
+            if pending:
+                word, pending = half, np.uint64(0)
+            else:
+                drawn, s0, s1, s2, s3 = sfc64(s0, s1, s2, s3)
+                word, half, pending = drawn & low32, drawn >> np.uint64(32), np.uint64(1)
+            w = np.int64(np.int32(np.uint32(word)))
+            coin = w & 1
+            position = min(max(np.float64(w >> 1) * alpha + beta, 0.0), high)
+            o[j] = b[j] > row[np.int64(position) + coin] - coin
+    state[0], state[1], state[2], state[3], state[4], state[5] = s0, s1, s2, s3, pending, half
+
+@jit
+def bernoulli_keep(state, threshold, out):
+    """out[i] = (the next int32 word from `state` < threshold): DARE's independent keeps."""
+    s0, s1, s2, s3, pending, half = state[0], state[1], state[2], state[3], state[4], state[5]
+    low32 = np.uint64(0xFFFFFFFF)
+    n, j = out.size, 0
+    if pending and n:
+        out[0], j, pending = np.int32(np.uint32(half)) < threshold, 1, np.uint64(0)
+    for k in range((n - j) // 2):
+        drawn, s0, s1, s2, s3 = sfc64(s0, s1, s2, s3)
+        out[j + 2 * k] = np.int32(np.uint32(drawn & low32)) < threshold
+        out[j + 2 * k + 1] = np.int32(np.uint32(drawn >> np.uint64(32))) < threshold
+    if (n - j) % 2:
+        drawn, s0, s1, s2, s3 = sfc64(s0, s1, s2, s3)
+        out[n - 1], half, pending = np.int32(np.uint32(drawn & low32)) < threshold, drawn >> np.uint64(32), np.uint64(1)
+    state[0], state[1], state[2], state[3], state[4], state[5] = s0, s1, s2, s3, pending, half
