@@ -33,7 +33,6 @@ import os
 import threading
 from types import SimpleNamespace
 
-import numpy as np
 
 CHUNK = 1 << 18  # entries per chunk of the merge pass
 
