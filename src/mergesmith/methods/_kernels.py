@@ -33,7 +33,6 @@ import os
 import threading
 from types import SimpleNamespace
 
-
 CHUNK = 1 << 18  # entries per chunk of the merge pass
 
 LOOPS = (
