@@ -225,8 +225,10 @@ from mergesmith.methods.registry import get_method
 g = torch.Generator().manual_seed(0)
 base = (torch.randn(700, 640, generator=g) * 0.02).to(torch.bfloat16)
 models = [(base.float() + torch.randn(base.shape, generator=g) * 0.002).to(torch.bfloat16) for _ in range(2)]
-for name in ("ties", "breadcrumbs", "dare_linear", "della"):
+for name in ("ties", "breadcrumbs", "dare_linear", "della", "sce"):
     kwargs = {"weight": [0.5, 0.5], "density": [0.5, 0.5], "compute_dtype": torch.float32, "output_dtype": torch.bfloat16}
+    if name == "sce":
+        kwargs = {"select_topk": 0.5, "compute_dtype": torch.float32, "output_dtype": torch.bfloat16}
     if get_method(name).random:
         kwargs["generator"] = torch.Generator().manual_seed(1)
     get_method(name).func(models, base=base, **kwargs)
@@ -246,3 +248,27 @@ def test_every_loop_loads_from_numbas_cache_in_a_new_process():
         done = subprocess.run([sys.executable, "-c", CACHE_PROBE], capture_output=True, text=True, check=True)
     counts = ast.literal_eval(done.stdout.strip().splitlines()[-1])
     assert all(hits >= 1 and misses == 0 for hits, misses in counts.values()), counts
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("count,params", [
+    (2, {"select_topk": 0.4}),  # the streamed two-model cut
+    (3, {"select_topk": 0.6, "consensus_method": "count"}),  # the stored variance mask
+    (3, {"select_topk": 1.0, "energy_floor": 0.0}),  # everything selected, energy weights
+])
+def test_sce_loops_equal_the_torch_path(count, params, dtype, torch_path, monkeypatch):
+    models, base = _family(dtype)
+    models = models[:count]
+    sce = get_method("sce").func
+    used = []
+    merge = sce.__globals__["_compiled_merge"]
+    monkeypatch.setitem(sce.__globals__, "_compiled_merge", lambda *a, **k: used.append(1) or merge(*a, **k))
+    compiled = sce(models, base=base, **params, compute_dtype=torch.float32)
+    rounded = sce(models, base=base, **params, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
+    assert len(used) == 2
+    with torch_path:
+        reference = sce(models, base=base, **params, compute_dtype=torch.float32)
+    assert len(used) == 2
+    assert torch.equal(compiled, reference)
+    assert torch.equal(rounded.view(torch.int16), reference.to(torch.bfloat16).view(torch.int16))
+    assert not torch.equal(compiled, base.float())

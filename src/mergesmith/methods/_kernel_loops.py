@@ -39,6 +39,7 @@ def weighted_delta(model, base, keep_ge, keep_gt, keep_split, drop_ge, drop_gt, 
             keep = (not a <= kb) & (not a > xb) & (stored[i] != 0)
             out[i] = ((d if keep else zero) * scale) * weight
 
+
 @jit
 def sum_rows(deltas, n, out):
     """out[:n] = the rows of `deltas` (first n columns) added from the first to the last."""
@@ -50,19 +51,17 @@ def sum_rows(deltas, n, out):
         for i in range(n):
             out[i] += row[i]
 
+
 @jit
-def consensus_into(deltas, n, weights, by_count, normalize, scale, base, votes, divisor, out):
-    """TIES' elect and disjoint merge of the weighted deltas (rows of `deltas`, first n columns):
-    out = base + scale * (Σ agreeing deltas) / (Σ agreeing weights, 0 -> 1, when normalize).
-    The majority sign is that of the sum of the deltas (or of their signs, `by_count`); >= 0 elects +.
-    `votes` and `divisor` are scratch of length >= n."""
-    k = deltas.shape[0]
+def elect_into(deltas, n, by_count, votes):
+    """votes[:n] = the majority sign (+1 or -1) of the rows of `deltas`: the sign of their sum (or of the sum of
+    their signs, `by_count`); >= 0 elects +."""
     zero, one = np.float32(0), np.float32(1)
-    first = deltas[0]
     if by_count:
+        first = deltas[0]
         for i in range(n):
             votes[i] = np.sign(first[i])
-        for j in range(1, k):
+        for j in range(1, deltas.shape[0]):
             row = deltas[j]
             for i in range(n):
                 votes[i] += np.sign(row[i])
@@ -70,20 +69,59 @@ def consensus_into(deltas, n, weights, by_count, normalize, scale, base, votes, 
         sum_rows(deltas, n, votes)
     for i in range(n):
         votes[i] = one if votes[i] >= zero else -one
+
+
+@jit
+def agreeing_sums_into(deltas, n, weights, votes, weigh, out, divisor):
+    """out = Σ the deltas that carry the majority sign `votes` (each times its model's weight first, `weigh`),
+    divisor = Σ the weights of the models that carry it; zeros never agree."""
+    zero, one = np.float32(0), np.float32(1)
+    for i in range(n):
         out[i] = zero
         divisor[i] = zero
-    for j in range(k):
+    for j in range(deltas.shape[0]):
         row = deltas[j]
         w = weights[j]
+        factor = w if weigh else one
         for i in range(n):
-            agree = row[i] * votes[i] > zero  # same sign as the majority, and not zero
-            out[i] += row[i] if agree else zero
+            agree = row[i] * votes[i] > zero
+            out[i] += row[i] * factor if agree else zero
             divisor[i] += w if agree else zero
+
+
+@jit
+def consensus_into(deltas, n, weights, by_count, normalize, scale, base, votes, divisor, out):
+    """TIES' elect and disjoint merge of the weighted deltas (rows of `deltas`, first n columns):
+    out = base + scale * (Σ agreeing deltas) / (Σ agreeing weights, 0 -> 1, when normalize).
+    `votes` and `divisor` are scratch of length >= n."""
+    zero, one = np.float32(0), np.float32(1)
+    elect_into(deltas, n, by_count, votes)
+    agreeing_sums_into(deltas, n, weights, votes, False, out, divisor)
     if normalize:
         for i in range(n):
             out[i] = out[i] / (divisor[i] if divisor[i] != zero else one)
     for i in range(n):
         out[i] = out[i] * scale + base[i]
+
+
+@jit
+def weighted_consensus_into(deltas, n, weights, by_count, floor, base, votes, divisor, out):
+    """SCE's merge of the (unweighted) deltas: out = base + Σ wᵢ·agreeing δᵢ / max(Σ agreeing wᵢ, floor), each
+    product δᵢ·wᵢ rounded before it is added. `votes` and `divisor` are scratch of length >= n."""
+    elect_into(deltas, n, by_count, votes)
+    agreeing_sums_into(deltas, n, weights, votes, True, out, divisor)
+    for i in range(n):
+        out[i] = out[i] / max(divisor[i], floor) + base[i]
+
+
+@jit
+def cut_mask(x, y, ge, gt, split, out):
+    """out[i] = 1 when |x[i] - y[i]| exceeds ge (i < split) or gt (i >= split), else 0 (see `Cut.bounds`):
+    a cut's membership on the distance of two tensors (SCE's two-model variance)."""
+    for i in range(out.size):
+        a = abs(x[i] - y[i])
+        out[i] = not a <= (ge if i < split else gt)
+
 
 @jit
 def sum_into(deltas, n, divide, divisor, scale, base, out):
@@ -94,6 +132,7 @@ def sum_into(deltas, n, divide, divisor, scale, base, out):
             out[i] = out[i] / divisor
     for i in range(n):
         out[i] = out[i] * scale + base[i]
+
 
 @jit
 def window_count(model, base, lo, hi):
@@ -108,6 +147,7 @@ def window_count(model, base, lo, hi):
         inside += (a >= lo) & (a <= hi)
         nonzero += a != zero
     return above, inside, nonzero
+
 
 @jit
 def window_gather(model, base, lo, hi, offset, values, positions):
@@ -134,6 +174,7 @@ def window_gather(model, base, lo, hi, offset, values, positions):
             j += (a >= lo) & (a <= hi)
     return j
 
+
 @jit
 def to_bfloat16(bits, out):
     """out = the float32 values whose bit patterns are `bits` (uint32) rounded to bfloat16 bit patterns (uint16),
@@ -143,6 +184,7 @@ def to_bfloat16(bits, out):
         rounded = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
         nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
         out[i] = np.uint16(0x7FC0) if nan else np.uint16(rounded)
+
 
 @jit
 def sfc64(s0, s1, s2, s3):
@@ -154,6 +196,7 @@ def sfc64(s0, s1, s2, s3):
 # A stream's state (`_sparsify.word_state`) is numpy SFC64's four words, then a flag and the upper half of
 # a word drawn but half used. Its int32 words are each drawn word's lower half, then its upper half: the
 # words, and so the keeps below, are those `_sparsify.RandomWords` hands out.
+
 
 @jit
 def ranked_keep(bits, rows, state, alpha, beta, high, out):
@@ -176,6 +219,7 @@ def ranked_keep(bits, rows, state, alpha, beta, high, out):
             position = min(max(np.float64(w >> 1) * alpha + beta, 0.0), high)
             o[j] = b[j] > row[np.int64(position) + coin] - coin
     state[0], state[1], state[2], state[3], state[4], state[5] = s0, s1, s2, s3, pending, half
+
 
 @jit
 def bernoulli_keep(state, threshold, out):

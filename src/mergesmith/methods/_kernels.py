@@ -37,7 +37,7 @@ CHUNK = 1 << 18  # entries per chunk of the merge pass
 
 LOOPS = (
     "weighted_delta", "consensus_into", "sum_into", "window_count", "window_gather", "to_bfloat16", "ranked_keep",
-    "bernoulli_keep",
+    "bernoulli_keep", "weighted_consensus_into", "cut_mask",
 )
 
 _LOCK = threading.Lock()

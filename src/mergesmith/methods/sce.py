@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from mergesmith.methods._consensus import CONSENSUS_METHODS, accumulation_dtype, disjoint_into, elect_sign_into
+from mergesmith.methods import _kernels
 from mergesmith.methods._sparsify import (
-    StoredValues, TaskVector, check_tie_order, chunk_size, select_top_fraction, selection_dtype, spans, top_fraction_count,
-    variance_across,
+    ALL, NONE, Cut, StoredValues, TaskVector, as_float32, check_tie_order, chunk_size, select_top_fraction,
+    selection_dtype, spans, top_fraction_count, variance_across,
 )
 from mergesmith.methods._task_vectors import CONSENSUS, in_parts
 from mergesmith.methods.registry import Param, merge_method
@@ -55,25 +56,52 @@ def _sum_of_squares(d: torch.Tensor) -> float | torch.Tensor:
     return float(np.add.reduce(squares.numpy()))
 
 
-def _task_vector_chunks(tvs, member, chunks):
+def _task_vector_chunks(tvs, selection, chunks):
     """Yield (start, end, [masked task vector chunk per model]) for the (start, end) `chunks`, reusing
-    buffers; `member(s, e, out)` writes the 0/1 selection of [s, e) into `out` (selection dtype) and returns
-    it, or None for all."""
+    buffers (torch path)."""
     size = max((e - s for s, e in chunks), default=1)
     bufs = [tv.buffer(size) for tv in tvs]
     mask = tvs[0].buffer(size, selection_dtype(tvs[0].dtype))
     for s, e in chunks:
         ds = [tv.chunk(s, e, buf[: e - s]) for tv, buf in zip(tvs, bufs)]
-        selected = member(s, e, mask[: e - s])
+        selected = selection.member(s, e, mask[: e - s])
         if selected is not None:
             for d in ds:
                 d.mul_(selected)
         yield s, e, ds
 
 
-def _selection(tvs, fraction: float, size: int, tie_order: str):
-    """SCE's selection as `member(s, e, out)` (see `_task_vector_chunks`): the top `fraction` of the entries
-    of non-zero variance across the models.
+class _Selection:
+    """SCE's selection (see `_selection`): every entry, the entries whose two-model distance |m1 - m2| is in
+    `cut`, or the True entries of the uint8 mask `stored`."""
+
+    def __init__(self, cut: Cut | None = None, spread: TaskVector | None = None, stored: torch.Tensor | None = None):
+        self.cut, self.spread, self.stored = cut, spread, stored
+
+    def member(self, s: int, e: int, out: torch.Tensor) -> torch.Tensor | None:
+        """The 0/1 selection of [s, e) written into `out` (selection dtype), or None for all (torch path)."""
+        if self.cut is not None:
+            return self.cut.mask_into(self.spread.chunk(s, e, out).abs_(), s, out)
+        if self.stored is not None:
+            return out.copy_(self.stored[s:e])  # uint8 -> float converts fast (bool would not)
+        return None
+
+    def keep_array(self, s: int, m1: np.ndarray, m2: np.ndarray, buf: np.ndarray) -> np.ndarray:
+        """The selection of the chunk at `s` as uint8 for the compiled loops (empty: all), given the chunk's
+        two models as float32 (used by a cut) and a uint8 buffer of the chunk's length."""
+        if self.cut is not None:
+            _kernels.loops().cut_mask(m1, m2, *self.cut.bounds(s), buf)
+            return buf
+        if self.stored is not None:
+            return self.stored[s : s + buf.size].numpy()
+        return _EVERYTHING
+
+
+_EVERYTHING = np.empty(0, dtype=np.uint8)
+
+
+def _selection(tvs, fraction: float, size: int, tie_order: str) -> _Selection:
+    """SCE's selection: the top `fraction` of the entries of non-zero variance across the models.
 
     Two models under the position tie order (the common merge): their variance is (m1 - m2)^2 / 4, so the
     difference of the two models, rounded once, ranks the entries as their exact variance does. It is
@@ -81,13 +109,11 @@ def _selection(tvs, fraction: float, size: int, tie_order: str):
     entries into ties than the variance's would. Otherwise the variance is computed as mergekit computes it
     (bit for bit) and the mask is stored."""
     if fraction >= 1:
-        return lambda s, e, out: None
+        return _Selection()
     if tie_order == "position" and len(tvs) == 2:
         spread = TaskVector(tvs[0].model, tvs[1].model, selection_dtype(tvs[0].dtype))
-        cut = select_top_fraction(spread, fraction, size)
-        return lambda s, e, out: cut.mask_into(spread.chunk(s, e, out).abs_(), s, out)
-    keep = _top_variance(tvs, fraction, size, tie_order)
-    return lambda s, e, out: out.copy_(keep[s:e])  # uint8 -> float converts fast (bool would not)
+        return _Selection(cut=select_top_fraction(spread, fraction, size), spread=spread)
+    return _Selection(stored=_top_variance(tvs, fraction, size, tie_order))
 
 
 def _top_variance(tvs, fraction: float, size: int, tie_order: str) -> torch.Tensor:
@@ -120,6 +146,7 @@ def _top_variance(tvs, fraction: float, size: int, tie_order: str) -> torch.Tens
     base="required",
     converts_inputs=True,
     breaks_ties=True,
+    rounds_output=True,
     min_models=0,
     reference="https://arxiv.org/abs/2408.07990",
 )
@@ -133,13 +160,15 @@ def sce(
     consensus_method: str = "sum",
     compute_dtype: torch.dtype | None = None,
     tie_order: str = "position",
+    output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Select by variance, weight by energy, erase minority signs, merge.
 
     Chunked passes over the inputs (selection, energies, merge); the task vectors are recomputed per chunk
     instead of being stacked, so the only full-size allocation is the output (plus the variance and a stored
     mask where `_selection` needs them). The work is done in `compute_dtype` (default: the base's); the
-    inputs may be stored in another (bf16 as read).
+    inputs may be stored in another (bf16 as read). On float32 CPU work the energy and merge passes run
+    `_kernels`' loops, with the same float operations (a bf16 `output_dtype` is then rounded chunk by chunk).
     """
     if not tensors:
         return base.to(compute_dtype or base.dtype)
@@ -150,13 +179,18 @@ def sce(
     flat_base = base.reshape(-1)
     tvs = [TaskVector(t, base, dtype) for t in tensors]
     check_tie_order(tie_order)
-    member = _selection(tvs, select_topk, size, tie_order)
+    selection = _selection(tvs, select_topk, size, tie_order)
+    compiled = n > 0 and all(tv.compiled() for tv in tvs)
     energy = torch.zeros(len(tvs), dtype=torch.float64, device=device)
-    for _, _, ds in _task_vector_chunks(tvs, member, spans(n, size)):
-        for i, d in enumerate(ds):
-            energy[i] += _sum_of_squares(d)
+    if compiled:
+        energy += torch.from_numpy(_compiled_energy(tvs, selection, flat_base, spans(n, size)))
+    else:
+        for _, _, ds in _task_vector_chunks(tvs, selection, spans(n, size)):
+            for i, d in enumerate(ds):
+                energy[i] += _sum_of_squares(d)
     weights = sce_weights((energy / max(n, 1)).to(dtype), energy_floor).tolist()
-    out = torch.empty(base.shape, dtype=dtype, device=device)
+    rounded = compiled and output_dtype == torch.bfloat16
+    out = torch.empty(base.shape, dtype=output_dtype if rounded else dtype, device=device)
     flat_out = out.view(-1)
     acc = accumulation_dtype(dtype)  # sums across models: float32 for 16-bit dtypes, rounded once
 
@@ -164,7 +198,7 @@ def sce(
         width = max(e - s for s, e in chunks)
         vote, scratch, divisor, sums = (torch.empty(width, dtype=acc, device=device) for _ in range(4))
         narrow = torch.empty(width, dtype=dtype, device=device) if acc != dtype else None
-        for s, e, ds in _task_vector_chunks(tvs, member, chunks):
+        for s, e, ds in _task_vector_chunks(tvs, selection, chunks):
             m = e - s
             majority = elect_sign_into(ds, consensus_method, vote[:m], scratch[:m])
             mixed, div = flat_out[s:e], divisor[:m]
@@ -175,6 +209,77 @@ def sce(
                 div = narrow[:m].copy_(div)
             mixed.div_(div.clamp_(min=1e-6)).add_(flat_base[s:e])
 
-    if n:
+    if compiled:
+        merge = _compiled_merge(tvs, selection, weights, consensus_method == "count", flat_base, flat_out)
+        in_parts(spans(n, _kernels.CHUNK), merge, device)
+    elif n:
         in_parts(spans(n, size), merge_chunks, device)
     return out
+
+
+class _CompiledDeltas:
+    """Per chunk, the selected task vectors of every model as rows of a float32 array, made by `_kernels`'
+    loops (the compiled path's `_task_vector_chunks`); buffers of its own, so one per thread."""
+
+    def __init__(self, tvs, selection: _Selection, flat_base: torch.Tensor, width: int):
+        self.tvs, self.selection, self.flat_base = tvs, selection, flat_base
+        self.deltas = np.empty((len(tvs), width), dtype=np.float32)
+        self.model_bufs = [torch.empty(width) for _ in tvs]
+        self.base_buf, self.keep_buf = torch.empty(width), np.empty(width, dtype=np.uint8)
+        self.everything = ALL.bounds(0) + NONE.bounds(0)
+        self.one = np.float32(1)
+
+    def chunk(self, s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the rows for [s, e) in their first e - s columns, the base chunk as float32)."""
+        m = e - s
+        base = as_float32(self.flat_base[s:e], self.base_buf)
+        models = [as_float32(tv.model[s:e], buf) for tv, buf in zip(self.tvs, self.model_bufs)]
+        keep = self.selection.keep_array(s, models[0], models[-1], self.keep_buf[:m])
+        for j, model in enumerate(models):
+            _kernels.loops().weighted_delta(model, base, *self.everything, keep, self.one, self.one, self.deltas[j, :m])
+        return self.deltas, base
+
+
+def _compiled_energy(tvs, selection: _Selection, flat_base: torch.Tensor, chunks: list[tuple[int, int]]) -> np.ndarray:
+    """Σ δᵢ² per model (float64), as the torch path adds it: each chunk's squares by numpy's pairwise sum in
+    float32, the chunk sums in float64 in chunk order. The chunks are shared between threads, their sums
+    kept per chunk and added in order afterwards, so the total does not depend on the thread count."""
+    sums = np.zeros((len(chunks), len(tvs)), dtype=np.float64)
+    index = {chunk: i for i, chunk in enumerate(chunks)}
+
+    def work(share):
+        deltas = _CompiledDeltas(tvs, selection, flat_base, max(e - s for s, e in share))
+        for s, e in share:
+            rows, _ = deltas.chunk(s, e)
+            for j in range(len(tvs)):
+                row = rows[j, : e - s]
+                sums[index[(s, e)], j] = float(np.add.reduce(np.square(row, out=row)))
+
+    in_parts(chunks, work, tvs[0].device)
+    total = np.zeros(len(tvs), dtype=np.float64)
+    for chunk_sums in sums:
+        total += chunk_sums
+    return total
+
+
+def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: bool, flat_base: torch.Tensor,
+                    flat_out: torch.Tensor):
+    """The merge pass's chunk work on the compiled path (see `_kernels.weighted_consensus_into`)."""
+    ws = np.array(weights, dtype=np.float32)
+    floor = np.float32(1e-6)
+    rounded = flat_out.dtype == torch.bfloat16
+
+    def work(chunks):
+        width = max(e - s for s, e in chunks)
+        deltas = _CompiledDeltas(tvs, selection, flat_base, width)
+        votes, divisor, merged = (np.empty(width, dtype=np.float32) for _ in range(3))
+        loops = _kernels.loops()
+        for s, e in chunks:
+            m = e - s
+            rows, base = deltas.chunk(s, e)
+            out = merged[:m] if rounded else flat_out[s:e].numpy()
+            loops.weighted_consensus_into(rows, m, ws, by_count, floor, base, votes, divisor, out)
+            if rounded:
+                loops.to_bfloat16(out.view(np.uint32), flat_out[s:e].view(torch.int16).numpy().view(np.uint16))
+
+    return work
