@@ -23,8 +23,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mergesmith.methods._consensus import CONSENSUS_METHODS, accumulation_dtype, disjoint_into, elect_sign_into
 from mergesmith.methods import _kernels
+from mergesmith.methods._consensus import CONSENSUS_METHODS, accumulation_dtype, disjoint_into, elect_sign_into
 from mergesmith.methods._sparsify import (
     ALL, NONE, Cut, StoredValues, TaskVector, as_float32, check_tie_order, chunk_size, select_top_fraction,
     selection_dtype, spans, top_fraction_count, variance_across,
