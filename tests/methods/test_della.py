@@ -58,15 +58,17 @@ def test_mask_reference_blocks_ties_and_float32():
     np.testing.assert_array_equal(out[rows], np.where(keep, base[rows] + delta[rows], base[rows]))
 
 
-def test_mask_reference_more_dimensions():
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])  # float32: the compiled loop, where numba is installed
+def test_mask_reference_more_dimensions(dtype):
     # N-d tensors rank along dim 1; the words follow the layout with dim 1 moved last
     base, (model,) = ref.finetunes(2, (3, 5, 4), 1)
+    base, model = base.astype(dtype), model.astype(dtype)
     delta = model - base
     moved = np.moveaxis(delta, 1, -1)  # (3, 4, 5): rows of dim 1
     keep = np.moveaxis(ref.della_keep(moved, ref.words(gen(4), 60).reshape(moved.shape), 0.5, 0.2), -1, 1)
     out = ref.call("della_linear", base, [model], weight=[1], density=[0.5], epsilon=[0.2], rescale=False,
                    generator=gen(4))
-    np.testing.assert_allclose(out, base + np.where(keep, delta, 0.0), atol=1e-15)
+    np.testing.assert_allclose(out, base + np.where(keep, delta, 0.0), atol=1e-15 if dtype == np.float64 else 1e-6)
 
 
 def test_tied_magnitudes_keep_with_their_average_rank_probability():
