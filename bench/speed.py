@@ -251,6 +251,15 @@ def method_config(method: str, m: dict[str, Path]) -> tuple[dict, list[str]]:
     if method == "sce":
         cfg = {"merge_method": "sce", "base_model": b, "models": [{"model": f1}, {"model": f2}], "parameters": {"select_topk": 0.5}}
         return {**cfg, **common}, with_base
+    if method in ("nuslerp", "multislerp"):  # task vectors slerped, given a base
+        return {"merge_method": method, "base_model": b, "models": two(weight=0.5), **common}, with_base
+    if method in ("ram", "ramplus_tl", "tsv", "iso_c", "iso_cts"):
+        return {"merge_method": method, "base_model": b, "models": [{"model": f1}, {"model": f2}], **common}, with_base
+    if method in ("nearswap", "arcee_fusion"):  # exactly one model besides the base
+        cfg = {"merge_method": method, "base_model": b, "models": [{"model": f1}]}
+        if method == "nearswap":
+            cfg["parameters"] = {"t": 0.001}
+        return {**cfg, **common}, ["base", "ft1"]
     raise SystemExit(f"no benchmark config for method {method}")
 
 
