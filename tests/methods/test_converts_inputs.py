@@ -7,12 +7,13 @@ import torch
 from mergesmith.methods import all_methods
 
 PARAMS = {"weight": 0.6, "density": 0.4, "gamma": 0.02, "epsilon": 0.1, "select_topk": 0.5, "t": 0.3}
+METHOD_PARAMS = {"ram": {"epsilon": 0.01}, "ramplus_tl": {"epsilon": 0.01}}  # RAM's epsilon is a magnitude floor
 FLAGGED = sorted(spec.name for spec in all_methods() if spec.converts_inputs)
 
 
 def test_the_streaming_methods_are_flagged():
     expected = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-                "della", "della_linear", "sce", "model_stock", "slerp", "karcher"}
+                "della", "della_linear", "sce", "model_stock", "slerp", "karcher", "ram", "ramplus_tl"}
     assert expected <= set(FLAGGED)
 
 
@@ -26,8 +27,9 @@ def test_narrower_inputs_give_the_converted_result(name, shape, stored, compute)
     models = [(base.float() + 0.02 * torch.randn(shape, generator=g)).to(stored) for _ in range(3)]
     kwargs = {}
     for p in spec.params:
-        if p.name in PARAMS:
-            kwargs[p.arg] = [PARAMS[p.name]] * 3 if p.per_model else PARAMS[p.name]
+        value = METHOD_PARAMS.get(name, {}).get(p.name, PARAMS.get(p.name))
+        if value is not None:
+            kwargs[p.arg] = [value] * 3 if p.per_model else value
 
     models_used = models[: spec.max_models] if spec.max_models else models
 

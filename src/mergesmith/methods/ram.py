@@ -25,35 +25,67 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
+from mergesmith.methods._sparsify import chunk_size, spans
+from mergesmith.methods._task_vectors import in_parts
 from mergesmith.methods.registry import Param, merge_method
 
 EPSILON = Param("epsilon", float, default=1e-5, doc="Task-vector magnitude above which an entry contributes.")
 
 
-def _masked_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float, keep: bool):
-    """Masked task-vector sum, contributor counts (float) and, with `keep`, per-model (delta, mask) pairs.
+class _Contributions:
+    """Per chunk of the flattened tensors: each model's task vector, zeroed where it does not contribute, and
+    its 0/1 contribution flags, in the compute dtype (inputs may be stored narrower: bf16 as read). Buffers
+    of its own, so one per thread; every entry goes through the same float operations whatever the chunking."""
 
-    The deltas are zeroed where they do not contribute. Scratch buffers are reused across models.
-    """
-    total = torch.zeros_like(base)
-    counts = torch.zeros_like(base)
-    kept = []
-    delta = torch.empty_like(base)
-    flag = torch.empty_like(base)
-    for t in tensors:
-        if keep:
-            delta = torch.empty_like(base)
-        torch.sub(t, base, out=delta)
-        torch.abs(delta, out=flag)
-        torch.gt(flag, epsilon, out=flag)  # 1.0 where the entry contributes, else 0.0
-        delta.mul_(flag)
-        counts.add_(flag)
+    def __init__(self, tensors: Sequence[torch.Tensor], base: torch.Tensor, dtype: torch.dtype, epsilon: float, width: int):
+        self.models = [t.reshape(-1) for t in tensors]
+        self.base, self.epsilon = base.reshape(-1), epsilon
+        self.deltas = [torch.empty(width, dtype=dtype, device=base.device) for _ in tensors]
+        self.flags = [torch.empty(width, dtype=dtype, device=base.device) for _ in tensors]
+        self.base_buf = torch.empty(width, dtype=dtype, device=base.device)
+
+    def chunk(self, s: int, e: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """(base, [masked task vector], [flags]) of [s, e)."""
+        m = e - s
+        base = self.base_buf[:m].copy_(self.base[s:e])
+        deltas, flags = [d[:m] for d in self.deltas], [f[:m] for f in self.flags]
+        for model, delta, flag in zip(self.models, deltas, flags):
+            delta.copy_(model[s:e]).sub_(base)
+            torch.abs(delta, out=flag)
+            torch.gt(flag, self.epsilon, out=flag)  # 1.0 where the entry contributes, else 0.0
+            delta.mul_(flag)
+        return base, deltas, flags
+
+
+def _streamed(tensors, base, dtype, epsilon, work) -> None:
+    """Run `work(contributions, s, e)` over the chunks of the tensors, in parts on CPU threads."""
+    n = base.numel()
+
+    def part(chunks):
+        contributions = _Contributions(tensors, base, dtype, epsilon, max(e - s for s, e in chunks))
+        for s, e in chunks:
+            work(contributions, s, e)
+
+    if n:
+        in_parts(spans(n, chunk_size(base)), part, base.device)
+
+
+def _is_one(counts: torch.Tensor) -> torch.Tensor:
+    """1.0 where a (whole-number) contributor count is 1, else 0.0, in float arithmetic: 1 - |c - 1|, floored
+    at 0 (PyTorch's boolean kernels cost several times more on CPU)."""
+    return counts.sub_(1).abs_().neg_().add_(1).clamp_(min=0)
+
+
+def _sum_and_count(deltas: list[torch.Tensor], flags: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ masked deltas, contributor count) of a chunk, into the first model's buffers."""
+    total, counts = deltas[0], flags[0]
+    for delta, flag in zip(deltas[1:], flags[1:]):
         total.add_(delta)
-        if keep:
-            kept.append((delta, flag.bool()))
-    return total, counts, kept
+        counts.add_(flag)
+    return total, counts
 
 
 @merge_method(
@@ -62,14 +94,25 @@ def _masked_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, epsilon:
     base="required",
     min_models=0,
     elementwise=True,
+    converts_inputs=True,
     reference="https://arxiv.org/abs/2601.13572",
 )
-def ram(tensors: Sequence[torch.Tensor], *, base: torch.Tensor, epsilon: float = 1e-5) -> torch.Tensor:
+def ram(tensors: Sequence[torch.Tensor], *, base: torch.Tensor, epsilon: float = 1e-5,
+        compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """base + the sum of contributing task-vector entries divided by their contributor count."""
     if not tensors:
-        return base
-    total, counts, _ = _masked_deltas(tensors, base, float(epsilon), keep=False)
-    return total.div_(counts.clamp_(min=1)).add_(base)
+        return base if compute_dtype in (None, base.dtype) else base.to(compute_dtype)
+    dtype = compute_dtype or base.dtype
+    out = torch.empty(base.shape, dtype=dtype, device=base.device)
+    flat_out = out.view(-1)
+
+    def merge(c: _Contributions, s: int, e: int) -> None:
+        b, deltas, flags = c.chunk(s, e)
+        total, counts = _sum_and_count(deltas, flags)
+        torch.add(total.div_(counts.clamp_(min=1)), b, out=flat_out[s:e])
+
+    _streamed(tensors, base, dtype, float(epsilon), merge)
+    return out
 
 
 @merge_method(
@@ -81,6 +124,7 @@ def ram(tensors: Sequence[torch.Tensor], *, base: torch.Tensor, epsilon: float =
     ],
     base="required",
     min_models=0,
+    converts_inputs=True,
     reference="https://arxiv.org/abs/2601.13572",
 )
 def ramplus_tl(
@@ -90,20 +134,48 @@ def ramplus_tl(
     r: float = 0.1,
     alpha: float = 0.2,
     epsilon: float = 1e-5,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """RAM with each model's unique contributions scaled by λᵢ = 1 + r·clamp(shared/unique, 0, alpha)."""
+    """RAM with each model's unique contributions scaled by λᵢ = 1 + r·clamp(shared/unique, 0, alpha).
+
+    Two streamed passes: the first counts each model's contributing and unique entries (λᵢ needs the whole
+    tensor's counts), the second merges."""
     if not tensors:
-        return base
-    shared_sum, counts, kept = _masked_deltas(tensors, base, float(epsilon), keep=True)
-    unique = counts == 1
-    unique_sum = torch.zeros_like(base)
-    work = torch.float64 if base.dtype == torch.float64 else torch.float32
-    for delta, mask in kept:
-        contributing = torch.count_nonzero(mask)
-        unique_count = torch.count_nonzero(mask & unique)
-        shared_count = contributing - unique_count
-        rho = shared_count.to(work) / unique_count.to(work).clamp(min=float(epsilon))
-        lam = (1 + float(r) * rho.clamp(0.0, float(alpha))).to(base.dtype)  # 0-d, stays on the device
-        unique_sum.addcmul_(delta, lam)
-    shared_sum.div_(counts.clamp_(min=1))
-    return torch.where(unique, unique_sum, shared_sum).add_(base)
+        return base if compute_dtype in (None, base.dtype) else base.to(compute_dtype)
+    dtype = compute_dtype or base.dtype
+    k = len(tensors)
+    tallies = []  # per part: (contributing, unique) counts per model
+
+    def count(c: _Contributions, s: int, e: int) -> None:
+        _, _, flags = c.chunk(s, e)
+        unique = _is_one(sum(flags[1:], flags[0].clone()))
+        # 0/1 floats: their sums and dot products are exact integers below 2^24 entries a chunk, in any order
+        tallies.append([(int(f.sum()), int(torch.dot(f, unique))) for f in flags])
+
+    _streamed(tensors, base, dtype, float(epsilon), count)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    lams = []
+    for i in range(k):
+        contributing = sum(t[i][0] for t in tallies)
+        unique_count = sum(t[i][1] for t in tallies)
+        rho = torch.tensor(contributing - unique_count, dtype=work) / torch.tensor(unique_count, dtype=work).clamp(min=float(epsilon))
+        lams.append((1 + float(r) * rho.clamp(0.0, float(alpha))).to(dtype))
+    out = torch.empty(base.shape, dtype=dtype, device=base.device)
+    flat_out = out.view(-1)
+
+    def merge(c: _Contributions, s: int, e: int) -> None:
+        b, deltas, flags = c.chunk(s, e)
+        unique_sum = torch.zeros_like(b)
+        for delta, lam in zip(deltas, lams):
+            unique_sum.addcmul_(delta, lam)
+        shared_sum, counts = _sum_and_count(deltas, flags)
+        unique = counts == 1
+        shared_sum.div_(counts.clamp_(min=1))
+        if shared_sum.device.type == "cpu":  # numpy's masked copy: a fifth of torch.where's time on CPU
+            np.copyto(shared_sum.numpy(), unique_sum.numpy(), where=unique.numpy())
+            torch.add(shared_sum, b, out=flat_out[s:e])
+        else:
+            torch.add(torch.where(unique, unique_sum, shared_sum), b, out=flat_out[s:e])
+
+    _streamed(tensors, base, dtype, float(epsilon), merge)
+    return out
