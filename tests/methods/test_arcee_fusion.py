@@ -57,3 +57,20 @@ def test_float32_large_uses_exact_quartiles():
     a = arcee_fusion([other], base=base)
     b = arcee_fusion([other], base=base)
     assert torch.equal(a, b)
+
+
+def test_quartiles_of_large_tensors_are_the_exact_order_statistics():
+    # past SELECT_FROM the quartiles come from the chunked selection: the same values as a full sort, also
+    # when a quarter of the importances are 0 and the rest are heavily tied (a few hundred distinct values)
+    from mergesmith.methods.arcee_fusion import SELECT_FROM, quartiles
+
+    g = torch.Generator().manual_seed(1)
+    n = SELECT_FROM + 12_345
+    continuous = torch.rand(n, generator=g)
+    tied = torch.round(torch.rand(n, generator=g) * 300) / 300
+    tied[torch.randperm(n, generator=g)[: n // 4 + 7]] = 0
+    for values in (continuous, tied, tied.double()):
+        s = torch.sort(values).values
+        last = n - 1
+        expected = (s[last // 4], s[last // 2], s[(3 * last) // 4])
+        assert all(torch.equal(got, want) for got, want in zip(quartiles(values), expected))

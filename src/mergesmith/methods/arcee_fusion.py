@@ -26,19 +26,40 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mergesmith.methods._sparsify import StoredValues, chunk_size, select_top
+from mergesmith.methods._task_vectors import in_parts
 from mergesmith.methods.registry import merge_method
 
 PROB_EPS = 1e-8
 EXACT_LIMIT = 1 << 24
+SELECT_FROM = 1 << 20  # larger CPU tensors find their quartiles with `select_top`, smaller ones with np.partition
 
 
-def importance_scores(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """|other − base| scaled by the per-row KL(softmax(other) ‖ softmax(base))."""
-    p = torch.softmax(other, dim=-1).add_(PROB_EPS)
-    q = torch.softmax(base, dim=-1).add_(PROB_EPS)
-    kl = (p * (p / q).log_()).sum(dim=-1, keepdim=True)
-    del p, q
-    return (other - base).abs_().mul_(kl)
+ROW_BLOCK = 1 << 16  # entries per block of rows: the softmaxes and KL of a block stay in cache
+
+
+def _row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
+    per = max(1, ROW_BLOCK // max(cols, 1))
+    return [(r, min(rows, r + per)) for r in range(0, rows, per)]
+
+
+def importance_scores(other: torch.Tensor, base: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """|other − base| scaled by the per-row KL(softmax(other) ‖ softmax(base)), in `dtype` (default: the
+    base's), computed in blocks of rows from the inputs as stored (each block converted as it is used)."""
+    dtype = dtype or base.dtype
+    o_rows, b_rows = other.reshape(-1, other.shape[-1]), base.reshape(-1, base.shape[-1])
+    scores = torch.empty(o_rows.shape, dtype=dtype, device=base.device)
+
+    def blocks(share):
+        for r0, r1 in share:
+            o, b = o_rows[r0:r1].to(dtype), b_rows[r0:r1].to(dtype)
+            p = torch.softmax(o, dim=-1).add_(PROB_EPS)
+            q = torch.softmax(b, dim=-1).add_(PROB_EPS)
+            kl = torch.div(p, q, out=q).log_().mul_(p).sum(dim=-1, keepdim=True)
+            torch.sub(o, b, out=scores[r0:r1]).abs_().mul_(kl)
+
+    in_parts(_row_blocks(*o_rows.shape), blocks, base.device)
+    return scores.view(other.shape)
 
 
 def quartiles(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,7 +72,12 @@ def quartiles(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         flat = flat[torch.randint(flat.numel(), (EXACT_LIMIT,), generator=generator, device=flat.device)]
     last = flat.numel() - 1
     ranks = [last // 4, last // 2, (3 * last) // 4]
-    if flat.device.type == "cpu":
+    if flat.device.type == "cpu" and flat.numel() > SELECT_FROM and flat.dtype in (torch.float32, torch.float64):
+        # the importances are >= 0, so they are their own magnitudes: rank r ascending is the (n - r)-th largest,
+        # which `select_top` finds for the three ranks in one chunked pass (~3 ns an entry, np.partition ~13)
+        cuts = select_top(StoredValues(flat), [flat.numel() - r for r in ranks], chunk_size(flat))
+        picked = torch.tensor([cut.threshold for cut in cuts], dtype=flat.dtype)
+    elif flat.device.type == "cpu":
         # One multi-rank selection (introselect), O(n), instead of a full sort.
         values = np.partition(flat.to(torch.float64 if flat.dtype == torch.float64 else torch.float32).numpy(), ranks)
         picked = torch.from_numpy(values[ranks]).to(flat.dtype)
@@ -70,15 +96,27 @@ def fusion_threshold(importance: torch.Tensor) -> torch.Tensor:
     base="required",
     min_models=1,
     max_models=1,
+    converts_inputs=True,
     reference="https://arcee.ai",
 )
-def arcee_fusion(tensors: Sequence[torch.Tensor], *, base: torch.Tensor) -> torch.Tensor:
+def arcee_fusion(tensors: Sequence[torch.Tensor], *, base: torch.Tensor, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Take the other model's value where its importance reaches the outlier fence; keep the base elsewhere."""
+    dtype = compute_dtype or base.dtype
     other = tensors[0]
     if other.numel() == 0:
-        return base.clone()
+        return base.to(dtype, copy=True)
     shaped_other = other.reshape(1) if other.dim() == 0 else other
     shaped_base = base.reshape(1) if base.dim() == 0 else base
-    importance = importance_scores(shaped_other, shaped_base)
-    mask = importance >= fusion_threshold(importance)
-    return torch.where(mask, shaped_other, shaped_base).reshape(base.shape)
+    importance = importance_scores(shaped_other, shaped_base, dtype)
+    threshold = fusion_threshold(importance)
+    # the importances' storage becomes the output, block by block
+    rows = importance.view(-1, importance.shape[-1])
+    o_rows, b_rows = shaped_other.reshape(rows.shape), shaped_base.reshape(rows.shape)
+
+    def blocks(share):
+        for r0, r1 in share:
+            fused = rows[r0:r1] >= threshold
+            torch.where(fused, o_rows[r0:r1].to(dtype), b_rows[r0:r1].to(dtype), out=rows[r0:r1])
+
+    in_parts(_row_blocks(*rows.shape), blocks, base.device)
+    return importance.reshape(base.shape)
