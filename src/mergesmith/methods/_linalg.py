@@ -24,30 +24,42 @@ def reduce_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def gram(vectors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+def gram(vectors: Sequence[torch.Tensor], dtype: torch.dtype | None = None, *, base: torch.Tensor | None = None) -> torch.Tensor:
     """Inner products between all pairs of `vectors` (any shapes, equal numel, any float dtypes), as a
     float64 CPU matrix, computed in the reduction dtype of `dtype` (default: of the inputs; float64 if any is).
+    With `base`, of the task vectors `vectors[i] - base` instead, each computed in the work dtype.
 
-    On CPU the vectors are read in cache-sized chunks and converted as they go, and each chunk's dot
-    products (BLAS) are summed in float64: no full-size converted copy of an input is made, so inputs can stay
-    as read (bf16). Other devices take the whole vectors at once; only the N x N result is copied to the host
-    (one sync).
+    On CPU the vectors are read in cache-sized chunks and converted (and the base subtracted) as they go, and
+    each chunk's dot products (BLAS) are summed in float64: no full-size converted copy of an input, nor a task
+    vector, is made, so inputs can stay as read (bf16). Other devices take the whole vectors at once; only the
+    N x N result is copied to the host (one sync).
     """
     n = len(vectors)
     if n == 0:
         return torch.zeros((0, 0), dtype=torch.float64)
-    wide = dtype == torch.float64 or any(v.dtype == torch.float64 for v in vectors)
+    inputs = list(vectors) + ([base] if base is not None else [])
+    wide = dtype == torch.float64 or any(v.dtype == torch.float64 for v in inputs)
     work = torch.float64 if wide else torch.float32
     flats = [v.reshape(-1) for v in vectors]
     if flats[0].device.type != "cpu" or n > _PAIRWISE_MAX:
+        if base is not None:
+            delta_dtype = dtype or torch.promote_types(flats[0].dtype, base.dtype)
+            flats = [f.to(delta_dtype) - base.reshape(-1).to(delta_dtype) for f in flats]
         return _gram_blocked([f.to(work) for f in flats])
     length = flats[0].numel()
     chunk = min(_CHUNK << 2, max(length, 1))
     bufs = [torch.empty(chunk, dtype=work) for _ in flats]
+    if base is not None:  # task vectors in the compute dtype (rounded there, as subtracting whole tensors would)
+        delta_dtype = dtype or torch.promote_types(flats[0].dtype, base.dtype)
+        base_buf, delta_buf = (torch.empty(chunk, dtype=delta_dtype) for _ in range(2))
     entries = torch.zeros(n * (n + 1) // 2, dtype=torch.float64)
     for start in range(0, length, chunk):
         end = min(length, start + chunk)
-        parts = [f[start:end] if f.dtype == work else buf[: end - start].copy_(f[start:end]) for f, buf in zip(flats, bufs)]
+        if base is None:
+            parts = [f[start:end] if f.dtype == work else buf[: end - start].copy_(f[start:end]) for f, buf in zip(flats, bufs)]
+        else:
+            b = base_buf[: end - start].copy_(base.reshape(-1)[start:end])
+            parts = [buf[: end - start].copy_(delta_buf[: end - start].copy_(f[start:end]).sub_(b)) for f, buf in zip(flats, bufs)]
         entries += _pair_dots(parts)
     return _symmetric(entries, n)
 
@@ -119,4 +131,28 @@ def combine(
             o.mul_(c0)
         for vector, c in terms:
             o.add_(vector[s:e], alpha=c)
+    return out
+
+
+def combine_task_vectors(
+    models: Sequence[torch.Tensor], base: torch.Tensor, coefficients: Sequence[float], dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """`base + Σ cᵢ·(modelsᵢ − base)` in `dtype` (default: the base's), chunk by chunk from the inputs as stored
+    (bf16 as read): each chunk's task vectors are computed in `dtype`, the first scaled, the others added with
+    their coefficients, then the base, which are per entry the operations of `combine(..., scratch=True)` on
+    whole task vectors, without making them."""
+    dtype = dtype or base.dtype
+    out = torch.empty(base.shape, dtype=dtype, device=base.device)
+    flat_out, flat_base = out.view(-1), base.reshape(-1)
+    flats = [m.reshape(-1) for m in models]
+    length = flat_out.numel()
+    chunk = min(_CHUNK << 2 if out.device.type == "cpu" else length, max(length, 1))
+    base_buf, delta_buf = (torch.empty(chunk, dtype=dtype, device=base.device) for _ in range(2))
+    for s in range(0, length, chunk):
+        e = min(length, s + chunk)
+        b = base_buf[: e - s].copy_(flat_base[s:e])
+        o = flat_out[s:e].copy_(flats[0][s:e]).sub_(b).mul_(float(coefficients[0]))
+        for flat, c in zip(flats[1:], coefficients[1:]):
+            o.add_(delta_buf[: e - s].copy_(flat[s:e]).sub_(b), alpha=float(c))
+        o.add_(b)
     return out

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from mergesmith.methods._linalg import combine, gram
+from mergesmith.methods._linalg import combine, combine_task_vectors, gram
 from mergesmith.methods.linear import ZeroWeightSumError
 from mergesmith.methods.registry import Param, merge_method
 
@@ -72,6 +72,7 @@ def multislerp_coefficients(
     ],
     base="optional",
     min_models=1,
+    converts_inputs=True,
     reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
 )
 def multislerp(
@@ -81,10 +82,16 @@ def multislerp(
     weight: Sequence[float],
     normalize_weights: bool = True,
     eps: float = 1e-8,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Weighted spherical interpolation of any number of models (or their task vectors, given a base)."""
+    """Weighted spherical interpolation of any number of models (or their task vectors, given a base).
+
+    Streams: the Gram matrix and the output are computed chunk by chunk from the inputs as read, task
+    vectors included (no full-size task vector or converted copy is made)."""
+    dtype = compute_dtype or (base if base is not None else tensors[0]).dtype
     if len(tensors) == 1:
-        return tensors[0]
-    vectors = list(tensors) if base is None else [t - base for t in tensors]
-    coefficients = multislerp_coefficients(gram(vectors), weight, normalize=normalize_weights, eps=eps)
-    return combine(vectors, coefficients, start=base, scratch=base is not None)
+        return tensors[0].to(dtype)
+    coefficients = multislerp_coefficients(gram(tensors, dtype, base=base), weight, normalize=normalize_weights, eps=eps)
+    if base is None:
+        return combine(tensors, coefficients, dtype=dtype)
+    return combine_task_vectors(tensors, base, coefficients, dtype)
