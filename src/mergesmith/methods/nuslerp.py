@@ -18,11 +18,12 @@ result = (sin((1−t)θ)·v₀ + sin(tθ)·v₁) / sin θ. Zero vectors get cos 
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
-from mergesmith.methods._linalg import reduce_dtype
+from mergesmith.methods._linalg import combine, combine_task_vectors, gram, reduce_dtype
 from mergesmith.methods.registry import Param, merge_method
 
 NORM_FLOOR = 1e-7
@@ -72,6 +73,18 @@ def nuslerp_tensors(
     return out.reshape(shape).to(v0.dtype)
 
 
+def slerp_factors(t: float, aa: float, ab: float, bb: float) -> tuple[float, float]:
+    """(c0, c1) with slerp(v0, v1) = c0·v0 + c1·v1, from the inner products aa = v0·v0, ab = v0·v1, bb = v1·v1,
+    with the constants of `nuslerp_tensors` (norm floor, colinear threshold)."""
+    norm_a = max(math.sqrt(max(aa, 0.0)), NORM_FLOOR)
+    norm_b = max(math.sqrt(max(bb, 0.0)), NORM_FLOOR)
+    cos = min(1.0, max(-1.0, ab / norm_a / norm_b))
+    if 1 - cos * cos <= COLINEAR_EPS**2:
+        return 1.0 - t, t
+    theta = math.acos(cos)
+    return math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
 def interpolation_factor(weights: Sequence[float]) -> float:
     total = float(weights[0]) + float(weights[1])
     return 0.5 if abs(total) < 1e-6 else float(weights[1]) / total
@@ -87,6 +100,7 @@ def interpolation_factor(weights: Sequence[float]) -> float:
     base="optional",
     min_models=2,
     max_models=2,
+    converts_inputs=True,
 )
 def nuslerp(
     tensors: Sequence[torch.Tensor],
@@ -95,9 +109,23 @@ def nuslerp(
     weight: Sequence[float],
     nuslerp_flatten: bool = True,
     nuslerp_row_wise: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Slerp two models (or their task vectors, given a base) with t = w₁ / (w₀ + w₁)."""
+    """Slerp two models (or their task vectors, given a base) with t = w₁ / (w₀ + w₁).
+
+    Flattened (the default), it streams: the three inner products come from `gram` (float32 per chunk,
+    float64 across chunks) and the output from one weighted sum, both chunk by chunk from the inputs as
+    read, with no task vector or converted copy made. Per slice, whole tensors are converted first."""
     t = interpolation_factor(weight)
+    dtype = compute_dtype or (base if base is not None else tensors[0]).dtype
+    if nuslerp_flatten:
+        (aa, ab), (_, bb) = gram(tensors, dtype, base=base).tolist()
+        factors = slerp_factors(t, aa, ab, bb)
+        if base is None:
+            return combine(tensors, factors, dtype=dtype)
+        return combine_task_vectors(tensors, base, factors, dtype)
+    tensors = [x.to(dtype) for x in tensors]
+    base = base.to(dtype) if base is not None else None
     if base is None:
         return nuslerp_tensors(t, tensors[0], tensors[1], flatten=nuslerp_flatten, row_wise=nuslerp_row_wise)
     delta = nuslerp_tensors(
