@@ -72,9 +72,11 @@ def quartiles(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         flat = flat[torch.randint(flat.numel(), (EXACT_LIMIT,), generator=generator, device=flat.device)]
     last = flat.numel() - 1
     ranks = [last // 4, last // 2, (3 * last) // 4]
-    if flat.device.type == "cpu" and flat.numel() > SELECT_FROM and flat.dtype in (torch.float32, torch.float64):
-        # the importances are >= 0, so they are their own magnitudes: rank r ascending is the (n - r)-th largest,
-        # which `select_top` finds for the three ranks in one chunked pass (~3 ns an entry, np.partition ~13)
+    large = flat.device.type == "cpu" and flat.numel() > SELECT_FROM and flat.dtype in (torch.float32, torch.float64)
+    if large and bool(flat.min() >= 0):
+        # importances >= 0 (a row's KL can round below 0: then not) are their own magnitudes: rank r ascending
+        # is the (n - r)-th largest, which `select_top` finds for the three ranks in one chunked pass
+        # (~3 ns an entry, np.partition ~13)
         cuts = select_top(StoredValues(flat), [flat.numel() - r for r in ranks], chunk_size(flat))
         picked = torch.tensor([cut.threshold for cut in cuts], dtype=flat.dtype)
     elif flat.device.type == "cpu":
