@@ -137,3 +137,18 @@ def test_top_fraction_of_nonzero_in_one_pass(data, fraction):
         off_sample[:: _sample_step(n)] = False
         values[off_sample & (r.random(n) < 0.6 / (1 - 1 / _sample_step(n)))] = 0
     np.testing.assert_array_equal(_fraction_kept(values, fraction), _fraction_reference(values, fraction))
+
+
+def test_kth_smallest_is_kthvalues_value():
+    # numpy's partition on CPU float32/float64, torch's kthvalue elsewhere: the same order statistic
+    import torch
+
+    from mergesmith.methods._sparsify import kth_smallest
+
+    g = torch.Generator().manual_seed(6)
+    tied = torch.round(torch.rand(50_001, generator=g) * 40)  # many equal values
+    for values in (torch.rand(4097, generator=g), tied, tied.double(), tied.to(torch.bfloat16), tied[::3]):
+        for rank in (1, 2, values.numel() // 3, values.numel() - 1, values.numel()):
+            got = kth_smallest(values, rank)
+            assert got.dtype == values.dtype and got.dim() == 0
+            assert torch.equal(got, torch.kthvalue(values, rank).values)

@@ -162,6 +162,15 @@ class StoredValues(TaskVector):
         return False
 
 
+def kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
+    """The rank-th smallest entry (1-based) of a flat tensor, as a 0-dim tensor: `torch.kthvalue`'s value. On
+    CPU in float32/float64, numpy's `partition` finds it (vectorised quickselect: ~0.2 ms for 2^18 values,
+    against 3-4 ms for `kthvalue`, which the selection calls three times a tensor and model)."""
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64) and values.is_contiguous():
+        return torch.from_numpy(np.partition(values.numpy(), rank - 1)[rank - 1 : rank]).reshape(())
+    return torch.kthvalue(values, rank).values
+
+
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest entry (1 <= k <= n) of a flat tensor, as a 0-dim tensor, in O(n) (see `select_top`)."""
     n = values.numel()
@@ -169,7 +178,7 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"k={k} out of range for {n} values")
     rank = n - k + 1  # 1-based ascending rank of the target
     if n <= _SMALL:
-        return torch.kthvalue(values, rank).values
+        return kth_smallest(values, rank)
     lo, hi = _window(values[:: _sample_step(n)].contiguous(), n, k)
     inside = None if lo is None else values >= lo
     n_above = 0
@@ -181,8 +190,8 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
         window = values[inside]
         need = k - n_above  # the target is the need-th largest inside the window
         if 1 <= need <= window.numel():
-            return torch.kthvalue(window, window.numel() - need + 1).values
-    return torch.kthvalue(values, rank).values
+            return kth_smallest(window, window.numel() - need + 1)
+    return kth_smallest(values, rank)
 
 
 def _sample_step(n: int) -> int:
@@ -202,8 +211,8 @@ def _window(sample: torch.Tensor, n: int, k: int, widen: float = 1.0) -> tuple[t
     margin = widen * 4.0 * math.sqrt(s * q * (1 - q)) + 8.0
     lo_rank = int(centre - margin)
     hi_rank = int(math.ceil(centre + margin))
-    lo = torch.kthvalue(sample, lo_rank).values if lo_rank >= 1 else None
-    hi = torch.kthvalue(sample, hi_rank).values if hi_rank <= s else None
+    lo = kth_smallest(sample, lo_rank) if lo_rank >= 1 else None
+    hi = kth_smallest(sample, hi_rank) if hi_rank <= s else None
     return lo, hi
 
 
@@ -440,7 +449,7 @@ def _select(tv: TaskVector, size: int, ks_of: Callable[[int | None], list[int]],
             positions = torch.cat([p for _, p in found[j]])
             need = k - n_above
             if 1 <= need <= window.numel():
-                threshold = torch.kthvalue(window, window.numel() - need + 1).values
+                threshold = kth_smallest(window, window.numel() - need + 1)
                 n_ge = n_above + int(torch.count_nonzero(window >= threshold))
                 n_gt = n_above + int(torch.count_nonzero(window > threshold))
                 cuts.append(_cut(threshold, n_ge, n_gt, k, lambda m: int(positions[window == threshold][m - 1])))
