@@ -27,7 +27,8 @@ def reduce_dtype(tensor: torch.Tensor) -> torch.dtype:
 def gram(vectors: Sequence[torch.Tensor], dtype: torch.dtype | None = None, *, base: torch.Tensor | None = None) -> torch.Tensor:
     """Inner products between all pairs of `vectors` (any shapes, equal numel, any float dtypes), as a
     float64 CPU matrix, computed in the reduction dtype of `dtype` (default: of the inputs; float64 if any is).
-    With `base`, of the task vectors `vectors[i] - base` instead, each computed in the work dtype.
+    With `base`, of the task vectors `vectors[i] - base` instead, each subtraction made in `dtype` (rounded
+    there, as whole tensors would be; default: the inputs' promoted dtype) and then reduced in the work dtype.
 
     On CPU the vectors are read in cache-sized chunks and converted (and the base subtracted) as they go, and
     each chunk's dot products (BLAS) are summed in float64: no full-size converted copy of an input, nor a task

@@ -705,9 +705,8 @@ class RandomWords:
 
 
 def word_state(seed: int) -> np.ndarray:
-    """The state of `RandomWords`' stream from `seed` for the compiled loops (`_kernels.ranked_keep`,
-    `bernoulli_keep`): numpy
-    SFC64's four state words, then a flag and the upper half of a word drawn but half used (none yet)."""
+    """The state of `RandomWords`' stream from `seed` for the compiled loops (`ranked_keep`, `bernoulli_keep`):
+    numpy SFC64's four state words, then a flag and the upper half of a word drawn but half used (none yet)."""
     state = np.zeros(6, dtype=np.uint64)
     state[:4] = np.random.SFC64(seed).state["state"]["state"]
     return state

@@ -224,7 +224,7 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
     def work(chunks: list[tuple[int, int]]) -> None:
         width = max(e - s for s, e in chunks)
         deltas = np.empty((len(tvs), width), dtype=np.float32)
-        model_buf, base_buf = torch.empty(width), torch.empty(width)
+        model_buf, base_buf = torch.empty(width, dtype=torch.float32), torch.empty(width, dtype=torch.float32)
         votes, divisor = np.empty(width, dtype=np.float32), np.empty(width, dtype=np.float32)
         merged = np.empty(width, dtype=np.float32) if rounded else None
         for s, e in chunks:

@@ -224,8 +224,8 @@ class _CompiledDeltas:
     def __init__(self, tvs, selection: _Selection, flat_base: torch.Tensor, width: int):
         self.tvs, self.selection, self.flat_base = tvs, selection, flat_base
         self.deltas = np.empty((len(tvs), width), dtype=np.float32)
-        self.model_bufs = [torch.empty(width) for _ in tvs]
-        self.base_buf, self.keep_buf = torch.empty(width), np.empty(width, dtype=np.uint8)
+        self.model_bufs = [torch.empty(width, dtype=torch.float32) for _ in tvs]
+        self.base_buf, self.keep_buf = torch.empty(width, dtype=torch.float32), np.empty(width, dtype=np.uint8)
         self.everything = ALL.bounds(0) + NONE.bounds(0)
         self.one = np.float32(1)
 
