@@ -503,14 +503,20 @@ def main(argv: list[str] | None = None) -> int:
                 startup.setdefault(tool, []).append(Run("startup", tool, wall, cpu, rss, 0, ok=rc == 0))
             log(f"[{size}] start-up {tool}: {wall:.2f} s wall")
 
+        configs = {}
         for method in methods:
             cfg, reads = method_config(method, folders)
             cfg_path = runs_dir / f"{method}.yml"
             cfg_path.write_text(to_yaml(cfg))
-            in_bytes = sum(model_bytes[n] for n in reads)
-            key = tuple(reads)
-            tools = ["mergesmith"] + (["mergekit"] if args.mergekit else [])
-            for rep in range(args.repeats):
+            configs[method] = cfg_path, reads
+        tools = ["mergesmith"] + (["mergekit"] if args.mergekit else [])
+        # repeats interleaved across methods: a slow minute on a shared machine then hits one run of several
+        # methods, not every run of one
+        for rep in range(args.repeats):
+            for method in methods:
+                cfg_path, reads = configs[method]
+                in_bytes = sum(model_bytes[n] for n in reads)
+                key = tuple(reads)
                 order = tools if rep % 2 == 0 else tools[::-1]  # alternate which tool goes first
                 if key not in floors or len(floors[key]) <= rep:
                     order = ["io-floor", *order] if rep % 2 == 0 else [*order, "io-floor"]
@@ -553,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
             *machine_description(),
             f"- mergesmith {mergesmith_version()}" + (f"; mergekit via `{args.mergekit}`" if args.mergekit else ""),
             f"- page cache: {'dropped before every run (cold)' if cold else 'warm (inputs read once before timing; page cache not dropped)'}",
-            f"- repeats: {args.repeats} per (method, tool), medians shown; tools alternate order across repeats",
+            f"- repeats: {args.repeats} per (method, tool), medians shown; each repeat runs every method in turn; tools alternate order across repeats",
             f"- {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
             "",
         ]
