@@ -62,3 +62,32 @@ def test_edge_cases():
         assert torch.equal(f([b.clone(), b.clone()], base=b), b)
         z = torch.zeros(4)
         assert torch.equal(f([z, z], base=z), z)
+
+
+def _ramplus_whole_tensor(models, base, epsilon=1e-5, r=0.1, alpha=0.2):
+    """The RAM+ formula on whole tensors in their own dtype, counts exact (count_nonzero)."""
+    deltas = [m - base for m in models]
+    flags = [(d.abs() > epsilon).to(d.dtype) for d in deltas]
+    deltas = [d * f for d, f in zip(deltas, flags)]
+    counts = sum(flags[1:], flags[0].clone())
+    unique = counts == 1
+    unique_sum = torch.zeros_like(base)
+    for d, f in zip(deltas, flags):
+        contributing = int(torch.count_nonzero(f))
+        unique_count = int(torch.count_nonzero(f.bool() & unique))
+        rho = torch.tensor(contributing - unique_count, dtype=torch.float32) / max(unique_count, epsilon)
+        unique_sum.addcmul_(d, (1 + r * rho.clamp(0.0, alpha)).to(base.dtype))
+    shared = sum(deltas[1:], deltas[0].clone()) / counts.clamp(min=1)
+    return torch.where(unique, unique_sum, shared) + base
+
+
+def test_ramplus_in_bf16_arithmetic_counts_exactly_across_chunks():
+    # mergekit's arithmetic on bf16 models: every step rounds to bf16, but the counts behind each λ must stay
+    # exact (thousands of contributing entries a chunk; bf16 sums of 0/1 would stop at 256)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(700, 600, generator=g).to(torch.bfloat16)
+    models = [(base.float() + torch.randn(base.shape, generator=g) * (torch.rand(base.shape, generator=g) < p)).to(torch.bfloat16)
+              for p in (0.3, 0.6)]
+    out = ramplus(models, base=base, compute_dtype=torch.bfloat16, r=0.5, alpha=1.5)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, _ramplus_whole_tensor(models, base, r=0.5, alpha=1.5))

@@ -148,8 +148,10 @@ def ramplus_tl(
 
     def count(c: _Contributions, s: int, e: int) -> None:
         _, _, flags = c.chunk(s, e)
+        # 0/1 floats: their sums and dot products are exact integers below 2^24 entries a chunk, in any order,
+        # in float32 or wider (not in a 16-bit compute dtype: bf16 counts stop being exact past 256)
+        flags = [f if f.dtype in (torch.float32, torch.float64) else f.float() for f in flags]
         unique = _is_one(sum(flags[1:], flags[0].clone()))
-        # 0/1 floats: their sums and dot products are exact integers below 2^24 entries a chunk, in any order
         tallies.append([(int(f.sum()), int(torch.dot(f, unique))) for f in flags])
 
     _streamed(tensors, base, dtype, float(epsilon), count)
@@ -171,7 +173,8 @@ def ramplus_tl(
         shared_sum, counts = _sum_and_count(deltas, flags)
         unique = counts == 1
         shared_sum.div_(counts.clamp_(min=1))
-        if shared_sum.device.type == "cpu":  # numpy's masked copy: a fifth of torch.where's time on CPU
+        if shared_sum.device.type == "cpu" and shared_sum.dtype in (torch.float32, torch.float64):
+            # numpy's masked copy: a fifth of torch.where's time on CPU (numpy has no bf16)
             np.copyto(shared_sum.numpy(), unique_sum.numpy(), where=unique.numpy())
             torch.add(shared_sum, b, out=flat_out[s:e])
         else:
