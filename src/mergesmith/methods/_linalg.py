@@ -97,39 +97,21 @@ def _gram_blocked(flats: Sequence[torch.Tensor]) -> torch.Tensor:
     return result.cpu()
 
 
-def combine(
-    vectors: Sequence[torch.Tensor],
-    coefficients: Sequence[float],
-    *,
-    start: torch.Tensor | None = None,
-    scratch: bool = False,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """`start + Σ cᵢ·vᵢ` (start defaults to zero), in `dtype` (default: the first vector's), on its device.
-    The vectors may be in a narrower dtype (bf16 as read): they are added in place, so in `dtype`. On CPU the
-    sum is built chunk by chunk, so each output chunk is written once and stays in cache while the terms
-    are added.
-
-    With `scratch`, the vectors are temporaries the caller owns and the first one holds the result.
-    """
-    if scratch:
-        out = vectors[0].mul_(float(coefficients[0]))
-        for vector, c in zip(vectors[1:], coefficients[1:]):
-            out.add_(vector, alpha=float(c))
-        return out if start is None else out.add_(start)
-    first = vectors[0] if start is None else start
+def combine(vectors: Sequence[torch.Tensor], coefficients: Sequence[float], *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`Σ cᵢ·vᵢ` in `dtype` (default: the first vector's), on its device. The vectors may be in a narrower
+    dtype (bf16 as read): they are added in place, so in `dtype`. On CPU the sum is built chunk by chunk, so
+    each output chunk is written once and stays in cache while the terms are added. (Task vectors against
+    a base: `combine_task_vectors`.)"""
+    first = vectors[0]
     out = torch.empty(first.shape, dtype=dtype or first.dtype, device=first.device)
     flat_out, flat_first = out.view(-1), first.reshape(-1)
-    terms = [(v.reshape(-1), float(c)) for v, c in zip(vectors, coefficients)]
-    if start is None:
-        (_, c0), terms = terms[0], terms[1:]
+    c0 = float(coefficients[0])
+    terms = [(v.reshape(-1), float(c)) for v, c in zip(vectors[1:], coefficients[1:])]
     length = flat_out.numel()
     chunk = _CHUNK << 2 if out.device.type == "cpu" else max(length, 1)
     for s in range(0, length, chunk):
         e = min(length, s + chunk)
-        o = flat_out[s:e].copy_(flat_first[s:e])
-        if start is None:
-            o.mul_(c0)
+        o = flat_out[s:e].copy_(flat_first[s:e]).mul_(c0)
         for vector, c in terms:
             o.add_(vector[s:e], alpha=c)
     return out
@@ -140,8 +122,8 @@ def combine_task_vectors(
 ) -> torch.Tensor:
     """`base + Σ cᵢ·(modelsᵢ − base)` in `dtype` (default: the base's), chunk by chunk from the inputs as stored
     (bf16 as read): each chunk's task vectors are computed in `dtype`, the first scaled, the others added with
-    their coefficients, then the base, which are per entry the operations of `combine(..., scratch=True)` on
-    whole task vectors, without making them."""
+    their coefficients, then the base: per entry the operations of scaling whole task vectors in place and
+    adding them up, without making them."""
     dtype = dtype or base.dtype
     out = torch.empty(base.shape, dtype=dtype, device=base.device)
     flat_out, flat_base = out.view(-1), base.reshape(-1)

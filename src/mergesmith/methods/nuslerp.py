@@ -35,18 +35,18 @@ def nuslerp_tensors(
     v0: torch.Tensor,
     v1: torch.Tensor,
     *,
-    flatten: bool = True,
     row_wise: bool = False,
     inplace: bool = False,
 ) -> torch.Tensor:
-    """Slerp `v0` → `v1` by `t`, per whole tensor (`flatten`) or per slice along the last/first axis.
+    """Slerp `v0` → `v1` by `t` per slice along the last (or, `row_wise`, the first) axis; a 0-dim tensor
+    is one slice. (Whole flattened tensors stream instead: see `nuslerp`.)
 
     With `inplace`, `v0` is a scratch tensor the caller owns and may be overwritten by the result.
     """
     shape = v0.shape
     if v0.numel() == 0:
         return v0.clone()
-    if flatten or v0.dim() == 0:
+    if v0.dim() == 0:
         a, b = v0.reshape(1, -1), v1.reshape(1, -1)
     elif row_wise:
         a, b = v0.transpose(0, -1), v1.transpose(0, -1)
@@ -68,7 +68,7 @@ def nuslerp_tensors(
     c1 = torch.where(colinear, torch.full_like(cos, t), torch.sin(t * theta) / sin_theta)
     out = a32.mul_(c0) if inplace and a32 is a else a32 * c0
     out.addcmul_(b32, c1)
-    if row_wise and not flatten and v0.dim() > 0:
+    if row_wise and v0.dim() > 0:
         out = out.transpose(0, -1)
     return out.reshape(shape).to(v0.dtype)
 
@@ -127,8 +127,6 @@ def nuslerp(
     tensors = [x.to(dtype) for x in tensors]
     base = base.to(dtype) if base is not None else None
     if base is None:
-        return nuslerp_tensors(t, tensors[0], tensors[1], flatten=nuslerp_flatten, row_wise=nuslerp_row_wise)
-    delta = nuslerp_tensors(
-        t, tensors[0] - base, tensors[1] - base, flatten=nuslerp_flatten, row_wise=nuslerp_row_wise, inplace=True
-    )
+        return nuslerp_tensors(t, tensors[0], tensors[1], row_wise=nuslerp_row_wise)
+    delta = nuslerp_tensors(t, tensors[0] - base, tensors[1] - base, row_wise=nuslerp_row_wise, inplace=True)
     return delta.add_(base)
