@@ -33,6 +33,9 @@ import os
 import threading
 from types import SimpleNamespace
 
+import numpy as np
+import torch
+
 CHUNK = 1 << 18  # entries per chunk of the merge pass
 
 LOOPS = (
@@ -61,6 +64,31 @@ def available() -> bool:
             except ImportError:
                 _FAILED = True
     return _LOOPS is not None
+
+
+def result_dtype(dtype: torch.dtype, output_dtype: torch.dtype | None, compiled: bool) -> torch.dtype:
+    """The dtype a merge computed in `dtype` returns: a bf16 `output_dtype` when the compiled loops write it
+    (`OutputChunks`), else `dtype` (the caller converts)."""
+    return output_dtype if compiled and output_dtype == torch.bfloat16 else dtype
+
+
+class OutputChunks:
+    """Where a compiled merge writes each chunk of its flat output: straight into a float32 output, or into a
+    float32 scratch that `to_bfloat16` then rounds into a bf16 output. Holds a buffer: one per thread."""
+
+    def __init__(self, flat_out: torch.Tensor, width: int):
+        self.flat_out = flat_out
+        self.scratch = np.empty(width, dtype=np.float32) if flat_out.dtype == torch.bfloat16 else None
+
+    def target(self, start: int, end: int) -> np.ndarray:
+        """The float32 array the loops write the chunk [start, end) into."""
+        return self.flat_out[start:end].numpy() if self.scratch is None else self.scratch[: end - start]
+
+    def done(self, start: int, end: int) -> None:
+        """The chunk is written: round it into the bf16 output (nothing to do for a float32 one)."""
+        if self.scratch is not None:
+            out = self.flat_out[start:end].view(torch.int16).numpy().view(np.uint16)
+            loops().to_bfloat16(self.scratch[: end - start].view(np.uint32), out)
 
 
 def loops() -> SimpleNamespace:

@@ -140,8 +140,7 @@ def merge_task_vectors(
     plans = _build_plans(sparsify, tvs, size, concurrent_plans)
     masked = consensus is not None or any(p is not None for p in plans)  # plain task arithmetic: torch is as fast
     compiled = masked and n > 0 and all(tv.compiled() for tv in tvs)
-    rounded = compiled and output_dtype == torch.bfloat16
-    out = torch.empty(base.shape, dtype=output_dtype if rounded else dtype, device=base.device)
+    out = torch.empty(base.shape, dtype=_kernels.result_dtype(dtype, output_dtype, compiled), device=base.device)
     flat_out = out.view(-1)
     if n == 0:
         return out
@@ -213,8 +212,7 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
                     total: float, scale: float, flat_base: torch.Tensor, flat_out: torch.Tensor) -> Callable[[list[tuple[int, int]]], None]:
     """`merge_task_vectors`' chunk work on float32 CPU tensors with `_kernels`' loops: per chunk, one loop per
     model writes its masked, rescaled, weighted delta, and one loop combines them into the output (float32,
-    or bf16 through a float32 chunk rounded by `to_bfloat16`)."""
-    rounded = flat_out.dtype == torch.bfloat16
+    or bf16 through a float32 chunk rounded by `to_bfloat16`: `_kernels.OutputChunks`)."""
     loops = _kernels.loops()
     rules = [p.rule if p is not None else _sparsify.KeepRule() for p in plans]
     rescales = [np.float32(1) if p is None or p.scale is None else np.float32(float(p.scale)) for p in plans]
@@ -226,21 +224,20 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
         deltas = np.empty((len(tvs), width), dtype=np.float32)
         model_buf, base_buf = torch.empty(width, dtype=torch.float32), torch.empty(width, dtype=torch.float32)
         votes, divisor = np.empty(width, dtype=np.float32), np.empty(width, dtype=np.float32)
-        merged = np.empty(width, dtype=np.float32) if rounded else None
+        outputs = _kernels.OutputChunks(flat_out, width)
         for s, e in chunks:
             m = e - s
             base = _sparsify.as_float32(flat_base[s:e], base_buf)
             for j, (tv, rule) in enumerate(zip(tvs, rules)):
                 loops.weighted_delta(_sparsify.as_float32(tv.model[s:e], model_buf), base, *rule.keep.bounds(s),
                                      *rule.drop.bounds(s), rule.stored_array(s, e), rescales[j], ws[j], deltas[j, :m])
-            out = merged[:m] if rounded else flat_out[s:e].numpy()
+            out = outputs.target(s, e)
             if consensus is None:
                 loops.sum_into(deltas, m, divide, np.float32(total), np.float32(scale), base, out)
             else:
                 loops.consensus_into(deltas, m, ws, consensus == "count", normalize, np.float32(scale), base, votes,
                                      divisor, out)
-            if rounded:
-                loops.to_bfloat16(out.view(np.uint32), flat_out[s:e].view(torch.int16).numpy().view(np.uint16))
+            outputs.done(s, e)
 
     return work
 

@@ -189,8 +189,7 @@ def sce(
             for i, d in enumerate(ds):
                 energy[i] += _sum_of_squares(d)
     weights = sce_weights((energy / max(n, 1)).to(dtype), energy_floor).tolist()
-    rounded = compiled and output_dtype == torch.bfloat16
-    out = torch.empty(base.shape, dtype=output_dtype if rounded else dtype, device=device)
+    out = torch.empty(base.shape, dtype=_kernels.result_dtype(dtype, output_dtype, compiled), device=device)
     flat_out = out.view(-1)
     acc = accumulation_dtype(dtype)  # sums across models: float32 for 16-bit dtypes, rounded once
 
@@ -267,19 +266,17 @@ def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: 
     """The merge pass's chunk work on the compiled path (see `_kernels.weighted_consensus_into`)."""
     ws = np.array(weights, dtype=np.float32)
     floor = np.float32(1e-6)
-    rounded = flat_out.dtype == torch.bfloat16
 
     def work(chunks):
         width = max(e - s for s, e in chunks)
         deltas = _CompiledDeltas(tvs, selection, flat_base, width)
-        votes, divisor, merged = (np.empty(width, dtype=np.float32) for _ in range(3))
+        votes, divisor = np.empty(width, dtype=np.float32), np.empty(width, dtype=np.float32)
+        outputs = _kernels.OutputChunks(flat_out, width)
         loops = _kernels.loops()
         for s, e in chunks:
             m = e - s
             rows, base = deltas.chunk(s, e)
-            out = merged[:m] if rounded else flat_out[s:e].numpy()
-            loops.weighted_consensus_into(rows, m, ws, by_count, floor, base, votes, divisor, out)
-            if rounded:
-                loops.to_bfloat16(out.view(np.uint32), flat_out[s:e].view(torch.int16).numpy().view(np.uint16))
+            loops.weighted_consensus_into(rows, m, ws, by_count, floor, base, votes, divisor, outputs.target(s, e))
+            outputs.done(s, e)
 
     return work
