@@ -712,6 +712,14 @@ def word_state(seed: int) -> np.ndarray:
     return state
 
 
+def _compiled_words(tv: TaskVector, generator: torch.Generator | None, seed: int | None) -> np.ndarray | None:
+    """The stream state (`word_state`) for a compiled keep loop when one can draw this plan's words (float32
+    on CPU, a CPU generator), drawing the stream seed unless it was drawn ahead; else None (`RandomWords`)."""
+    if not (tv.compiled() and draws_on_cpu(generator)):
+        return None
+    return word_state(stream_seed(generator) if seed is None else seed)
+
+
 def stream_seed(generator: torch.Generator | None) -> int:
     """The 63-bit seed of one `RandomWords` stream, drawn from a CPU generator (or torch's global one)."""
     return int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
@@ -800,9 +808,9 @@ def _bernoulli_plan(tv: TaskVector, density: float, rescale: bool, generator: to
     """Independent keeps; on the compiled path one loop draws the words and compares them (0.5 ns an entry,
     against 0.9-1 ns for numpy on the helper thread, one helper for every plan built at once)."""
     chunks = spans(tv.numel(), size)
-    if tv.compiled() and draws_on_cpu(generator):
-        state, threshold = word_state(stream_seed(generator) if seed is None else seed), Bernoulli(density).threshold
-        bernoulli_keep = _kernels.loops().bernoulli_keep
+    state = _compiled_words(tv, generator, seed)
+    if state is not None:
+        threshold, bernoulli_keep = Bernoulli(density).threshold, _kernels.loops().bernoulli_keep
         return _stored_mask_plan(tv, rescale, chunks, lambda a, s, e, out: bernoulli_keep(state, threshold, out.numpy()),
                                  magnitudes=False)
     keeps = RandomWords(generator, tv.device, prepare=Bernoulli(density), seed=seed)
@@ -935,9 +943,9 @@ def della_plan(tv: TaskVector, shape: torch.Size, density: float, epsilon: float
     whole = len(shape) > 2  # rank along dim 1: move it last, rank the whole tensor, move the mask back
     rows_per = n // cols if whole else max(1, min(size // cols, n // cols))
     keep = RankedKeep(rows_per, cols, density, epsilon, sel, tv.device)
-    compiled = tv.compiled() and draws_on_cpu(generator)
+    state = _compiled_words(tv, generator, seed)
+    compiled = state is not None
     if compiled:  # the loop draws the words itself, on the calling thread
-        state = word_state(stream_seed(generator) if seed is None else seed)
 
         def keep_block(mags, out):
             return keep.compiled_into(mags, state, out)
