@@ -272,3 +272,23 @@ def test_sce_loops_equal_the_torch_path(count, params, dtype, torch_path, monkey
     assert torch.equal(compiled, reference)
     assert torch.equal(rounded.view(torch.int16), reference.to(torch.bfloat16).view(torch.int16))
     assert not torch.equal(compiled, base.float())
+
+
+def test_widen_is_torchs_bfloat16_conversion_for_every_bit_pattern():
+    from numba import njit
+
+    from mergesmith.methods._kernel_loops import widen
+
+    @njit
+    def widen_all(bits, out):
+        for i in range(bits.size):
+            out[i] = widen(bits[i])
+
+    bits = np.arange(1 << 16, dtype=np.uint16)  # every bf16: zeros, subnormals, infinities, NaN payloads
+    out = np.empty(bits.size, dtype=np.float32)
+    widen_all(bits, out)
+    expected = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float()
+    assert np.array_equal(out.view(np.uint32), expected.numpy().view(np.uint32))
+    same = np.empty(3, dtype=np.float32)
+    widen_all(np.array([1.5, -0.0, np.nan], dtype=np.float32), same)  # float32 entries pass through
+    assert np.array_equal(same.view(np.uint32), np.array([1.5, -0.0, np.nan], dtype=np.float32).view(np.uint32))

@@ -7,11 +7,29 @@ loop was compiled anew by every merge (0.5-0.6 s each for consensus_into and DEL
 """
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 # fastmath stays off: each float operation rounds as written, in this order. cache: compiled once per machine
 # (next to this file, or numba's user cache when that is read-only).
 jit = njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+
+
+@intrinsic
+def widen(typingctx, x):
+    """The float32 value of an input entry: a float32 as it is, a bfloat16 bit pattern (uint16) shifted into
+    the upper half of a float32, which is exact and is what torch's conversion does, NaN payloads included.
+    The loops read bf16 inputs (as uint16 arrays) this way instead of a float32 copy made by torch first."""
+    if x == types.float32:
+        return types.float32(x), lambda context, builder, signature, args: args[0]
+    if x == types.uint16:
+        def codegen(context, builder, signature, args):
+            upper = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+            return builder.bitcast(upper, ir.FloatType())
+
+        return types.float32(x), codegen
+    return None
 
 
 @jit
@@ -24,7 +42,7 @@ def weighted_delta(model, base, keep_ge, keep_gt, keep_split, drop_ge, drop_gt, 
     zero = np.float32(0)
     if stored.size == 0:
         for i in range(n):
-            d = model[i] - base[i]
+            d = widen(model[i]) - widen(base[i])
             a = abs(d)
             kb = keep_ge if i < keep_split else keep_gt
             xb = drop_ge if i < drop_split else drop_gt
@@ -32,7 +50,7 @@ def weighted_delta(model, base, keep_ge, keep_gt, keep_split, drop_ge, drop_gt, 
             out[i] = ((d if keep else zero) * scale) * weight
     else:
         for i in range(n):
-            d = model[i] - base[i]
+            d = widen(model[i]) - widen(base[i])
             a = abs(d)
             kb = keep_ge if i < keep_split else keep_gt
             xb = drop_ge if i < drop_split else drop_gt
@@ -101,7 +119,7 @@ def consensus_into(deltas, n, weights, by_count, normalize, scale, base, votes, 
         for i in range(n):
             out[i] = out[i] / (divisor[i] if divisor[i] != zero else one)
     for i in range(n):
-        out[i] = out[i] * scale + base[i]
+        out[i] = out[i] * scale + widen(base[i])
 
 
 @jit
@@ -111,7 +129,7 @@ def weighted_consensus_into(deltas, n, weights, by_count, floor, base, votes, di
     elect_into(deltas, n, by_count, votes)
     agreeing_sums_into(deltas, n, weights, votes, True, out, divisor)
     for i in range(n):
-        out[i] = out[i] / max(divisor[i], floor) + base[i]
+        out[i] = out[i] / max(divisor[i], floor) + widen(base[i])
 
 
 @jit
@@ -119,7 +137,7 @@ def cut_mask(x, y, ge, gt, split, out):
     """out[i] = 1 when |x[i] - y[i]| exceeds ge (i < split) or gt (i >= split), else 0 (see `Cut.bounds`):
     a cut's membership on the distance of two tensors (SCE's two-model variance)."""
     for i in range(out.size):
-        a = abs(x[i] - y[i])
+        a = abs(widen(x[i]) - widen(y[i]))
         out[i] = not a <= (ge if i < split else gt)
 
 
@@ -131,7 +149,7 @@ def sum_into(deltas, n, divide, divisor, scale, base, out):
         for i in range(n):
             out[i] = out[i] / divisor
     for i in range(n):
-        out[i] = out[i] * scale + base[i]
+        out[i] = out[i] * scale + widen(base[i])
 
 
 @jit
@@ -142,7 +160,7 @@ def window_count(model, base, lo, hi):
     nonzero = 0
     zero = np.float32(0)
     for i in range(model.size):
-        a = abs(model[i] - base[i])
+        a = abs(widen(model[i]) - widen(base[i]))
         above += a > hi
         inside += (a >= lo) & (a <= hi)
         nonzero += a != zero
@@ -158,7 +176,7 @@ def window_gather(model, base, lo, hi, offset, values, positions):
     j = 0
     if not (np.isfinite(lo) and np.isfinite(hi)):  # an open side: no middle to measure from
         for i in range(model.size):
-            a = abs(model[i] - base[i])
+            a = abs(widen(model[i]) - widen(base[i]))
             values[j] = a
             positions[j] = offset + i
             j += (a >= lo) & (a <= hi)
@@ -167,7 +185,7 @@ def window_gather(model, base, lo, hi, offset, values, positions):
     middle = (lo + hi) * np.float32(0.5)
     reach = (hi - lo) * np.float32(0.5) + hi * np.float32(2.0**-20) + np.float32(1e-38)
     for i in range(model.size):
-        a = abs(model[i] - base[i])
+        a = abs(widen(model[i]) - widen(base[i]))
         if abs(a - middle) <= reach:
             values[j] = a
             positions[j] = offset + i

@@ -10,7 +10,8 @@ numpy's SFC64 generator themselves, so they make the very masks of the numpy pat
 What stays in PyTorch: every other dtype (16-bit compute for mergekit's arithmetic, float64), other devices,
 plain task arithmetic (no mask, no election: torch is as fast for its three operations a model), SCE's merge
 pass, and any machine without numba (`available()` is then False and the callers take their torch path).
-Inputs stored as bf16 are widened to float32 by torch (its conversion is as fast as a copy) before the loops.
+Inputs stored as bf16 are read by the loops as they are (uint16 bit patterns, widened exactly entry by entry:
+`_kernel_loops.widen`), which saves the float32 copy of every input chunk that torch made before.
 A bf16 output is rounded from the float32 result chunk by chunk (`to_bfloat16`, bit for bit torch's rounding),
 which saves a float32 output tensor and the separate conversion pass over it.
 

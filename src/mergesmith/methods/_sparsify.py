@@ -122,20 +122,21 @@ class TaskVector:
         return (self.dtype == torch.float32 and self.device.type == "cpu"
                 and all(t.dtype in _KERNEL_INPUTS for t in (self.model, self.base)) and _kernels.available())
 
-    def operands(self, start: int, end: int, model_buf: torch.Tensor, base_buf: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """(model[start:end], base[start:end]) as float32 numpy arrays for the compiled loops: views when
-        stored as float32, else widened into the buffers (float32, at least end - start long)."""
-        return as_float32(self.model[start:end], model_buf), as_float32(self.base[start:end], base_buf)
+    def operands(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """(model[start:end], base[start:end]) as the compiled loops read them (`loop_operand`): views, no copy."""
+        return loop_operand(self.model[start:end]), loop_operand(self.base[start:end])
 
 
 _KERNEL_INPUTS = (torch.float32, torch.bfloat16)
 
 
-def as_float32(chunk: torch.Tensor, buf: torch.Tensor) -> np.ndarray:
-    """A flat CPU chunk as a float32 numpy array: a view when it is float32, else widened into `buf`."""
-    if chunk.dtype == torch.float32:
-        return chunk.numpy()
-    return buf[: chunk.numel()].copy_(chunk).numpy()
+def loop_operand(chunk: torch.Tensor) -> np.ndarray:
+    """A flat CPU chunk of a float32 or bf16 input as the compiled loops read it, a numpy view: float32 as is,
+    bf16 as its bit patterns (uint16), which the loops widen entry by entry (`_kernel_loops.widen`, exact).
+    A float32 copy made by torch first cost a pass per input and chunk (0.16 ns an entry on two inputs)."""
+    if chunk.dtype == torch.bfloat16:
+        return chunk.view(torch.int16).numpy().view(np.uint16)
+    return chunk.numpy()
 
 
 class StoredValues(TaskVector):
@@ -400,7 +401,7 @@ def _select(tv: TaskVector, size: int, ks_of: Callable[[int | None], list[int]],
     compiled = tv.compiled()
     for s, e in chunks:
         if compiled:  # the same counts and gathers in one compiled loop per window
-            nonzero += _scan_compiled(*tv.operands(s, e, abuf, scratch), s, windows, single, above, equal, found)
+            nonzero += _scan_compiled(*tv.operands(s, e), s, windows, single, above, equal, found)
             continue
         a = _abs_into(tv.chunk(s, e, buf[: e - s]), abuf[: e - s])
         if counting:

@@ -222,14 +222,13 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
     def work(chunks: list[tuple[int, int]]) -> None:
         width = max(e - s for s, e in chunks)
         deltas = np.empty((len(tvs), width), dtype=np.float32)
-        model_buf, base_buf = torch.empty(width, dtype=torch.float32), torch.empty(width, dtype=torch.float32)
         votes, divisor = np.empty(width, dtype=np.float32), np.empty(width, dtype=np.float32)
         outputs = _kernels.OutputChunks(flat_out, width)
         for s, e in chunks:
             m = e - s
-            base = _sparsify.as_float32(flat_base[s:e], base_buf)
+            base = _sparsify.loop_operand(flat_base[s:e])
             for j, (tv, rule) in enumerate(zip(tvs, rules)):
-                loops.weighted_delta(_sparsify.as_float32(tv.model[s:e], model_buf), base, *rule.keep.bounds(s),
+                loops.weighted_delta(_sparsify.loop_operand(tv.model[s:e]), base, *rule.keep.bounds(s),
                                      *rule.drop.bounds(s), rule.stored_array(s, e), rescales[j], ws[j], deltas[j, :m])
             out = outputs.target(s, e)
             if consensus is None:

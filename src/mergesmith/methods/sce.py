@@ -26,7 +26,7 @@ import torch
 from mergesmith.methods import _kernels
 from mergesmith.methods._consensus import CONSENSUS_METHODS, accumulation_dtype, disjoint_into, elect_sign_into
 from mergesmith.methods._sparsify import (
-    ALL, NONE, Cut, StoredValues, TaskVector, as_float32, check_tie_order, chunk_size, select_top_fraction,
+    ALL, NONE, Cut, StoredValues, TaskVector, check_tie_order, loop_operand, chunk_size, select_top_fraction,
     selection_dtype, spans, top_fraction_count, variance_across,
 )
 from mergesmith.methods._task_vectors import CONSENSUS, in_parts
@@ -88,7 +88,8 @@ class _Selection:
 
     def keep_array(self, s: int, m1: np.ndarray, m2: np.ndarray, buf: np.ndarray) -> np.ndarray:
         """The selection of the chunk at `s` as uint8 for the compiled loops (empty: all), given the chunk's
-        two models as float32 (used by a cut) and a uint8 buffer of the chunk's length."""
+        two models as the loops read them (`loop_operand`; used by a cut) and a uint8 buffer of the chunk's
+        length."""
         if self.cut is not None:
             _kernels.loops().cut_mask(m1, m2, *self.cut.bounds(s), buf)
             return buf
@@ -223,16 +224,15 @@ class _CompiledDeltas:
     def __init__(self, tvs, selection: _Selection, flat_base: torch.Tensor, width: int):
         self.tvs, self.selection, self.flat_base = tvs, selection, flat_base
         self.deltas = np.empty((len(tvs), width), dtype=np.float32)
-        self.model_bufs = [torch.empty(width, dtype=torch.float32) for _ in tvs]
-        self.base_buf, self.keep_buf = torch.empty(width, dtype=torch.float32), np.empty(width, dtype=np.uint8)
+        self.keep_buf = np.empty(width, dtype=np.uint8)
         self.everything = ALL.bounds(0) + NONE.bounds(0)
         self.one = np.float32(1)
 
     def chunk(self, s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
-        """(the rows for [s, e) in their first e - s columns, the base chunk as float32)."""
+        """(the rows for [s, e) in their first e - s columns, the base chunk as the loops read it)."""
         m = e - s
-        base = as_float32(self.flat_base[s:e], self.base_buf)
-        models = [as_float32(tv.model[s:e], buf) for tv, buf in zip(self.tvs, self.model_bufs)]
+        base = loop_operand(self.flat_base[s:e])
+        models = [loop_operand(tv.model[s:e]) for tv in self.tvs]
         keep = self.selection.keep_array(s, models[0], models[-1], self.keep_buf[:m])
         for j, model in enumerate(models):
             _kernels.loops().weighted_delta(model, base, *self.everything, keep, self.one, self.one, self.deltas[j, :m])
