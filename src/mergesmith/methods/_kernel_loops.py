@@ -59,6 +59,13 @@ def weighted_delta(model, base, keep_ge, keep_gt, keep_split, drop_ge, drop_gt, 
 
 
 @jit
+def magnitudes_into(model, base, out):
+    """out = |model - base|: a task vector's magnitudes, in one pass over the inputs as stored."""
+    for i in range(out.size):
+        out[i] = abs(widen(model[i]) - widen(base[i]))
+
+
+@jit
 def sum_rows(deltas, n, out):
     """out[:n] = the rows of `deltas` (first n columns) added from the first to the last."""
     first = deltas[0]

@@ -41,7 +41,7 @@ CHUNK = 1 << 18  # entries per chunk of the merge pass
 
 LOOPS = (
     "weighted_delta", "consensus_into", "sum_into", "window_count", "window_gather", "to_bfloat16", "ranked_keep",
-    "bernoulli_keep", "weighted_consensus_into", "cut_mask",
+    "bernoulli_keep", "weighted_consensus_into", "cut_mask", "magnitudes_into",
 )
 
 _LOCK = threading.Lock()

@@ -107,6 +107,14 @@ class TaskVector:
             return torch.sub(model, base, out=out)
         return out.copy_(model).sub_(base)  # an in-place op computes in out's dtype
 
+    def magnitudes(self, start: int, end: int, buf: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """|model - base|[start:end] in the selection dtype, into `out` (`buf`: scratch of the compute dtype);
+        one compiled loop over the inputs where `compiled`."""
+        if self.compiled():
+            _kernels.loops().magnitudes_into(*self.operands(start, end), out.numpy())
+            return out
+        return _abs_into(self.chunk(start, end, buf), out)
+
     def whole(self) -> torch.Tensor:
         return self.model.to(self.dtype) - self.base
 
@@ -543,7 +551,7 @@ class L1Norms:
         self.after = torch.zeros((), dtype=torch.float64, device=device)
 
     def add(self, a: torch.Tensor, keep: torch.Tensor | None) -> None:
-        """Add the chunk of magnitudes `a` and its masked part (`keep`: 0/1 of a's dtype; None keeps all).
+        """Add the chunk of magnitudes `a` and its masked part (`keep`: bool, or 0/1 of a's dtype; None keeps all).
         On CPU `a` is overwritten: numpy's pairwise sums add in the same order whatever the thread count,
         where torch's sum and dot split the chunk by thread (so the rescale factor, and DARE's output, moved
         by an ulp between machines with different core counts)."""
@@ -555,7 +563,7 @@ class L1Norms:
             return
         whole = a.sum()
         self.before += whole
-        self.after += whole if keep is None else torch.dot(a, keep)
+        self.after += whole if keep is None else torch.dot(a, keep.to(a.dtype))
 
     def scale(self, dtype: torch.dtype) -> torch.Tensor:
         return _l1_scale(self.before, self.after, dtype)
@@ -776,13 +784,13 @@ def _stored_mask_plan(tv: TaskVector, rescale: bool, chunks: list[tuple[int, int
     sel = selection_dtype(tv.dtype)
     stored = torch.empty(tv.numel(), dtype=torch.bool, device=tv.device)
     norms = L1Norms(tv.device)
-    buf, abuf, mbuf = tv.buffer(width), tv.buffer(width, sel), tv.buffer(width, sel)
+    buf, abuf = tv.buffer(width), tv.buffer(width, sel)
     with leaving_a_core() if leave_a_core and tv.device.type == "cpu" else nullcontext():
         for s, e in chunks:
-            a = _abs_into(tv.chunk(s, e, buf[: e - s]), abuf[: e - s]) if magnitudes or rescale else None
+            a = tv.magnitudes(s, e, buf[: e - s], abuf[: e - s]) if magnitudes or rescale else None
             keep_into(a, s, e, stored[s:e])
             if rescale:
-                norms.add(a, mbuf[: e - s].copy_(stored[s:e].view(torch.uint8)))
+                norms.add(a, stored[s:e])
 
     plan = Plan(KeepRule(stored=stored))
     if rescale:
