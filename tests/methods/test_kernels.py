@@ -96,6 +96,26 @@ def test_selection_finds_the_same_cuts(torch_path):
     assert (fraction.threshold, fraction.tie_end) == (expected.threshold, expected.tie_end)
 
 
+@pytest.mark.parametrize("seed", [3, 4])
+def test_selection_split_across_threads_finds_the_cuts_of_one_thread(seed):
+    # the compiled scan runs contiguous shares of the chunks on the threads; the tallies must add up in chunk
+    # order, or a cut among tied magnitudes would end at another position
+    models, base = _family(torch.bfloat16, seed=seed)
+    tv = _sparsify.TaskVector(models[0], base, torch.float32)
+    n = tv.numel()
+    ks = [1, n // 3, n // 2, n - 5, 777]
+    before = torch.get_num_threads()
+    cuts = []
+    try:
+        for threads in (3, 1):
+            torch.set_num_threads(threads)
+            cuts.append([(c.threshold, c.tie_end) for c in _sparsify.select_top(tv, ks, _sparsify.CHUNK // 8)]
+                        + [(c.threshold, c.tie_end) for c in [_sparsify.select_top_fraction(tv, 0.37, _sparsify.CHUNK // 8)]])
+    finally:
+        torch.set_num_threads(before)
+    assert cuts[0] == cuts[1]
+
+
 def test_window_gather_keeps_everything_inside_narrow_and_open_windows():
     loops = _kernels.loops()
     rng = np.random.default_rng(0)

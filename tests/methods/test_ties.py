@@ -82,11 +82,13 @@ def test_float32_and_bfloat16_inputs():
 def test_work_split_across_threads_equals_work_in_turn(method, monkeypatch):
     # with several torch threads the merge pass splits its chunks across threads (and TIES and breadcrumbs
     # build their models' plans at once); the output must be bit-identical to one thread doing it all
-    from mergesmith.methods import _task_vectors
+    from mergesmith.methods import _parallel, _task_vectors
 
     split = []
-    together = _task_vectors._together
-    monkeypatch.setattr(_task_vectors, "_together", lambda jobs, device: split.append(len(jobs)) or together(jobs, device))
+    together = _parallel.together
+    counting = lambda jobs, device: split.append(len(jobs)) or together(jobs, device)  # noqa: E731
+    monkeypatch.setattr(_parallel, "together", counting)
+    monkeypatch.setattr(_task_vectors, "together", counting)
     g = torch.Generator().manual_seed(0)
     base = torch.randn(1500, 800, generator=g)  # several streaming chunks
     models = [base + torch.randn(base.shape, generator=g) * 0.01 for _ in range(3)]

@@ -13,13 +13,13 @@ sum with |Σ w| < 1e-8 is treated as 1. Both as in mergekit's generalized task a
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from mergesmith.methods import _kernels, _sparsify
+from mergesmith.methods._parallel import in_parts, together
 from mergesmith.methods._consensus import (
     CONSENSUS_METHODS, accumulation_dtype, disjoint_into, elect_sign_into, in_dtype, sum_into, zero_to_one_,
 )
@@ -62,44 +62,15 @@ Sparsifier = Callable[["_sparsify.TaskVector", int, int], "_sparsify.Plan | None
 (see `_build_plans`)."""
 
 
-_WORKERS: ThreadPoolExecutor | None = None
-
-
-def _together(jobs: list[Callable[[], object]], device: torch.device) -> list:
-    """Run independent jobs on threads of their own, torch running one thread each meanwhile, when on CPU
-    with several torch threads; otherwise in turn. Streamed passes are chains of small ops (and numpy
-    scans) that OpenMP splits poorly between two cores that also serve the shard reader and writer; whole
-    chunks or plans per thread use them better (1B, 2 cores: ties 14.7 -> 13.3 s, breadcrumbs 13.6 ->
-    12.7 s from the plans alone)."""
-    global _WORKERS
-    threads = torch.get_num_threads()
-    if len(jobs) < 2 or threads < 2 or device.type != "cpu":
-        return [job() for job in jobs]
-    if _WORKERS is None:
-        _WORKERS = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergesmith-work")
-    torch.set_num_threads(1)
-    try:
-        return [future.result() for future in [_WORKERS.submit(job) for job in jobs]]
-    finally:
-        torch.set_num_threads(threads)
-
-
-def in_parts(chunks: list[tuple[int, int]], work: Callable[[list[tuple[int, int]]], None], device: torch.device) -> None:
-    """`work` over contiguous shares of independent chunks, one share per torch thread, `_together`."""
-    parts = min(len(chunks), torch.get_num_threads()) if device.type == "cpu" else 1
-    per = -(-len(chunks) // max(parts, 1))
-    _together([lambda share=chunks[i : i + per]: work(share) for i in range(0, len(chunks), per)], device)
-
-
 def _build_plans(sparsify: Sparsifier | None, tvs: list, size: int, concurrent: bool) -> list:
-    """One sparsification plan per task vector; with `concurrent`, built `_together`. Random plans may only
+    """One sparsification plan per task vector; with `concurrent`, built `together`. Random plans may only
     when their stream seeds were drawn beforehand, in model order (as DARE does with `stream_seed`): built
     concurrently, they would race for the shared generator."""
     if sparsify is None:
         return [None] * len(tvs)
     if not concurrent:
         return [sparsify(tv, i, size) for i, tv in enumerate(tvs)]
-    return _together([lambda tv=tv, i=i: sparsify(tv, i, size) for i, tv in enumerate(tvs)], tvs[0].device)
+    return together([lambda tv=tv, i=i: sparsify(tv, i, size) for i, tv in enumerate(tvs)], tvs[0].device)
 
 
 def merge_task_vectors(

@@ -26,8 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mergesmith.methods._parallel import in_parts
 from mergesmith.methods._sparsify import StoredValues, chunk_size, select_top
-from mergesmith.methods._task_vectors import in_parts
 from mergesmith.methods.registry import merge_method
 
 PROB_EPS = 1e-8

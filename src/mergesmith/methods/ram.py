@@ -28,8 +28,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mergesmith.methods._parallel import in_parts
 from mergesmith.methods._sparsify import chunk_size, spans
-from mergesmith.methods._task_vectors import in_parts
 from mergesmith.methods.registry import Param, merge_method
 
 EPSILON = Param("epsilon", float, default=1e-5, doc="Task-vector magnitude above which an entry contributes.")

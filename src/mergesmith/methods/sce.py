@@ -25,11 +25,12 @@ import torch
 
 from mergesmith.methods import _kernels
 from mergesmith.methods._consensus import CONSENSUS_METHODS, accumulation_dtype, disjoint_into, elect_sign_into
+from mergesmith.methods._parallel import in_parts
 from mergesmith.methods._sparsify import (
     ALL, NONE, Cut, StoredValues, TaskVector, check_tie_order, loop_operand, chunk_size, select_top_fraction,
     selection_dtype, spans, top_fraction_count, variance_across,
 )
-from mergesmith.methods._task_vectors import CONSENSUS, in_parts
+from mergesmith.methods._task_vectors import CONSENSUS
 from mergesmith.methods.registry import Param, merge_method
 
 
