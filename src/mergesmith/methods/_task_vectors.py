@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from mergesmith.methods import _kernels, _sparsify
-from mergesmith.methods._parallel import in_parts, together
 from mergesmith.methods._consensus import (
     CONSENSUS_METHODS, accumulation_dtype, disjoint_into, elect_sign_into, in_dtype, sum_into, zero_to_one_,
 )
+from mergesmith.methods._parallel import in_parts, together
 from mergesmith.methods.registry import Param
 
 DENSITY = Param("density", float, default=1.0, per_model=True, doc="Fraction of this model's task vector to keep.")
