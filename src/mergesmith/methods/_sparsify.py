@@ -392,7 +392,6 @@ def _select(tv: TaskVector, size: int, ks_of: Callable[[int | None], list[int]],
     if n <= max(size, _SMALL):
         values = _abs_into(tv.whole())
         return [cut_from_values(values, k) for k in ks_of(int(torch.count_nonzero(values)) if counting else None)]
-    sel = selection_dtype(tv.dtype)
     sample = _abs_into(tv.sample(_sample_step(n))).contiguous()
     targets = ks_of(round(int(torch.count_nonzero(sample)) * n / sample.numel()) if counting else None)
     todo = list(range(len(targets)))
@@ -404,45 +403,9 @@ def _select(tv: TaskVector, size: int, ks_of: Callable[[int | None], list[int]],
     above = {j: torch.zeros((), dtype=torch.float64) for j in todo}  # counts: exact past 2^24, unlike float32
     equal: dict[int, list[torch.Tensor]] = {j: [] for j in single}
     found: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {j: [] for j in todo if j not in single}
-    nonzero = 0
     chunks = spans(n, size)
-    buf, abuf, scratch = tv.buffer(size), tv.buffer(size, sel), tv.buffer(size, sel)
-    if tv.compiled():  # the same counts and gathers in one compiled loop per window, on every core
-        nonzero = _scan_in_parts(tv, chunks, windows, single, above, equal, found)
-        chunks_left = []
-    else:
-        chunks_left = chunks
-    for s, e in chunks_left:
-        a = _abs_into(tv.chunk(s, e, buf[: e - s]), abuf[: e - s])
-        if counting:
-            nonzero += int(np.count_nonzero(a.numpy()) if a.device.type == "cpu" else torch.count_nonzero(a))
-        for j in todo:
-            lo, hi = windows[j]
-            if a.device.type == "cpu":  # numpy: its comparisons and flatnonzero cost half of torch's here
-                if j in single:
-                    gt, ge = _counts_above_cpu(a, single[j])
-                    above[j] += gt
-                    equal[j].append(torch.tensor(ge - gt))
-                else:
-                    n_above, found_values, found_at = _window_cpu(a, lo, hi)
-                    above[j] += n_above
-                    found[j].append((found_values, found_at + s))
-                continue
-            if j in single:
-                v = single[j]
-                gt = _count_above(a, v, scratch[: e - s])
-                above[j] += gt
-                equal[j].append(_count_above(a, _below(v, sel), scratch[: e - s]) - gt)
-                continue
-            if hi is not None:
-                inside = a <= hi
-                above[j] += (e - s) - torch.count_nonzero(inside)
-                if lo is not None:
-                    inside.logical_and_(a >= lo)
-            else:
-                inside = a >= lo
-            where = torch.nonzero(inside).flatten()
-            found[j].append((a[where], where + s))
+    scan = _scan_in_parts if tv.compiled() else _scan_torch
+    nonzero = scan(tv, chunks, windows, single, above, equal, found, counting=counting)
     cuts: list[Cut] = []
     for j, k in enumerate(ks_of(nonzero) if counting else targets):
         n_above = int(above[j])
@@ -469,8 +432,48 @@ def _select(tv: TaskVector, size: int, ks_of: Callable[[int | None], list[int]],
     return cuts
 
 
+def _scan_torch(tv: TaskVector, chunks: list[tuple[int, int]], windows: dict, single: dict, above: dict,
+                equal: dict, found: dict, *, counting: bool) -> int:
+    """`_select`'s scan without the compiled loops: chunk by chunk, each window's counts and gathers from
+    numpy (CPU) or torch ops. Returns the non-zero count when `counting`, else 0."""
+    size, sel = max(e - s for s, e in chunks), selection_dtype(tv.dtype)
+    buf, abuf, scratch = tv.buffer(size), tv.buffer(size, sel), tv.buffer(size, sel)
+    nonzero = 0
+    for s, e in chunks:
+        a = _abs_into(tv.chunk(s, e, buf[: e - s]), abuf[: e - s])
+        if counting:
+            nonzero += int(np.count_nonzero(a.numpy()) if a.device.type == "cpu" else torch.count_nonzero(a))
+        for j, (lo, hi) in windows.items():
+            if a.device.type == "cpu":  # numpy: its comparisons and flatnonzero cost half of torch's here
+                if j in single:
+                    gt, ge = _counts_above_cpu(a, single[j])
+                    above[j] += gt
+                    equal[j].append(torch.tensor(ge - gt))
+                else:
+                    n_above, found_values, found_at = _window_cpu(a, lo, hi)
+                    above[j] += n_above
+                    found[j].append((found_values, found_at + s))
+                continue
+            if j in single:
+                v = single[j]
+                gt = _count_above(a, v, scratch[: e - s])
+                above[j] += gt
+                equal[j].append(_count_above(a, _below(v, sel), scratch[: e - s]) - gt)
+                continue
+            if hi is not None:
+                inside = a <= hi
+                above[j] += (e - s) - torch.count_nonzero(inside)
+                if lo is not None:
+                    inside.logical_and_(a >= lo)
+            else:
+                inside = a >= lo
+            where = torch.nonzero(inside).flatten()
+            found[j].append((a[where], where + s))
+    return nonzero
+
+
 def _scan_in_parts(tv: TaskVector, chunks: list[tuple[int, int]], windows: dict, single: dict, above: dict,
-                   equal: dict, found: dict) -> int:
+                   equal: dict, found: dict, *, counting: bool) -> int:
     """`_scan_compiled` over every chunk, contiguous shares of them on the threads `in_parts` gives (one, when
     the plans are being built at once); the shares' tallies are added in chunk order, so they are the
     sequential scan's (the positions gathered stay ascending). Returns the non-zero count. SCE's two-model
