@@ -116,23 +116,30 @@ def test_selection_split_across_threads_finds_the_cuts_of_one_thread(seed):
     assert cuts[0] == cuts[1]
 
 
-def test_window_gather_keeps_everything_inside_narrow_and_open_windows():
+def test_windows_gather_keeps_everything_inside_narrow_open_and_several_windows():
     loops = _kernels.loops()
     rng = np.random.default_rng(0)
-    model = rng.standard_normal(5000).astype(np.float32)
-    base = np.zeros(5000, dtype=np.float32)
+    model = rng.standard_normal(5003).astype(np.float32)  # not a multiple of 8: the flags' last word is partial
+    base = np.zeros(5003, dtype=np.float32)
     a = np.abs(model)
     v = np.sort(a)
-    for lo, hi in [(v[2000], v[2000]), (v[2000], v[2001]), (v[10], v[4000]), (-np.inf, v[100]), (v[4900], np.inf)]:
-        lo, hi = np.float32(lo), np.float32(hi)
-        inside = np.flatnonzero((a >= lo) & (a <= hi))
-        values, positions = np.empty(inside.size + 1, np.float32), np.empty(inside.size + 1, np.int64)
-        found = loops.window_gather(model, base, lo, hi, 100, values, positions)
-        assert found == inside.size
-        assert np.array_equal(positions[:found], inside + 100)
-        assert np.array_equal(values[:found], a[inside])
-        above, count, nonzero = loops.window_count(model, base, lo, hi)
-        assert (above, count, nonzero) == (int((a > hi).sum()), inside.size, 5000)
+    cases = [[(v[2000], v[2000])], [(v[2000], v[2001])], [(v[10], v[4000])], [(-np.inf, v[100])], [(v[4900], np.inf)],
+             [(v[1000], v[1100]), (v[2500], v[2600]), (v[1050], v[3000])]]  # three at once, two overlapping
+    for windows in cases:
+        lows = np.array([lo for lo, _ in windows], np.float32)
+        highs = np.array([hi for _, hi in windows], np.float32)
+        inside = [np.flatnonzero((a >= lo) & (a <= hi)) for lo, hi in zip(lows, highs)]
+        capacity = max(x.size for x in inside) + 1
+        values, positions = np.empty((len(windows), capacity), np.float32), np.empty((len(windows), capacity), np.int64)
+        counts = np.zeros(len(windows), np.int64)
+        loops.windows_gather(model, base, lows, highs, 100, values, positions, counts,
+                             np.empty(5008, np.uint8), np.empty(5003, np.int32))
+        for w, expected in enumerate(inside):
+            assert counts[w] == expected.size
+            assert np.array_equal(positions[w, : counts[w]], expected + 100)
+            assert np.array_equal(values[w, : counts[w]], a[expected])
+            above, count, nonzero = loops.window_count(model, base, lows[w], highs[w])
+            assert (above, count, nonzero) == (int((a > highs[w]).sum()), expected.size, 5003)
 
 
 @pytest.mark.parametrize("cut,expected", [
@@ -252,6 +259,7 @@ for name in ("ties", "breadcrumbs", "dare_linear", "della", "sce"):
     if get_method(name).random:
         kwargs["generator"] = torch.Generator().manual_seed(1)
     get_method(name).func(models, base=base, **kwargs)
+get_method("arcee_fusion").func(models[:1], base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
 loops = _kernels.loops()
 print({name: (sum(getattr(loops, name).stats.cache_hits.values()), sum(getattr(loops, name).stats.cache_misses.values()))
        for name in _kernels.LOOPS})
@@ -292,6 +300,35 @@ def test_sce_loops_equal_the_torch_path(count, params, dtype, torch_path, monkey
     assert torch.equal(compiled, reference)
     assert torch.equal(rounded.view(torch.int16), reference.to(torch.bfloat16).view(torch.int16))
     assert not torch.equal(compiled, base.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("nan_row", [False, True])
+def test_arcee_fusion_loops_equal_the_torch_path(dtype, nan_row, torch_path, monkeypatch):
+    # past SELECT_FROM entries the quartiles come from the compiled selection scan (three windows gathered in
+    # one pass), and the output from `choose_into`, straight into bf16 when asked. A NaN in a row makes its KL,
+    # so its importances, NaN: the base is kept there, and the quartiles come from np.partition instead.
+    from mergesmith.methods import arcee_fusion as module
+
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(1100, 1000, generator=g) * 0.02).to(dtype)
+    other = (base.float() + torch.randn(base.shape, generator=g) * 0.002).to(dtype)
+    if nan_row:
+        other[7, :300] = float("nan")
+    fuse = get_method("arcee_fusion").func
+    used, scans = [], []
+    choose, scan = module._choose_compiled, _sparsify._scan_in_parts
+    monkeypatch.setattr(module, "_choose_compiled", lambda *a: used.append(1) or choose(*a))
+    monkeypatch.setattr(_sparsify, "_scan_in_parts", lambda *a, **k: scans.append(1) or scan(*a, **k))
+    compiled = fuse([other], base=base, compute_dtype=torch.float32)
+    rounded = fuse([other], base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
+    with torch_path:
+        reference = fuse([other], base=base, compute_dtype=torch.float32)
+    assert len(used) == 2 and rounded.dtype == torch.bfloat16 and len(scans) == (0 if nan_row else 2)
+    assert torch.equal(compiled.view(torch.int32), reference.view(torch.int32))
+    assert torch.equal(rounded.view(torch.int16), reference.to(torch.bfloat16).view(torch.int16))
+    changed = (compiled != base.float()).float().mean()
+    assert 0 < changed < 0.5
 
 
 def test_widen_is_torchs_bfloat16_conversion_for_every_bit_pattern():

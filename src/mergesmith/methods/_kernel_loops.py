@@ -66,6 +66,14 @@ def magnitudes_into(model, base, out):
 
 
 @jit
+def choose_into(importance, threshold, other, base, out):
+    """out[i] = other[i] where importance[i] >= threshold, else base[i] (Arcee Fusion's output); a NaN
+    importance keeps the base, as the torch comparison does. `out` may be `importance` itself."""
+    for i in range(out.size):
+        out[i] = widen(other[i]) if importance[i] >= threshold else widen(base[i])
+
+
+@jit
 def sum_rows(deltas, n, out):
     """out[:n] = the rows of `deltas` (first n columns) added from the first to the last."""
     first = deltas[0]
@@ -174,30 +182,57 @@ def window_count(model, base, lo, hi):
     return above, inside, nonzero
 
 
+@intrinsic
+def trailing_zeros(typingctx, x):
+    """The number of trailing zero bits of a uint64 (64 for 0): one instruction (LLVM's cttz)."""
+    if x == types.uint64:
+        def codegen(context, builder, signature, args):
+            return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
+
+        return types.uint64(x), codegen
+    return None
+
+
 @jit
-def window_gather(model, base, lo, hi, offset, values, positions):
-    """The magnitudes in [lo, hi] and their positions (+ offset), in order, into values and positions (one
-    entry longer than the count: writes are made before the exact test decides to keep them). Few
-    entries are in a window, so one float test, true around the window only, guards the writes: two
-    tests would make the first a coin flip for the branch predictor."""
-    j = 0
-    if not (np.isfinite(lo) and np.isfinite(hi)):  # an open side: no middle to measure from
-        for i in range(model.size):
-            a = abs(widen(model[i]) - widen(base[i]))
-            values[j] = a
-            positions[j] = offset + i
-            j += (a >= lo) & (a <= hi)
-        return j
-    # every magnitude in [lo, hi] is within reach of the middle, rounding included (a few ulps of hi)
-    middle = (lo + hi) * np.float32(0.5)
-    reach = (hi - lo) * np.float32(0.5) + hi * np.float32(2.0**-20) + np.float32(1e-38)
-    for i in range(model.size):
+def windows_gather(model, base, lows, highs, offset, values, positions, counts, flags, hits):
+    """The selection windows' gather, all windows of a chunk in one go: row w of values and positions gets
+    the magnitudes in [lows[w], highs[w]] (a side may be infinite) and their positions (+ offset), in order,
+    counts[w] how many (each row one entry longer than its count: writes are made before the test decides). A loop whose writes sit behind a branch does not vectorise and mispredicts
+    (~0.7 ns an entry a window); here vectorised passes flag the entries inside any window (`flags`, uint8
+    scratch of the chunk's length rounded up to 8), the flagged positions are listed eight flags a word,
+    set bit by set bit (`hits`, int32 scratch of the chunk's length), and only those are gathered, without
+    branches: 0.2 ns an entry for one window, 0.7 for Arcee Fusion's three."""
+    k, n = lows.size, model.size
+    for i in range(n, flags.size):
+        flags[i] = 0
+    for w in range(k):
+        lo, hi = lows[w], highs[w]
+        if w == 0:
+            for i in range(n):
+                a = abs(widen(model[i]) - widen(base[i]))
+                flags[i] = (a >= lo) & (a <= hi)
+        else:
+            for i in range(n):
+                a = abs(widen(model[i]) - widen(base[i]))
+                flags[i] |= (a >= lo) & (a <= hi)
+    found = 0
+    words = flags.view(np.uint64)
+    for q in range(words.size):
+        word = words[q]
+        while word != 0:
+            hits[found] = 8 * q + np.int64(trailing_zeros(word) >> np.uint64(3))
+            found += 1
+            word &= word - np.uint64(1)
+    for w in range(k):
+        counts[w] = 0
+    for t in range(found):
+        i = hits[t]
         a = abs(widen(model[i]) - widen(base[i]))
-        if abs(a - middle) <= reach:
-            values[j] = a
-            positions[j] = offset + i
-            j += (a >= lo) & (a <= hi)
-    return j
+        for w in range(k):
+            c = counts[w]
+            values[w, c] = a
+            positions[w, c] = offset + i
+            counts[w] = c + ((a >= lows[w]) & (a <= highs[w]))
 
 
 @jit

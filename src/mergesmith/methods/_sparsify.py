@@ -169,7 +169,24 @@ class StoredValues(TaskVector):
         return self.values[::step]
 
     def compiled(self) -> bool:
-        return False
+        """float32 on CPU: the compiled scan reads the values as |values - 0| (`operands`), which is |values|."""
+        return self.dtype == torch.float32 and self.device.type == "cpu" and _kernels.available()
+
+    def operands(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """(values[start:end], zeros) for the loops, which read magnitudes as |model - base|."""
+        return loop_operand(self.values[start:end]), _zeros(end - start)
+
+
+_ZEROS = np.zeros(0, dtype=np.uint16)
+
+
+def _zeros(n: int) -> np.ndarray:
+    """n bf16 zeros (uint16 bit patterns), from one array kept for the process: a fresh one per chunk cost a
+    page fault per 4 KiB on every scan (~1 ns an entry on this VM)."""
+    global _ZEROS
+    if _ZEROS.size < n:
+        _ZEROS = np.zeros(n, dtype=np.uint16)
+    return _ZEROS[:n]
 
 
 def kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
@@ -480,7 +497,8 @@ def _scan_in_parts(tv: TaskVector, chunks: list[tuple[int, int]], windows: dict,
     cut is one selection a tensor: on one thread it left the other core idle (1B: ~3.5 s of 6.3)."""
     def share(part: list[tuple[int, int]]) -> tuple[int, dict, dict, dict]:
         tallies = ({j: torch.zeros((), dtype=torch.float64) for j in above}, {j: [] for j in equal}, {j: [] for j in found})
-        return sum(_scan_compiled(*tv.operands(s, e), s, windows, single, *tallies) for s, e in part), *tallies
+        scratch = _GatherScratch(max(e - s for s, e in part))
+        return sum(_scan_compiled(*tv.operands(s, e), s, windows, single, *tallies, scratch) for s, e in part), *tallies
 
     nonzero = 0
     for part_nonzero, part_above, part_equal, part_found in in_parts(chunks, share, tv.device):
@@ -494,13 +512,26 @@ def _scan_in_parts(tv: TaskVector, chunks: list[tuple[int, int]], windows: dict,
     return nonzero
 
 
+class _GatherScratch:
+    """`windows_gather`'s per-thread scratch for chunks of up to `width` entries, made once a scan: fresh
+    arrays a chunk would page-fault on every chunk."""
+
+    def __init__(self, width: int):
+        self.flags = np.empty(-(-width // 8) * 8, dtype=np.uint8)
+        self.hits = np.empty(width, dtype=np.int32)
+
+    def for_chunk(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.flags[: -(-n // 8) * 8], self.hits[:n]
+
+
 def _scan_compiled(model: np.ndarray, base: np.ndarray, start: int, windows: dict, single: dict, above: dict,
-                   equal: dict, found: dict) -> int:
+                   equal: dict, found: dict, scratch: _GatherScratch) -> int:
     """`_select`'s work on one chunk with `_kernels`' loops: per window, count the magnitudes above it and
-    (single-value windows) equal to it, or gather those inside with their positions. Returns the chunk's
-    non-zero count."""
+    (single-value windows) equal to it; then gather those inside the other windows, with their positions,
+    in one pass for all of them. Returns the chunk's non-zero count."""
     loops = _kernels.loops()
     nonzero = 0
+    bounds, counts = {}, {}
     for j, (lo, hi) in windows.items():
         low = _MINUS_INF if lo is None else np.float32(lo.item())
         high = _PLUS_INF if hi is None else np.float32(hi.item())
@@ -508,11 +539,20 @@ def _scan_compiled(model: np.ndarray, base: np.ndarray, start: int, windows: dic
         above[j] += n_above
         if j in single:
             equal[j].append(torch.tensor(n_inside))
-            continue
-        values, positions = np.empty(n_inside + 1, dtype=np.float32), np.empty(n_inside + 1, dtype=np.int64)
-        if n_inside:
-            loops.window_gather(model, base, low, high, start, values, positions)
-        found[j].append((torch.from_numpy(values[:n_inside]), torch.from_numpy(positions[:n_inside])))
+        else:
+            bounds[j], counts[j] = (low, high), n_inside
+    if not bounds:
+        return nonzero
+    keys = list(bounds)
+    lows = np.array([bounds[j][0] for j in keys], dtype=np.float32)
+    highs = np.array([bounds[j][1] for j in keys], dtype=np.float32)
+    capacity = max(counts.values()) + 1  # a row is written one entry past its count before the test
+    values, positions = np.empty((len(keys), capacity), dtype=np.float32), np.empty((len(keys), capacity), dtype=np.int64)
+    gathered = np.zeros(len(keys), dtype=np.int64)
+    if capacity > 1:
+        loops.windows_gather(model, base, lows, highs, start, values, positions, gathered, *scratch.for_chunk(model.size))
+    for w, j in enumerate(keys):
+        found[j].append((torch.from_numpy(values[w, : counts[j]]), torch.from_numpy(positions[w, : counts[j]])))
     return nonzero
 
 

@@ -26,8 +26,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mergesmith.methods import _kernels
 from mergesmith.methods._parallel import in_parts
-from mergesmith.methods._sparsify import StoredValues, chunk_size, select_top
+from mergesmith.methods._sparsify import StoredValues, TaskVector, chunk_size, select_top, spans
 from mergesmith.methods.registry import merge_method
 
 PROB_EPS = 1e-8
@@ -99,9 +100,11 @@ def fusion_threshold(importance: torch.Tensor) -> torch.Tensor:
     min_models=1,
     max_models=1,
     converts_inputs=True,
+    rounds_output=True,
     reference="https://arcee.ai",
 )
-def arcee_fusion(tensors: Sequence[torch.Tensor], *, base: torch.Tensor, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+def arcee_fusion(tensors: Sequence[torch.Tensor], *, base: torch.Tensor, compute_dtype: torch.dtype | None = None,
+                 output_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Take the other model's value where its importance reaches the outlier fence; keep the base elsewhere."""
     dtype = compute_dtype or base.dtype
     other = tensors[0]
@@ -111,6 +114,9 @@ def arcee_fusion(tensors: Sequence[torch.Tensor], *, base: torch.Tensor, compute
     shaped_base = base.reshape(1) if base.dim() == 0 else base
     importance = importance_scores(shaped_other, shaped_base, dtype)
     threshold = fusion_threshold(importance)
+    inputs = TaskVector(shaped_other, shaped_base, dtype)
+    if inputs.compiled():
+        return _choose_compiled(inputs, importance, threshold, output_dtype).reshape(base.shape)
     # the importances' storage becomes the output, block by block
     rows = importance.view(-1, importance.shape[-1])
     o_rows, b_rows = shaped_other.reshape(rows.shape), shaped_base.reshape(rows.shape)
@@ -122,3 +128,24 @@ def arcee_fusion(tensors: Sequence[torch.Tensor], *, base: torch.Tensor, compute
 
     in_parts(_row_blocks(*rows.shape), blocks, base.device)
     return importance.reshape(base.shape)
+
+
+def _choose_compiled(inputs: TaskVector, importance: torch.Tensor, threshold: torch.Tensor,
+                     output_dtype: torch.dtype | None) -> torch.Tensor:
+    """The output pass as one compiled loop a chunk, on the inputs as stored (`_kernels.choose_into`): into
+    the float32 importances' own storage, or straight into a bf16 output. torch's compare and `where` on
+    float32 copies of both inputs took ~1.4 ns an entry on two threads; the loop ~0.3."""
+    flat_importance = importance.reshape(-1)
+    out_dtype = _kernels.result_dtype(torch.float32, output_dtype, True)
+    flat_out = flat_importance if out_dtype == torch.float32 else torch.empty(flat_importance.shape, dtype=out_dtype)
+    fence = np.float32(threshold.item())
+    loops = _kernels.loops()
+
+    def work(chunks: list[tuple[int, int]]) -> None:
+        outputs = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks))
+        for s, e in chunks:
+            loops.choose_into(flat_importance[s:e].numpy(), fence, *inputs.operands(s, e), outputs.target(s, e))
+            outputs.done(s, e)
+
+    in_parts(spans(flat_out.numel(), chunk_size(flat_out)), work, flat_out.device)
+    return flat_out
