@@ -86,6 +86,70 @@ def sum_rows(deltas, n, out):
 
 
 @jit
+def contribution_into(model, base, epsilon, out):
+    """out = δ·[|δ| > epsilon] with δ = model - base: RAM's masked task vector, a multiply by the 0/1 flag as
+    in the torch path (a NaN δ stays NaN). The flag is |out| > epsilon again, which the loops below use."""
+    zero, one = np.float32(0), np.float32(1)
+    for i in range(out.size):
+        d = widen(model[i]) - widen(base[i])
+        out[i] = d * (one if abs(d) > epsilon else zero)
+
+
+@jit
+def contributor_count_into(deltas, n, epsilon, counts):
+    """counts[:n] = how many rows of `deltas` (masked task vectors) contribute to each entry, as floats."""
+    zero, one = np.float32(0), np.float32(1)
+    for i in range(n):
+        counts[i] = zero
+    for j in range(deltas.shape[0]):
+        row = deltas[j]
+        for i in range(n):
+            counts[i] += one if abs(row[i]) > epsilon else zero
+
+
+@jit
+def contributor_tallies(deltas, n, epsilon, counts, tallies):
+    """tallies[j] += (entries where row j contributes, those where no other row does): RAM+'s counts.
+    `counts`: scratch of length >= n."""
+    one = np.float32(1)
+    contributor_count_into(deltas, n, epsilon, counts)
+    for j in range(deltas.shape[0]):
+        row = deltas[j]
+        contributing = 0
+        unique = 0
+        for i in range(n):
+            flag = abs(row[i]) > epsilon
+            contributing += flag
+            unique += flag & (counts[i] == one)
+        tallies[j, 0] += contributing
+        tallies[j, 1] += unique
+
+
+@jit
+def ram_combine_into(deltas, n, epsilon, lams, amplify, base, counts, amplified, out):
+    """RAM's merge of the masked task vectors (rows of `deltas`): out = base + Σ δⱼ / max(c, 1), c the
+    contributor count; with `amplify` (RAM+), base + Σ λⱼ·δⱼ where c = 1 instead. The sums run in row order,
+    as the torch path adds. `counts`, `amplified`: scratch of length >= n."""
+    zero, one = np.float32(0), np.float32(1)
+    contributor_count_into(deltas, n, epsilon, counts)
+    sum_rows(deltas, n, out)
+    if amplify:
+        first = deltas[0]
+        for i in range(n):
+            amplified[i] = zero + first[i] * lams[0]
+        for j in range(1, deltas.shape[0]):
+            row, lam = deltas[j], lams[j]
+            for i in range(n):
+                amplified[i] += row[i] * lam
+        for i in range(n):
+            c = counts[i]
+            out[i] = (amplified[i] if c == one else out[i] / max(c, one)) + widen(base[i])
+    else:
+        for i in range(n):
+            out[i] = out[i] / max(counts[i], one) + widen(base[i])
+
+
+@jit
 def elect_into(deltas, n, by_count, votes):
     """votes[:n] = the majority sign (+1 or -1) of the rows of `deltas`: the sign of their sum (or of the sum of
     their signs, `by_count`); >= 0 elects +."""

@@ -7,9 +7,12 @@ divide, add), each a trip through memory and an OpenMP region: ~5 ns an entry fo
 all its windows in one more (flagged by vectorised tests, then listed from the flags' set bits). DARE's and DELLA's keep masks are drawn by loops that run
 numpy's SFC64 generator themselves, so they make the very masks of the numpy path without its passes.
 
+RAM and RAM+ (count and merge passes) and Arcee Fusion (selection and output passes) use them too.
+
 What stays in PyTorch: every other dtype (16-bit compute for mergekit's arithmetic, float64), other devices,
-plain task arithmetic (no mask, no election: torch is as fast for its three operations a model), SCE's merge
-pass, and any machine without numba (`available()` is then False and the callers take their torch path).
+plain task arithmetic (no mask, no election: torch is as fast for its three operations a model), Arcee
+Fusion's importances (softmaxes and logs: the loops have no vectorised exp or log that rounds as torch's
+do), and any machine without numba (`available()` is then False and the callers take their torch path).
 Inputs stored as bf16 are read by the loops as they are (uint16 bit patterns, widened exactly entry by entry:
 `_kernel_loops.widen`), which saves the float32 copy of every input chunk that torch made before.
 A bf16 output is rounded from the float32 result chunk by chunk (`to_bfloat16`, bit for bit torch's rounding),
@@ -42,6 +45,7 @@ CHUNK = 1 << 18  # entries per chunk of the merge pass
 LOOPS = (
     "weighted_delta", "consensus_into", "sum_into", "window_count", "windows_gather", "to_bfloat16", "ranked_keep",
     "bernoulli_keep", "weighted_consensus_into", "cut_mask", "magnitudes_into", "choose_into",
+    "contribution_into", "contributor_tallies", "ram_combine_into",
 )
 
 _LOCK = threading.Lock()

@@ -19,6 +19,9 @@ unique (c = 1), ρᵢ = sᵢ / max(uᵢ, ε), λᵢ = 1 + r·clamp(ρᵢ, 0, α)
 
 Parameter names and defaults are mergekit's (`epsilon` 1e-5; `r` 0.1, `alpha` 0.2). With no fine-tunes
 the base is returned. Matches mergekit up to float32 rounding.
+
+On float32 CPU compute both passes run on `_kernels`' loops (the same float operations in the same order
+as the torch path below, which serves every other case): 1B RAM+ 7.8-8.9 -> 5.3-6.2 s.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mergesmith.methods import _kernels
 from mergesmith.methods._parallel import in_parts
-from mergesmith.methods._sparsify import chunk_size, spans
+from mergesmith.methods._sparsify import TaskVector, chunk_size, spans
 from mergesmith.methods.registry import Param, merge_method
 
 EPSILON = Param("epsilon", float, default=1e-5, doc="Task-vector magnitude above which an entry contributes.")
@@ -88,6 +92,87 @@ def _sum_and_count(deltas: list[torch.Tensor], flags: list[torch.Tensor]) -> tup
     return total, counts
 
 
+def _compiled_inputs(tensors: Sequence[torch.Tensor], base: torch.Tensor, dtype: torch.dtype) -> list[TaskVector] | None:
+    """The task vectors, when `_kernels`' loops can merge them (float32 on CPU, inputs bf16 or float32)."""
+    tvs = [TaskVector(t, base, dtype) for t in tensors]
+    return tvs if base.numel() and all(tv.compiled() for tv in tvs) else None
+
+
+class _LoopBuffers:
+    """A thread's buffers on the compiled path, for chunks of up to `width` entries: the chunk's masked task
+    vectors as rows (`_kernels.contribution_into`), the loops' scratch, and where its output goes."""
+
+    def __init__(self, tvs: list[TaskVector], epsilon: float, width: int, flat_out: torch.Tensor | None):
+        self.tvs, self.epsilon = tvs, np.float32(epsilon)
+        self.deltas = np.empty((len(tvs), width), dtype=np.float32)
+        self.counts, self.amplified = np.empty(width, dtype=np.float32), np.empty(width, dtype=np.float32)
+        self.outputs = _kernels.OutputChunks(flat_out, width) if flat_out is not None else None
+
+    def load(self, s: int, e: int) -> np.ndarray:
+        """Fill `deltas` with the masked task vectors of [s, e); return the base chunk as the loops read it."""
+        loops = _kernels.loops()
+        for j, tv in enumerate(self.tvs):
+            model, base = tv.operands(s, e)
+            loops.contribution_into(model, base, self.epsilon, self.deltas[j, : e - s])
+        return base
+
+
+def _in_compiled_parts(tvs: list[TaskVector], epsilon: float, work, flat_out: torch.Tensor | None = None) -> list:
+    """work(buffers, s, e) over the chunks, in parts on CPU threads, each with `_LoopBuffers` of its own;
+    returns the parts' lists of results."""
+    def part(chunks):
+        buffers = _LoopBuffers(tvs, epsilon, max(e - s for s, e in chunks), flat_out)
+        return [work(buffers, s, e) for s, e in chunks]
+
+    return in_parts(spans(tvs[0].numel(), _kernels.CHUNK), part, tvs[0].device)
+
+
+def _merge_compiled(tvs: list[TaskVector], epsilon: float, lams: Sequence[float] | None, out: torch.Tensor) -> torch.Tensor:
+    """RAM's merge (RAM+ with `lams`) on the loops (`_kernels.ram_combine_into`), into a float32 `out` or,
+    rounded chunk by chunk, a bf16 one."""
+    weights = np.array(lams if lams is not None else [1.0] * len(tvs), dtype=np.float32)
+    loops = _kernels.loops()
+
+    def merge(buffers: _LoopBuffers, s: int, e: int) -> None:
+        base = buffers.load(s, e)
+        loops.ram_combine_into(buffers.deltas, e - s, buffers.epsilon, weights, lams is not None, base, buffers.counts,
+                               buffers.amplified, buffers.outputs.target(s, e))
+        buffers.outputs.done(s, e)
+
+    _in_compiled_parts(tvs, epsilon, merge, out.view(-1))
+    return out
+
+
+def _tallies_compiled(tvs: list[TaskVector], epsilon: float) -> list[tuple[int, int]]:
+    """Per model, (contributing entries, unique ones) over the whole tensor, on the loops."""
+    loops = _kernels.loops()
+
+    def tally(buffers: _LoopBuffers, s: int, e: int) -> np.ndarray:
+        buffers.load(s, e)
+        counts = np.zeros((len(tvs), 2), dtype=np.int64)
+        loops.contributor_tallies(buffers.deltas, e - s, buffers.epsilon, buffers.counts, counts)
+        return counts
+
+    total = sum(sum(part) for part in _in_compiled_parts(tvs, epsilon, tally))
+    return [(int(c), int(u)) for c, u in total]
+
+
+def _tallies(tensors: Sequence[torch.Tensor], base: torch.Tensor, dtype: torch.dtype, epsilon: float) -> list[tuple[int, int]]:
+    """Per model, (contributing entries, unique ones) over the whole tensor, in torch."""
+    parts = []
+
+    def count(c: _Contributions, s: int, e: int) -> None:
+        _, _, flags = c.chunk(s, e)
+        # 0/1 floats: their sums and dot products are exact integers below 2^24 entries a chunk, in any order,
+        # in float32 or wider (not in a 16-bit compute dtype: bf16 counts stop being exact past 256)
+        flags = [f if f.dtype in (torch.float32, torch.float64) else f.float() for f in flags]
+        unique = _is_one(sum(flags[1:], flags[0].clone()))
+        parts.append([(int(f.sum()), int(torch.dot(f, unique))) for f in flags])
+
+    _streamed(tensors, base, dtype, float(epsilon), count)
+    return [(sum(p[i][0] for p in parts), sum(p[i][1] for p in parts)) for i in range(len(tensors))]
+
+
 @merge_method(
     "ram",
     params=[EPSILON],
@@ -95,14 +180,18 @@ def _sum_and_count(deltas: list[torch.Tensor], flags: list[torch.Tensor]) -> tup
     min_models=0,
     elementwise=True,
     converts_inputs=True,
+    rounds_output=True,
     reference="https://arxiv.org/abs/2601.13572",
 )
 def ram(tensors: Sequence[torch.Tensor], *, base: torch.Tensor, epsilon: float = 1e-5,
-        compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+        compute_dtype: torch.dtype | None = None, output_dtype: torch.dtype | None = None) -> torch.Tensor:
     """base + the sum of contributing task-vector entries divided by their contributor count."""
     if not tensors:
         return base if compute_dtype in (None, base.dtype) else base.to(compute_dtype)
     dtype = compute_dtype or base.dtype
+    tvs = _compiled_inputs(tensors, base, dtype)
+    if tvs is not None:
+        return _merge_compiled(tvs, epsilon, None, torch.empty(base.shape, dtype=_kernels.result_dtype(dtype, output_dtype, True)))
     out = torch.empty(base.shape, dtype=dtype, device=base.device)
     flat_out = out.view(-1)
 
@@ -125,6 +214,7 @@ def ram(tensors: Sequence[torch.Tensor], *, base: torch.Tensor, epsilon: float =
     base="required",
     min_models=0,
     converts_inputs=True,
+    rounds_output=True,
     reference="https://arxiv.org/abs/2601.13572",
 )
 def ramplus_tl(
@@ -135,6 +225,7 @@ def ramplus_tl(
     alpha: float = 0.2,
     epsilon: float = 1e-5,
     compute_dtype: torch.dtype | None = None,
+    output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """RAM with each model's unique contributions scaled by λᵢ = 1 + r·clamp(shared/unique, 0, alpha).
 
@@ -143,25 +234,16 @@ def ramplus_tl(
     if not tensors:
         return base if compute_dtype in (None, base.dtype) else base.to(compute_dtype)
     dtype = compute_dtype or base.dtype
-    k = len(tensors)
-    tallies = []  # per part: (contributing, unique) counts per model
-
-    def count(c: _Contributions, s: int, e: int) -> None:
-        _, _, flags = c.chunk(s, e)
-        # 0/1 floats: their sums and dot products are exact integers below 2^24 entries a chunk, in any order,
-        # in float32 or wider (not in a 16-bit compute dtype: bf16 counts stop being exact past 256)
-        flags = [f if f.dtype in (torch.float32, torch.float64) else f.float() for f in flags]
-        unique = _is_one(sum(flags[1:], flags[0].clone()))
-        tallies.append([(int(f.sum()), int(torch.dot(f, unique))) for f in flags])
-
-    _streamed(tensors, base, dtype, float(epsilon), count)
+    tvs = _compiled_inputs(tensors, base, dtype)
+    tallies = _tallies_compiled(tvs, epsilon) if tvs is not None else _tallies(tensors, base, dtype, epsilon)
     work = torch.float64 if dtype == torch.float64 else torch.float32
     lams = []
-    for i in range(k):
-        contributing = sum(t[i][0] for t in tallies)
-        unique_count = sum(t[i][1] for t in tallies)
+    for contributing, unique_count in tallies:
         rho = torch.tensor(contributing - unique_count, dtype=work) / torch.tensor(unique_count, dtype=work).clamp(min=float(epsilon))
         lams.append((1 + float(r) * rho.clamp(0.0, float(alpha))).to(dtype))
+    if tvs is not None:
+        out = torch.empty(base.shape, dtype=_kernels.result_dtype(dtype, output_dtype, True))
+        return _merge_compiled(tvs, epsilon, [float(lam) for lam in lams], out)
     out = torch.empty(base.shape, dtype=dtype, device=base.device)
     flat_out = out.view(-1)
 
