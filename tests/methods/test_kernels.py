@@ -49,6 +49,13 @@ CASES = [
     ("dare_linear", {"density": [0.4, 0.5, 0.6], "rescale": False}),
     ("della", {"density": [0.4, 0.5, 0.6], "epsilon": [0.1, 0.1, 0.2]}),
     ("della_linear", {"density": [0.4, 0.5, 0.6], "epsilon": [0.1, 0.1, 0.2]}),
+    # two models: the election and merge run as one pass (`pair_consensus_into`)
+    ("ties", {"density": [0.4, 0.6]}),
+    ("ties", {"density": [0.5, 0.5], "normalize": False, "lambda_": 0.7}),
+    ("ties", {"density": [0.5, 0.5], "consensus_method": "count"}),
+    ("breadcrumbs_ties", {"density": [0.6, 0.5], "gamma": [0.02, 0.01]}),
+    ("dare_ties", {"density": [0.4, 0.6]}),
+    ("della", {"density": [0.4, 0.6], "epsilon": [0.1, 0.2]}),
 ]
 
 
@@ -61,8 +68,13 @@ def test_loops_equal_the_torch_path(method, params, dtype, torch_path, monkeypat
     compiled_merge = _task_vectors._compiled_merge
     monkeypatch.setattr(_task_vectors, "_compiled_merge", lambda *a, **k: used.append(1) or compiled_merge(*a, **k))
 
+    count = len(params["density"])
+    models = models[:count]
+    if count == 2:  # opposite deltas where both are kept: their sum is 0, and the election decides
+        models[1][:40] = (2 * base[:40].float() - models[0][:40].float()).to(dtype)
+
     def run():
-        kwargs = {"weight": [0.5, 0.3, 0.4], **params, "compute_dtype": torch.float32}
+        kwargs = {"weight": [0.5, 0.3, 0.4][:count], **params, "compute_dtype": torch.float32}
         if info.random:
             kwargs["generator"] = torch.Generator().manual_seed(11)
         return info.func(models, base=base, **kwargs)
