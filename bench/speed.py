@@ -439,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-value-check", action="store_true", help="skip the finite-values check of mergesmith outputs (names/shapes are always checked)")
     ap.add_argument("--keep-outputs", action="store_true", help="keep merged outputs in bench/cache/runs/")
     ap.add_argument("--list-sizes", action="store_true", help="print the sizes with their parameter counts and exit")
+    ap.add_argument("--configs-only", action="store_true",
+                    help="write each method's config to bench/cache/runs/ (for timing two versions by hand) and time nothing")
     args = ap.parse_args(argv)
 
     if args.list_sizes:
@@ -481,12 +483,22 @@ def main(argv: list[str] | None = None) -> int:
         out_bytes = model_bytes["base"]  # bf16 output, same tensors
         runs: list[Run] = []
         floors: dict[tuple[str, ...], list[Run]] = {}
-        if runs_dir.exists():
+        if runs_dir.exists() and not args.configs_only:  # configs-only adds to what is there
             shutil.rmtree(runs_dir)
-        runs_dir.mkdir(parents=True)
+        runs_dir.mkdir(parents=True, exist_ok=True)
 
         def input_files(names: list[str]) -> list[str]:
             return [str(p) for n in names for p in sorted(folders[n].glob("*.safetensors"))]
+
+        configs = {}
+        for method in methods:
+            cfg, reads = method_config(method, folders)
+            cfg_path = runs_dir / f"{method}.yml"
+            cfg_path.write_text(to_yaml(cfg))
+            configs[method] = cfg_path, reads
+        if args.configs_only:
+            log(f"[{size}] configs written, nothing timed: " + " ".join(str(p) for p, _ in configs.values()))
+            continue
 
         # Warm the page cache once (all inputs), so that warm runs don't pay for the first reader.
         if not cold:
@@ -503,12 +515,6 @@ def main(argv: list[str] | None = None) -> int:
                 startup.setdefault(tool, []).append(Run("startup", tool, wall, cpu, rss, 0, ok=rc == 0))
             log(f"[{size}] start-up {tool}: {wall:.2f} s wall")
 
-        configs = {}
-        for method in methods:
-            cfg, reads = method_config(method, folders)
-            cfg_path = runs_dir / f"{method}.yml"
-            cfg_path.write_text(to_yaml(cfg))
-            configs[method] = cfg_path, reads
         tools = ["mergesmith"] + (["mergekit"] if args.mergekit else [])
         # repeats interleaved across methods: a slow minute on a shared machine then hits one run of several
         # methods, not every run of one
