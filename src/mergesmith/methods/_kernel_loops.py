@@ -289,11 +289,13 @@ def trailing_zeros(typingctx, x):
 def windows_gather(model, base, lows, highs, offset, values, positions, counts, flags, hits):
     """The selection windows' gather, all windows of a chunk in one go: row w of values and positions gets
     the magnitudes in [lows[w], highs[w]] (a side may be infinite) and their positions (+ offset), in order,
-    counts[w] how many (each row one entry longer than its count: writes are made before the test decides). A loop whose writes sit behind a branch does not vectorise and mispredicts
-    (~0.7 ns an entry a window); here vectorised passes flag the entries inside any window (`flags`, uint8
-    scratch of the chunk's length rounded up to 8), the flagged positions are listed eight flags a word,
-    set bit by set bit (`hits`, int32 scratch of the chunk's length), and only those are gathered, without
-    branches: 0.2 ns an entry for one window, 0.7 for Arcee Fusion's three."""
+    counts[w] how many (each row one entry longer than its count: writes are made before the test decides).
+
+    A loop whose writes sit behind a branch does not vectorise and mispredicts (~0.7 ns an entry a window);
+    here vectorised passes flag the entries inside any window (`flags`, uint8 scratch of the chunk's length
+    rounded up to 8), the flagged positions are listed eight flags a word, set bit by set bit (`hits`, int32
+    scratch of the chunk's length), and only those are gathered, without branches: 0.2 ns an entry for one
+    window, 0.7 for Arcee Fusion's three."""
     k, n = lows.size, model.size
     for i in range(n, flags.size):
         flags[i] = 0

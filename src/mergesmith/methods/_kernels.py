@@ -4,8 +4,9 @@ Why: a streamed TIES merge chunk made ~30 PyTorch passes (subtract, magnitude, m
 divide, add), each a trip through memory and an OpenMP region: ~5 ns an entry for two models on this
 2-core machine. One compiled loop per model and one to combine them do the same float operations at
 ~0.7 ns. The selection pass counts each window in one vectorised loop a chunk, and gathers the entries of
-all its windows in one more (flagged by vectorised tests, then listed from the flags' set bits). DARE's and DELLA's keep masks are drawn by loops that run
-numpy's SFC64 generator themselves, so they make the very masks of the numpy path without its passes.
+all its windows in one more (flagged by vectorised tests, then listed from the flags' set bits). DARE's
+and DELLA's keep masks are drawn by loops that run numpy's SFC64 generator themselves, so they make the
+very masks of the numpy path without its passes.
 
 RAM and RAM+ (count and merge passes) and Arcee Fusion (selection and output passes) use them too.
 
