@@ -96,14 +96,18 @@ def bernoulli_keep(w, density):
 
 
 def della_keep(x, w, density, eps):
-    """DELLA's documented keep rule on rows (last axis) of x with one int32 word per entry: the low bit picks
-    the entry's lowest or highest rank among equal magnitudes of its row, the other 31 bits are a uniform u,
-    and the entry is kept when u < density - eps + 2 * eps * rank / (cols - 1). Naive: O(cols^2) per row."""
+    """DELLA's documented keep rule on rows (last axis) of x with two int32 words per entry (w: x's shape plus
+    a last axis of 2). The first word's low bit is a coin and its other 31 bits a uniform u; the second, as an
+    unsigned h, picks a partner among the other entries of the row: k = h * (cols - 1) // 2^32, the entry at
+    column k if k is before the entry's own column, else at k + 1. Kept when u < density - eps, or when
+    u < density + eps and the partner's magnitude is smaller (an equal one counts when the coin is 1)."""
     mags = np.abs(x)
-    w = w.astype(np.int64).reshape(mags.shape)
     cols = mags.shape[-1]
-    below = (mags[..., None, :] < mags[..., :, None]).sum(-1)  # entries of the row smaller than each entry
-    at_most = (mags[..., None, :] <= mags[..., :, None]).sum(-1)
-    rank = np.where(w & 1, at_most - 1, below)
-    u = ((w >> 1) + 2**30) / 2**31
-    return u < density - eps + 2 * eps * rank / (cols - 1)
+    w = w.astype(np.int64).reshape(*mags.shape, 2)
+    first, second = w[..., 0], w[..., 1]
+    u = ((first >> 1) + 2**30) / 2**31
+    k = (second % 2**32) * (cols - 1) // 2**32
+    partner = np.where(k < np.arange(cols), k, k + 1)
+    other = np.take_along_axis(mags, partner, axis=-1)
+    smaller = (other < mags) | ((other == mags) & (first % 2 == 1))
+    return (u < density - eps) | ((u < density + eps) & smaller)

@@ -229,20 +229,28 @@ def test_a_bfloat16_output_is_the_float32_result_rounded_once(method, params, to
         assert run(output_dtype=torch.bfloat16).dtype == torch.float32
 
 
-def test_ranked_keep_draws_the_words_random_words_hands_out():
-    # odd row lengths and blocks: a word's upper half carries over to the next row and the next call
+def test_partner_keep_draws_the_words_random_words_hands_out():
+    # blocks of rows one after the other from one stream, tied magnitudes, a row of one tied group
     g = torch.Generator().manual_seed(4)
     rows, cols = 9, 333
     mags = (torch.randn(2, rows, cols, generator=g) * 0.01).to(torch.bfloat16).float().abs()  # many ties
-    mags[0, 2, :] = 0  # a row of one tied group
-    keep = _sparsify.RankedKeep(rows, cols, 0.45, 0.2, torch.float32, torch.device("cpu"))
-    words = _sparsify.RandomWords(None, torch.device("cpu"), prepare=keep.lookups, seed=77)
+    mags[0, 2, :] = 0
+    keep = _sparsify.PartnerKeep(cols, 0.45, 0.2, torch.float32)
+    words = _sparsify.RandomWords(None, torch.device("cpu"), prepare=keep.prepare, seed=77)
     state = _sparsify.word_state(77)
     for block in mags:
-        expected = keep(block, words.next(block.numel()), torch.empty(rows, cols, dtype=torch.bool))
+        expected = keep(block, words.next(2 * block.numel()), torch.empty(rows, cols, dtype=torch.bool))
         got = keep.compiled_into(block, state, torch.empty(rows, cols, dtype=torch.bool))
         assert torch.equal(got, expected)
         assert 0.3 < got.float().mean() < 0.6
+
+
+def test_partner_keep_prepares_the_same_in_torch_as_in_numpy():
+    # the torch preparation serves other devices (a CUDA generator's words); the same words, the same tests
+    keep = _sparsify.PartnerKeep(50, 0.3, 0.1, torch.float32)
+    words = torch.from_numpy(np.random.default_rng(1).integers(-(2**31), 2**31, 2 * 4 * 50, dtype=np.int64).astype(np.int32))
+    for numpy_part, torch_part in zip(keep.prepare(words), keep.prepare_in_torch(words)):
+        assert torch.equal(numpy_part.view(-1), torch_part.reshape(-1).to(numpy_part.dtype))
 
 
 def test_bernoulli_keep_draws_the_words_random_words_hands_out():

@@ -353,42 +353,25 @@ def sfc64(s0, s1, s2, s3):
 
 
 @jit
-def draw_words(state, words):
-    """Fill the int32 array `words` with the next words from `state` (see above), which it advances."""
-    s0, s1, s2, s3, pending, half = state[0], state[1], state[2], state[3], state[4], state[5]
-    low32 = np.uint64(0xFFFFFFFF)
-    n, j = words.size, 0
-    if pending and n:
-        words[0], j, pending = np.int32(np.uint32(half)), 1, np.uint64(0)
-    for k in range((n - j) // 2):
-        drawn, s0, s1, s2, s3 = sfc64(s0, s1, s2, s3)
-        words[j + 2 * k] = np.int32(np.uint32(drawn & low32))
-        words[j + 2 * k + 1] = np.int32(np.uint32(drawn >> np.uint64(32)))
-    if (n - j) % 2:
-        drawn, s0, s1, s2, s3 = sfc64(s0, s1, s2, s3)
-        words[n - 1], half, pending = np.int32(np.uint32(drawn & low32)), drawn >> np.uint64(32), np.uint64(1)
-    state[0], state[1], state[2], state[3], state[4], state[5] = s0, s1, s2, s3, pending, half
-
-
-@jit
-def ranked_keep(bits, rows, state, alpha, beta, high, out, words, columns):
-    """DELLA's keep test (see `_sparsify.RankedKeep`) of the (r, c) magnitudes whose int32 bit patterns are
-    `bits`, against their rows sorted and padded in `rows` (r, c + 3), into the bool `out` (r, c), an entry
-    a word from `state`, which it advances. `words` and `columns` (int32, at least c each) are scratch.
-
-    Three passes a row: the serial draws, then each word's column in the padded row (float64 arithmetic
-    that LLVM vectorises once the generator is out of the loop), then the lookups: 20-30% faster than one
-    loop doing all three per entry."""
+def partner_keep(bits, state, low, high, out):
+    """DELLA's keep test (see `_sparsify.PartnerKeep`) of the (r, c) magnitudes whose int32 bit patterns are
+    `bits`, into the bool `out` (r, c), an entry one 64-bit draw from `state` (its lower half the entry's
+    first word, its upper half the second), which it advances. A stream that only ever gives whole draws
+    (DELLA's) holds no half-used word. One loop: the out-of-order core overlaps the generator's serial chain
+    with the tests (2.7 ns an entry, against 3.3 for the draws and the tests in two passes)."""
     r, c = bits.shape
+    s0, s1, s2, s3 = state[0], state[1], state[2], state[3]
+    low32, others = np.uint64(0xFFFFFFFF), np.uint64(c - 1)
     for i in range(r):
-        draw_words(state, words[:c])
+        b, o = bits[i], out[i]
         for j in range(c):
-            w = words[j]
-            position = min(max(np.float64(w >> 1) * alpha + beta, 0.0), high)
-            columns[j] = np.int32(position) + (w & 1)
-        row, b, o = rows[i], bits[i], out[i]
-        for j in range(c):
-            o[j] = b[j] > row[columns[j]] - (words[j] & 1)
+            drawn, s0, s1, s2, s3 = sfc64(s0, s1, s2, s3)
+            first = np.int32(np.uint32(drawn & low32))
+            u = first >> 1
+            pick = np.int64(((drawn >> np.uint64(32)) * others) >> np.uint64(32))
+            partner = pick + (pick >= j)
+            o[j] = (u < low) | ((u < high) & (b[partner] - (first & 1) < b[j]))
+    state[0], state[1], state[2], state[3] = s0, s1, s2, s3
 
 
 @jit

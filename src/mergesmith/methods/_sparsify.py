@@ -22,9 +22,9 @@ Why it is fast on a CPU:
 * Masks are float 0/1 tensors made with vectorised arithmetic (`sign(relu(|d| - t))`) and applied with a
   multiply, as mergekit applies its masks; boolean kernels (`where`, `masked_fill_`, comparisons into bool,
   `cumsum` of bool) are 5-40x slower per element in PyTorch's CPU build and stay out of the per-chunk loops.
-* DELLA needs ranks within rows but never computes them: each entry's random word says how high a rank it
-  needs to be kept, and one lookup in its sorted row answers (see `RankedKeep`); rows are sorted as integer
-  bit patterns by numpy's vectorised sort, values only.
+* DELLA's keep probabilities are linear in each entry's rank within its row, yet no row is sorted and no
+  rank computed: a rank over the row's length is the chance that a uniformly picked other entry is smaller,
+  so each entry compares itself with one random partner (see `PartnerKeep`).
 
 Ties at a threshold: mergekit keeps exactly k elements and breaks ties in whatever order its (unstable)
 argsort produces. We also keep exactly k, and break ties by position: among equal magnitudes the earlier
@@ -33,7 +33,7 @@ are identical; on quantized (e.g. bfloat16) deltas the kept count is still exact
 
 Randomness (DARE, DELLA): each plan draws uniform int32 words from its own stream (`RandomWords`), seeded
 from the caller's `torch.Generator`, so the same seed gives the same masks on any compute dtype. The keep
-probabilities are exact to 2^-32. mergekit's stream (`torch.bernoulli` on the global Mersenne twister) is
+probabilities are exact to 2^-32 (DELLA's to 2^-31, and its partner picks to (c - 1) / 2^32). mergekit's stream (`torch.bernoulli` on the global Mersenne twister) is
 not reproduced: it costs 2 ns an entry against 0.7, and a whole merge never matched it anyway (the executor
 seeds each tensor from the seed and the tensor's name; mergekit draws one global stream in its task order).
 """
@@ -822,8 +822,8 @@ def leaving_a_core():
     """Run PyTorch's CPU ops with one intra-op thread fewer (at least one) inside the block, so the helper
     thread drawing random words ahead has a core of its own: otherwise it preempts a thread of every
     OpenMP team, each team waits for its slowest thread, and the elementwise ops run slower than on one
-    thread. Worth it when the helper has real work (DELLA's lookups: its mask pass went from 5.1 to 3.9 ns
-    an entry on 2 cores), not for DARE's bare draws (1.6 ns became 2.3-3.0). The setting is process-wide;
+    thread. Worth it when the helper has real work (DELLA's word preparation: with its earlier row lookups,
+    the mask pass went from 5.1 to 3.9 ns an entry on 2 cores), not for DARE's bare draws (1.6 ns became 2.3-3.0). The setting is process-wide;
     it is restored on exit."""
     before = torch.get_num_threads()
     if before > 1:
@@ -909,94 +909,79 @@ def check_della(density: float, epsilon: float) -> str | None:
     return None
 
 
-class RankedKeep:
-    """DELLA's keep test for blocks of up to `rows` x `cols` magnitudes, one row at a time in rank terms.
+class PartnerKeep:
+    """DELLA's keep test for blocks of rows of `cols` magnitudes, without sorting or ranks.
 
-    An entry of rank r (0-based, ascending magnitude, in a row of c) is kept with probability
-    p(r) = density - epsilon + 2 * epsilon * r / (c - 1). With u uniform in [0, 1), "u < p(r)" is
-    "r >= m(u)" for the integer m(u) = floor((u - density + epsilon) * (c - 1) / (2 * epsilon)) + 1, and
-    "rank >= m" is "magnitude > the row's m-th smallest magnitude minus one step": so each entry needs
-    its row sorted (values only, no argsort) and one lookup at a position computed from its own random
-    word, not its own rank.
+    An entry of rank r (0-based, ascending magnitude) in a row of c is kept with probability
+    p(r) = lo + (hi - lo) * r / (c - 1), with lo = density - epsilon and hi = density + epsilon; and
+    r / (c - 1) is the chance that another entry of its row, picked uniformly, is smaller. So each entry
+    draws u uniform in [0, 1) and a partner: it is kept when u < lo, dropped when u >= hi, and in between
+    kept when its partner is smaller. It is then kept with probability lo + (hi - lo) * r / (c - 1) = p(r),
+    independently of the other entries given the row: the distribution of ranking every row and drawing
+    against p(rank) (mergekit: two argsorts of the whole tensor), for one random draw and one lookup an
+    entry (a row sort alone cost more than this whole test).
 
-    Ties: an entry whose magnitude is shared by the ranks [L, R) of its row is tested, with a fair coin
-    (the word's low bit), at its lowest rank L or its highest R - 1. Its keep probability is then
-    (p(L) + p(R - 1)) / 2 = p((L + R - 1) / 2), the probability of the group's average rank (as if ties
-    were ordered at random), and every entry's draw stays independent of the others'.
+    Ties: an equal partner counts as smaller on a fair coin, so an entry whose magnitude is shared by the
+    ranks [L, R) of its row is kept with probability p((L + R - 1) / 2), that of its group's average rank, as
+    if ties were ordered at random.
 
-    Non-negative IEEE floats order like their bit patterns read as integers, so rows are sorted as
-    int32 (int64 for float64) with numpy's vectorised sort, with sentinels either side of each row
-    for lookups that fall off its ends.
+    Words: two int32 words an entry from `RandomWords`' stream, the lower and upper half of one 64-bit draw.
+    The first's low bit is the coin and its other 31 bits are u (to 2^-31); the second, read as unsigned h,
+    gives k = floor(h * (c - 1) / 2^32), and the partner is column k, or k + 1 from the entry's own column on
+    (uniform over the other c - 1 columns to (c - 1) / 2^32). Magnitudes compare as their bit patterns read
+    as integers: non-negative IEEE floats order alike, and a NaN counts as larger than any number.
 
-    Two ways to the same keeps: `__call__` with `lookups` computed from `RandomWords` on its helper thread
-    (numpy and torch passes, ~3.8 ns an entry besides the sort), or `compiled_into`, one compiled loop
-    that draws the same words itself and tests each entry (less than half the time), for float32 on CPU.
+    Two ways to the same keeps: `__call__` with words `prepare`d by `RandomWords` (numpy on its helper
+    thread on CPU, then one torch gather), or `compiled_into`, one compiled loop that draws the same stream
+    itself (float32 on CPU).
     """
 
-    def __init__(self, rows: int, cols: int, density: float, epsilon: float, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cols: int, density: float, epsilon: float, dtype: torch.dtype):
         self.cols = cols
         self.bits_dtype = torch.int64 if dtype == torch.float64 else torch.int32
-        big = torch.iinfo(self.bits_dtype).max
-        self.sorted = torch.empty((rows, cols + 3), dtype=self.bits_dtype, device=device)
-        self.sorted[:, 0], self.sorted[:, -2:] = -1, big
-        self.low, self.high = np.float64(0), np.float64(cols + 1)
-        self._words = self._columns = None  # the compiled loop's scratch, made on its first use
-        # a word's m (see `lookups`) is floor(alpha * v + beta) for its upper 31 bits v, uniform on [-2^30, 2^30)
-        spread = (cols - 1) / (2 * epsilon)
-        self.alpha = spread / 2**31
-        self.beta = (0.5 - density + epsilon) * spread + 1
+        # u = (v + 2^30) / 2^31 for v = first >> 1, so for an integer v "u < x" is "v < ceil(x * 2^31) - 2^30"
+        self.low = math.ceil((density - epsilon) * 2**31) - 2**30
+        self.high = math.ceil((density + epsilon) * 2**31) - 2**30
 
-    def lookups(self, words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(column of the padded sorted row to compare with, coin) per entry, from its word alone: computed
-        ahead on `RandomWords`' helper thread. On CPU with numpy, whose operations use one thread: a torch
-        op there would start a second OpenMP team competing for the cores."""
-        # m = floor(alpha * v + beta), clamped to [0, cols + 1] (beyond, every rank passes or none; clamped, the
-        # truncation to an integer is floor). lowest rank (coin 0) >= m: the magnitude exceeds the row's
-        # sorted[m - 1], column m of the padded row; highest rank (coin 1) >= m: it is at least sorted[m]
-        # (column m + 1), i.e. exceeds sorted[m] - 1
-        if words.device.type == "cpu":
-            w = words.numpy()
-            coin = w & 1
-            position = (w >> 1) * self.alpha  # float64
-            position += self.beta
-            np.clip(position, self.low, self.high, out=position)
-            column = position.astype(np.int64)
-            column += coin
-            return torch.from_numpy(column), torch.from_numpy(coin)
-        coin = words & 1
-        position = (words >> 1).to(torch.float64).mul_(self.alpha).add_(self.beta).clamp_(0, self.cols + 1)
-        return position.to(torch.int64).add_(coin), coin
+    def prepare(self, words: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(kept at once, kept if the partner is smaller, partner column, coin) per entry from its two words,
+        for whole rows. On CPU with numpy, whose operations use one thread: this runs on `RandomWords`' helper
+        thread, where a torch op would start a second OpenMP team competing for the cores."""
+        c = self.cols
+        if words.device.type != "cpu":
+            return self.prepare_in_torch(words)
+        w = words.numpy()
+        first, second = w[0::2], w[1::2]
+        u = first >> 1
+        pick = (second.view(np.uint32).astype(np.int64) * (c - 1)) >> 32
+        pick = pick.reshape(-1, c)
+        pick += pick >= np.arange(c)
+        return tuple(torch.from_numpy(a) for a in (u < self.low, u < self.high, pick, first & 1))
 
-    def __call__(self, mags: torch.Tensor, lookups: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        """Bool keep mask of the (r, cols) magnitudes into `out`, given the `lookups` of r * cols words."""
+    def prepare_in_torch(self, words: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`prepare` with torch ops, on the words' device (a CUDA generator's words stay on the GPU)."""
+        c = self.cols
+        first, second = words[0::2], words[1::2]
+        u = first >> 1
+        pick = ((second.to(torch.int64) & 0xFFFFFFFF) * (c - 1)) >> 32
+        pick = pick.view(-1, c)
+        pick += pick >= torch.arange(c, device=words.device)
+        return u < self.low, u < self.high, pick, first & 1
+
+    def __call__(self, mags: torch.Tensor, prepared: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+        """Bool keep mask of the (r, cols) magnitudes into `out`, given the `prepare`d words of r * cols entries."""
         r, c = mags.shape
         bits = mags.view(self.bits_dtype)
-        rows = self._sorted_rows(bits)
-        column, coin = lookups
-        bound = torch.gather(rows, 1, column.view(r, c)).sub_(coin.view(r, c))
-        return torch.gt(bits, bound, out=out.view(r, c))
-
-    def _sorted_rows(self, bits: torch.Tensor) -> torch.Tensor:
-        """The padded rows of `bits` (r, cols), each sorted."""
-        r, c = bits.shape
-        rows = self.sorted[:r]
-        inner = rows[:, 1 : c + 1]
-        inner.copy_(bits)
-        if inner.device.type == "cpu":
-            inner.numpy().sort(axis=1)
-        else:
-            inner.copy_(torch.sort(inner, dim=1).values)
-        return rows
+        at_once, if_smaller, partner, coin = prepared
+        smaller = torch.gather(bits, 1, partner.view(r, c)).sub_(coin.view(r, c)) < bits
+        kept = out.view(r, c)
+        torch.logical_and(if_smaller.view(r, c), smaller, out=kept)
+        return kept.logical_or_(at_once.view(r, c))
 
     def compiled_into(self, mags: torch.Tensor, state: np.ndarray, out: torch.Tensor) -> torch.Tensor:
         """`__call__` for float32 magnitudes on CPU, drawing the words from `state` (see `word_state`)."""
         r, c = mags.shape
-        bits = mags.view(torch.int32)
-        rows = self._sorted_rows(bits)
-        if self._words is None:
-            self._words, self._columns = np.empty(c, dtype=np.int32), np.empty(c, dtype=np.int32)
-        _kernels.loops().ranked_keep(bits.numpy(), rows.numpy(), state, self.alpha, self.beta, float(self.high),
-                                     out.view(r, c).numpy(), self._words, self._columns)
+        _kernels.loops().partner_keep(mags.view(torch.int32).numpy(), state, self.low, self.high, out.view(r, c).numpy())
         return out
 
 
@@ -1004,8 +989,8 @@ def della_plan(tv: TaskVector, shape: torch.Size, density: float, epsilon: float
                rescale: bool, generator: torch.Generator | None, size: int, seed: int | None = None) -> Plan | None:
     """DELLA MagPrune: keep entries with probabilities linear in their magnitude rank within their row (dim 1;
     1-D tensors are one row), from density - epsilon (smallest) to density + epsilon (largest); see
-    `RankedKeep`. A row of length 1 keeps with probability `density`. Tensors of at most 2 dimensions are
-    ranked in blocks of rows; others whole. `seed`: the stream's seed, drawn ahead with `stream_seed` in
+    `PartnerKeep`. A row of length 1 keeps with probability `density`. Tensors of at most 2 dimensions are
+    tested in blocks of rows; others whole. `seed`: the stream's seed, drawn ahead with `stream_seed` in
     model order (else drawn here, when the words come from a CPU generator)."""
     if density >= 1:
         return None
@@ -1019,9 +1004,9 @@ def della_plan(tv: TaskVector, shape: torch.Size, density: float, epsilon: float
     if cols == 1:
         return _bernoulli_plan(tv, density, rescale, generator, size, seed)
     sel = selection_dtype(tv.dtype)
-    whole = len(shape) > 2  # rank along dim 1: move it last, rank the whole tensor, move the mask back
+    whole = len(shape) > 2  # rows along dim 1: move it last, test the whole tensor, move the mask back
     rows_per = n // cols if whole else max(1, min(size // cols, n // cols))
-    keep = RankedKeep(rows_per, cols, density, epsilon, sel, tv.device)
+    keep = PartnerKeep(cols, density, epsilon, sel)
     state = _compiled_words(tv, generator, seed)
     compiled = state is not None
     if compiled:  # the loop draws the words itself, on the calling thread
@@ -1029,10 +1014,10 @@ def della_plan(tv: TaskVector, shape: torch.Size, density: float, epsilon: float
         def keep_block(mags, out):
             return keep.compiled_into(mags, state, out)
     else:
-        words = RandomWords(generator, tv.device, prepare=keep.lookups, seed=seed)
+        words = RandomWords(generator, tv.device, prepare=keep.prepare, seed=seed)
 
         def keep_block(mags, out):
-            return keep(mags, words.next(mags.numel()), out)
+            return keep(mags, words.next(2 * mags.numel()), out)
 
     if whole:
         moved = (shape[0], *shape[2:], cols)

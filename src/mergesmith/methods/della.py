@@ -7,8 +7,11 @@ then rescales.
 
 As in mergekit, `rescale` matches each task vector's L1 norm (the paper divides each kept entry by its own
 probability), and 0 < density with density ± epsilon outside (0, 1) is an error (caught at plan time here).
-Ranks come from one integer sort per row, in row chunks, instead of mergekit's two argsorts of the whole
-tensor. A row of length 1 (e.g. an (n, 1) tensor) gets probability `density`, where mergekit computes 0/0.
+No rank is computed (mergekit: two argsorts of the whole tensor): an entry's rank over its row's length is
+the chance that a random other entry of the row is smaller, so each entry compares itself with one random
+partner (`_sparsify.PartnerKeep`); the keep probabilities, and so the distribution of the masks, are those
+of the ranks. A row of length 1 (e.g. an (n, 1) tensor) gets probability `density`, where mergekit
+computes 0/0.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ def _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_,
     dens = density or [1.0] * len(tensors)
     eps = epsilon or [0.15] * len(tensors)
     # each plan's stream seed drawn here, in model order (the plans that draw: 0 < density < 1), so the plans
-    # can then be built concurrently: with the compiled loop only (1B: 18-20 -> 13-16 s); the numpy lookups
-    # have a helper thread of their own, and two plans at once were slower (19-20 -> 21 s)
+    # can then be built concurrently: with the compiled loop only (1B: 18-20 -> 13-16 s); the numpy path
+    # prepares its words on a helper thread of its own, and two plans at once were slower (19-20 -> 21 s)
     ahead = draws_on_cpu(generator)
     seeds = [stream_seed(generator) if ahead and 0 < d < 1 and base.numel() else None for d in dens]
     return merge_task_vectors(
