@@ -78,3 +78,23 @@ def test_tensors_larger_than_a_chunk():
     np.testing.assert_allclose(out.numpy(), reference(base, ms), atol=1e-12)
     out = model_stock([t(m) for m in ms], base=t(base), filter_wise=True)
     np.testing.assert_allclose(out.numpy(), reference(base, ms, rows=True), atol=1e-12)
+
+
+def test_same_result_on_one_thread_and_a_narrow_output_rounded_once():
+    # the chunks' products are summed in chunk order whatever the threads; a bf16 output is the float32
+    # result rounded once
+    base, ms = correlated(10, (900, 700), 2)
+    base, ms = t(base).to(torch.bfloat16), [t(m).to(torch.bfloat16) for m in ms]
+    for filter_wise in (False, True):
+        run = lambda **kw: model_stock(ms, base=base, filter_wise=filter_wise, compute_dtype=torch.float32, **kw)
+        wide = run()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert torch.equal(run(), wide)
+        finally:
+            torch.set_num_threads(threads)
+        narrow = run(output_dtype=torch.bfloat16)
+        assert narrow.dtype == torch.bfloat16
+        assert torch.equal(narrow.view(torch.int16), wide.to(torch.bfloat16).view(torch.int16))
+        assert not torch.equal(narrow, base)

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from mergesmith.methods._parallel import in_parts
 from mergesmith.methods._sparsify import TaskVector, chunk_size, spans
 from mergesmith.methods.registry import Param, merge_method
 
@@ -53,16 +54,21 @@ def _mean_pairwise_cosine(dots: torch.Tensor, norms: torch.Tensor) -> torch.Tens
     base="required",
     min_models=2,
     converts_inputs=True,
+    rounds_output=True,
     reference="https://arxiv.org/abs/2403.19522",
 )
 def model_stock(
-    tensors: Sequence[torch.Tensor], *, base: torch.Tensor, filter_wise: bool = False, compute_dtype: torch.dtype | None = None
+    tensors: Sequence[torch.Tensor], *, base: torch.Tensor, filter_wise: bool = False, compute_dtype: torch.dtype | None = None,
+    output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Interpolate between the base and the fine-tunes' average by the angle-derived ratio t.
 
-    Two passes over chunks (blocks of whole rows with `filter_wise`): the first accumulates the task vectors'
-    inner products (per tensor, or per row), the second writes w₀ + t·mean(δᵢ). No task vector is
-    stored; inputs may be in a narrower dtype than `compute_dtype` (bf16 as read)."""
+    Two passes over chunks (blocks of whole rows with `filter_wise`), each shared between the CPU's threads
+    (`in_parts`): the first takes the task vectors' inner products per chunk (per tensor, or per row), summed
+    over the chunks in their order afterwards, so the sums do not depend on the thread count; the second
+    writes w₀ + t·mean(δᵢ), rounded once into `output_dtype` when that is narrower (no full-size result in
+    the compute dtype). No task vector is stored; inputs may be in a narrower dtype than `compute_dtype`
+    (bf16 as read)."""
     n, dtype = len(tensors), compute_dtype or base.dtype
     tvs = [TaskVector(t, base, dtype) for t in tensors]
     if filter_wise and base.dim() > 1:  # blocks of whole rows, one t per row
@@ -72,23 +78,39 @@ def model_stock(
     else:  # flat chunks, one t for the tensor
         rows, width = 1, None
         units = [(s, e, 0, 1) for s, e in spans(base.numel(), chunk_size(base))]
-    bufs = [tv.buffer(chunk_size(base) if width is None else per * width) for tv in tvs]
+    unit_size = max(e - s for s, e, _, _ in units)
+
+    def inner_products(share):
+        """Per unit of the share: its (i, j, part) products in the compute dtype (BLAS dot, or per-row sums)."""
+        bufs = [tv.buffer(unit_size) for tv in tvs]
+        found = []
+        for s, e, r0, r1 in share:
+            ds = [tv.chunk(s, e, buf[: e - s]).view(r1 - r0, -1) for tv, buf in zip(tvs, bufs)]
+            found.append([(i, j, torch.dot(ds[i].view(-1), ds[j].view(-1)) if width is None else (ds[i] * ds[j]).sum(dim=1))
+                          for i in range(n) for j in range(i, n)])
+        return found
+
     dots = torch.zeros((n, n, rows), dtype=torch.float64, device=base.device)
-    for s, e, r0, r1 in units:
-        ds = [tv.chunk(s, e, buf[: e - s]).view(r1 - r0, -1) for tv, buf in zip(tvs, bufs)]
-        for i in range(n):
-            for j in range(i, n):  # per chunk in the compute dtype (BLAS dot), summed over chunks in float64
-                part = torch.dot(ds[i].view(-1), ds[j].view(-1)) if width is None else (ds[i] * ds[j]).sum(dim=1)
-                dots[i, j, r0:r1] += part
+    for (_, _, r0, r1), products in zip(units, (unit for share in in_parts(units, inner_products, base.device) for unit in share)):
+        for i, j, part in products:  # summed in float64 in chunk order, as one thread would
+            dots[i, j, r0:r1] += part
     norms = torch.stack([dots[i, i] for i in range(n)]).clamp(min=0).sqrt()
     t_over_n = stock_ratio(_mean_pairwise_cosine(dots, norms), n).div_(n).to(dtype)  # applied to Σ δᵢ
-    out = torch.empty(base.shape, dtype=dtype, device=base.device)
+    out = torch.empty(base.shape, dtype=output_dtype or dtype, device=base.device)
     flat_out, flat_base = out.view(-1), base.reshape(-1)
-    for s, e, r0, r1 in units:
-        ds = [tv.chunk(s, e, buf[: e - s]) for tv, buf in zip(tvs, bufs)]
-        total = ds[0]
-        for d in ds[1:]:
-            total.add_(d)
-        rows_out = flat_out[s:e].view(r1 - r0, -1)
-        torch.mul(total.view(r1 - r0, -1), t_over_n[r0:r1, None], out=rows_out).add_(flat_base[s:e].view(r1 - r0, -1))
+
+    def write(share):
+        bufs = [tv.buffer(unit_size) for tv in tvs]
+        result = None if out.dtype == dtype else torch.empty(unit_size, dtype=dtype, device=base.device)
+        for s, e, r0, r1 in share:
+            ds = [tv.chunk(s, e, buf[: e - s]) for tv, buf in zip(tvs, bufs)]
+            total = ds[0]
+            for d in ds[1:]:
+                total.add_(d)
+            rows_out = (flat_out[s:e] if out.dtype == dtype else result[: e - s]).view(r1 - r0, -1)
+            torch.mul(total.view(r1 - r0, -1), t_over_n[r0:r1, None], out=rows_out).add_(flat_base[s:e].view(r1 - r0, -1))
+            if out.dtype != dtype:
+                flat_out[s:e].copy_(rows_out.view(-1))
+
+    in_parts(units, write, base.device)
     return out
