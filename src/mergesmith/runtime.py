@@ -25,13 +25,6 @@ shards through the kernel. On a machine with few cores some defaults of the C an
   as it goes: 0.5-0.9 s after a 1B merge had finished (12% of a linear merge). The command line's entry
   point therefore leaves with `exit_now`: streams flushed and `atexit` handlers run, then no teardown.
 
-* On AMD Zen 4 (family 19h with AVX-512) numpy's AVX-512 sort and partition (x86-simd-sort) run slower
-  than its AVX2 ones, because the compress-store they issue for every vector is microcoded there (Zen 5
-  fixed it). DELLA sorts every row: with numpy 2.4 on a 2-core Zen 4 VM, rows of 2048 int32 took 9.6 ns an
-  entry against 3.3 with the AVX-512 targets disabled, a 1B DELLA merge 30 s against 24. Numpy reads
-  `NPY_DISABLE_CPU_FEATURES` once, when it loads, so it is set here, on Zen 4 only. The other numpy
-  kernels lose nothing: Zen 4 runs AVX-512 on 256-bit units anyway.
-
 Not set: PyTorch's `THP_MEM_ALLOC_ENABLE` (huge pages for tensors of 2 MB and more). It took linear from 6.1
 to 5.0 s but DELLA from 16.6 to 22.8 s and SCE from 13.1 to 14.6 s, the kernel compacting memory for the
 huge pages as intermediates come and go.
@@ -45,7 +38,6 @@ from __future__ import annotations
 import atexit
 import ctypes
 import gc
-import importlib.metadata
 import os
 import sys
 
@@ -57,58 +49,14 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # mallopt parameters 
 
 def tune_for_streaming() -> None:
     """Apply the settings above; a no-op for each one the user set or the platform lacks. Must run before
-    torch (and so libgomp) and numpy are loaded for the spin count and numpy's CPU choice to take effect."""
+    torch (and so libgomp) is loaded for the spin count to take effect."""
     if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
     if sys.platform.startswith("linux") and not any(k.startswith("MALLOC_") for k in os.environ):
         _one_glibc_heap()
-    if _numpy_unloaded_and_unset() and is_zen4(_first_cpu_info()):
-        os.environ["NPY_DISABLE_CPU_FEATURES"] = numpy_avx512_targets(_numpy_version())
     first, *older = gc.get_threshold()
     if 0 < first < GC_FIRST_THRESHOLD:  # 0: the collector is off; a larger one was the user's choice
         gc.set_threshold(GC_FIRST_THRESHOLD, *older)
-
-
-def _numpy_unloaded_and_unset() -> bool:
-    """Whether numpy's CPU dispatch can still be chosen here: not loaded yet, and the user chose nothing
-    (numpy refuses to start with both of its variables set)."""
-    return "numpy" not in sys.modules and not {"NPY_DISABLE_CPU_FEATURES", "NPY_ENABLE_CPU_FEATURES"} & set(os.environ)
-
-
-def _numpy_version() -> tuple[int, int]:
-    """The installed numpy's (major, minor), read from its metadata without loading it; (0, 0) if unknown."""
-    try:
-        major, minor, *_ = importlib.metadata.version("numpy").split(".")
-        return int(major), int(minor)
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        return (0, 0)
-
-
-def numpy_avx512_targets(version: tuple[int, int]) -> str:
-    """The dispatch targets through which numpy `version` sorts with AVX-512 on Zen 4. Named as that version
-    names them: a name it does not dispatch costs an ImportWarning at its start (an error under -W error)."""
-    return "X86_V4 AVX512_ICL" if version >= (2, 4) else "AVX512_SKX AVX512_ICL"
-
-
-def _first_cpu_info() -> str:
-    """The first processor's block of /proc/cpuinfo ("" where there is none: not Linux)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return f.read(1 << 16).split("\n\n", 1)[0]
-    except OSError:
-        return ""
-
-
-def is_zen4(cpu_info: str) -> bool:
-    """Whether a /proc/cpuinfo processor block describes AMD Zen 4: family 25 (19h, which Zen 3 shares)
-    with AVX-512, which Zen 3 lacks."""
-    fields = {}
-    for line in cpu_info.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields.setdefault(key.strip(), value.strip())
-    return (fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25"
-            and "avx512f" in fields.get("flags", "").split())
 
 
 def _one_glibc_heap() -> None:
