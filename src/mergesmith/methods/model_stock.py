@@ -90,8 +90,9 @@ def model_stock(
                           for i in range(n) for j in range(i, n)])
         return found
 
+    per_unit = [products for share in in_parts(units, inner_products, base.device) for products in share]
     dots = torch.zeros((n, n, rows), dtype=torch.float64, device=base.device)
-    for (_, _, r0, r1), products in zip(units, (unit for share in in_parts(units, inner_products, base.device) for unit in share)):
+    for (_, _, r0, r1), products in zip(units, per_unit):
         for i, j, part in products:  # summed in float64 in chunk order, as one thread would
             dots[i, j, r0:r1] += part
     norms = torch.stack([dots[i, i] for i in range(n)]).clamp(min=0).sqrt()
@@ -101,16 +102,18 @@ def model_stock(
 
     def write(share):
         bufs = [tv.buffer(unit_size) for tv in tvs]
-        result = None if out.dtype == dtype else torch.empty(unit_size, dtype=dtype, device=base.device)
+        # with a narrower output, each chunk's result in the compute dtype, then rounded once into it
+        scratch = None if out.dtype == dtype else torch.empty(unit_size, dtype=dtype, device=base.device)
         for s, e, r0, r1 in share:
             ds = [tv.chunk(s, e, buf[: e - s]) for tv, buf in zip(tvs, bufs)]
             total = ds[0]
             for d in ds[1:]:
                 total.add_(d)
-            rows_out = (flat_out[s:e] if out.dtype == dtype else result[: e - s]).view(r1 - r0, -1)
+            result = flat_out[s:e] if scratch is None else scratch[: e - s]
+            rows_out = result.view(r1 - r0, -1)
             torch.mul(total.view(r1 - r0, -1), t_over_n[r0:r1, None], out=rows_out).add_(flat_base[s:e].view(r1 - r0, -1))
-            if out.dtype != dtype:
-                flat_out[s:e].copy_(rows_out.view(-1))
+            if scratch is not None:
+                flat_out[s:e].copy_(result)
 
     in_parts(units, write, base.device)
     return out
