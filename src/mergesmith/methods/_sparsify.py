@@ -33,9 +33,10 @@ are identical; on quantized (e.g. bfloat16) deltas the kept count is still exact
 
 Randomness (DARE, DELLA): each plan draws uniform int32 words from its own stream (`RandomWords`), seeded
 from the caller's `torch.Generator`, so the same seed gives the same masks on any compute dtype. The keep
-probabilities are exact to 2^-32 (DELLA's to 2^-31, and its partner picks to (c - 1) / 2^32). mergekit's stream (`torch.bernoulli` on the global Mersenne twister) is
-not reproduced: it costs 2 ns an entry against 0.7, and a whole merge never matched it anyway (the executor
-seeds each tensor from the seed and the tensor's name; mergekit draws one global stream in its task order).
+probabilities are exact to 2^-32 (DELLA's to 2^-31, and its partner picks to (c - 1) / 2^32). mergekit's
+stream (`torch.bernoulli` on the global Mersenne twister) is not reproduced: it costs 2 ns an entry against
+0.7, and a whole merge never matched it anyway (the executor seeds each tensor from the seed and the
+tensor's name; mergekit draws one global stream in its task order).
 """
 
 from __future__ import annotations
@@ -823,8 +824,8 @@ def leaving_a_core():
     thread drawing random words ahead has a core of its own: otherwise it preempts a thread of every
     OpenMP team, each team waits for its slowest thread, and the elementwise ops run slower than on one
     thread. Worth it when the helper has real work (DELLA's word preparation: with its earlier row lookups,
-    the mask pass went from 5.1 to 3.9 ns an entry on 2 cores), not for DARE's bare draws (1.6 ns became 2.3-3.0). The setting is process-wide;
-    it is restored on exit."""
+    the mask pass went from 5.1 to 3.9 ns an entry on 2 cores), not for DARE's bare draws (1.6 ns became
+    2.3-3.0). The setting is process-wide; it is restored on exit."""
     before = torch.get_num_threads()
     if before > 1:
         torch.set_num_threads(before - 1)
@@ -947,9 +948,9 @@ class PartnerKeep:
         """(kept at once, kept if the partner is smaller, partner column, coin) per entry from its two words,
         for whole rows. On CPU with numpy, whose operations use one thread: this runs on `RandomWords`' helper
         thread, where a torch op would start a second OpenMP team competing for the cores."""
-        c = self.cols
         if words.device.type != "cpu":
             return self.prepare_in_torch(words)
+        c = self.cols
         w = words.numpy()
         first, second = w[0::2], w[1::2]
         u = first >> 1
@@ -981,7 +982,8 @@ class PartnerKeep:
     def compiled_into(self, mags: torch.Tensor, state: np.ndarray, out: torch.Tensor) -> torch.Tensor:
         """`__call__` for float32 magnitudes on CPU, drawing the words from `state` (see `word_state`)."""
         r, c = mags.shape
-        _kernels.loops().partner_keep(mags.view(torch.int32).numpy(), state, self.low, self.high, out.view(r, c).numpy())
+        bits, keep = mags.view(torch.int32).numpy(), out.view(r, c).numpy()
+        _kernels.loops().partner_keep(bits, state, self.low, self.high, keep)
         return out
 
 

@@ -80,14 +80,17 @@ def model_stock(
         units = [(s, e, 0, 1) for s, e in spans(base.numel(), chunk_size(base))]
     unit_size = max(e - s for s, e, _, _ in units)
 
+    def product(a, b):
+        """a·b in the compute dtype: one BLAS dot for the whole chunk, or one sum per row."""
+        return torch.dot(a.view(-1), b.view(-1)) if width is None else (a * b).sum(dim=1)
+
     def inner_products(share):
-        """Per unit of the share: its (i, j, part) products in the compute dtype (BLAS dot, or per-row sums)."""
+        """Per unit of the share, its (i, j, product) for every pair i <= j."""
         bufs = [tv.buffer(unit_size) for tv in tvs]
         found = []
         for s, e, r0, r1 in share:
             ds = [tv.chunk(s, e, buf[: e - s]).view(r1 - r0, -1) for tv, buf in zip(tvs, bufs)]
-            found.append([(i, j, torch.dot(ds[i].view(-1), ds[j].view(-1)) if width is None else (ds[i] * ds[j]).sum(dim=1))
-                          for i in range(n) for j in range(i, n)])
+            found.append([(i, j, product(ds[i], ds[j])) for i in range(n) for j in range(i, n)])
         return found
 
     per_unit = [products for share in in_parts(units, inner_products, base.device) for products in share]
