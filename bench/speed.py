@@ -331,6 +331,7 @@ def measure(cmd: list[str], log_path: Path, env: dict | None = None) -> tuple[in
 IO_FLOOR_SCRIPT = textwrap.dedent(
     """
     import os, sys
+    from mergesmith.io.writeback import start_writeback  # the merge's own early write-out: a floor for it too
     out, size, files = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     buf = bytearray(16 << 20); view = memoryview(buf)
     for path in files:
@@ -340,7 +341,9 @@ IO_FLOOR_SCRIPT = textwrap.dedent(
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     left = size
     while left:
-        left -= os.write(fd, view[: min(left, len(buf))])
+        wrote = os.write(fd, view[: min(left, len(buf))])
+        start_writeback(fd, size - left, wrote)
+        left -= wrote
     os.fsync(fd); os.close(fd)
     """
 )

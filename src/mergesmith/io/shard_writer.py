@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from mergesmith.io.safetensors_format import encode_header
+from mergesmith.io.writeback import start_writeback
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class ShardWriter:
         done = 0
         while done < len(raw):
             done += os.pwrite(fd, raw[done:], offset + done)
+        start_writeback(fd, offset, len(raw))
         return len(raw)
 
     def close(self) -> None:
