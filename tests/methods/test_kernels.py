@@ -145,7 +145,7 @@ def test_windows_gather_keeps_everything_inside_narrow_open_and_several_windows(
         values, positions = np.empty((len(windows), capacity), np.float32), np.empty((len(windows), capacity), np.int64)
         counts = np.zeros(len(windows), np.int64)
         loops.windows_gather(model, base, lows, highs, 100, values, positions, counts,
-                             np.empty(5008, np.uint8), np.empty(5003, np.int32))
+                             np.empty(5008, np.uint8), np.empty(5003, np.int32), np.empty(5003, np.float32))
         for w, expected in enumerate(inside):
             assert counts[w] == expected.size
             assert np.array_equal(positions[w, : counts[w]], expected + 100)

@@ -286,7 +286,7 @@ def trailing_zeros(typingctx, x):
 
 
 @jit
-def windows_gather(model, base, lows, highs, offset, values, positions, counts, flags, hits):
+def windows_gather(model, base, lows, highs, offset, values, positions, counts, flags, hits, magnitudes):
     """The selection windows' gather, all windows of a chunk in one go: row w of values and positions gets
     the magnitudes in [lows[w], highs[w]] (a side may be infinite) and their positions (+ offset), in order,
     counts[w] how many (each row one entry longer than its count: writes are made before the test decides).
@@ -294,8 +294,10 @@ def windows_gather(model, base, lows, highs, offset, values, positions, counts, 
     A loop whose writes sit behind a branch does not vectorise and mispredicts (~0.7 ns an entry a window);
     here vectorised passes flag the entries inside any window (`flags`, uint8 scratch of the chunk's length
     rounded up to 8), the flagged positions are listed eight flags a word, set bit by set bit (`hits`, int32
-    scratch of the chunk's length), and only those are gathered, without branches: 0.2 ns an entry for one
-    window, 0.7 for Arcee Fusion's three."""
+    scratch of the chunk's length), their magnitudes computed once (`magnitudes`, float32 scratch as long),
+    and only those are gathered, a window at a time, without branches: 0.2 ns an entry for one window, 0.7
+    for Arcee Fusion's three. (All windows per hit kept the counts in memory, each hit waiting on the last
+    one's stores: Arcee Fusion's gather 2.0 ns an entry of the chunk, against 1.2 a window at a time.)"""
     k, n = lows.size, model.size
     for i in range(n, flags.size):
         flags[i] = 0
@@ -317,16 +319,17 @@ def windows_gather(model, base, lows, highs, offset, values, positions, counts, 
             hits[found] = 8 * q + np.int64(trailing_zeros(word) >> np.uint64(3))
             found += 1
             word &= word - np.uint64(1)
-    for w in range(k):
-        counts[w] = 0
     for t in range(found):
         i = hits[t]
-        a = abs(widen(model[i]) - widen(base[i]))
-        for w in range(k):
-            c = counts[w]
+        magnitudes[t] = abs(widen(model[i]) - widen(base[i]))
+    for w in range(k):  # a window at a time: its count stays in a register
+        lo, hi, c = lows[w], highs[w], 0
+        for t in range(found):
+            a = magnitudes[t]
             values[w, c] = a
-            positions[w, c] = offset + i
-            counts[w] = c + ((a >= lows[w]) & (a <= highs[w]))
+            positions[w, c] = offset + hits[t]
+            c += (a >= lo) & (a <= hi)
+        counts[w] = c
 
 
 @jit

@@ -520,9 +520,10 @@ class _GatherScratch:
     def __init__(self, width: int):
         self.flags = np.empty(-(-width // 8) * 8, dtype=np.uint8)
         self.hits = np.empty(width, dtype=np.int32)
+        self.magnitudes = np.empty(width, dtype=np.float32)
 
-    def for_chunk(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.flags[: -(-n // 8) * 8], self.hits[:n]
+    def for_chunk(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.flags[: -(-n // 8) * 8], self.hits[:n], self.magnitudes[:n]
 
 
 def _scan_compiled(model: np.ndarray, base: np.ndarray, start: int, windows: dict, single: dict, above: dict,
