@@ -154,6 +154,35 @@ def test_windows_gather_keeps_everything_inside_narrow_open_and_several_windows(
             assert (above, count, nonzero) == (int((a > highs[w]).sum()), expected.size, 5003)
 
 
+def test_windows_tally_counts_and_flags_as_one_window_at_a_time():
+    # the one-pass tally of up to three windows gives window_count's counts per window, flags exactly the
+    # entries inside the windows it gathers (not those of a counted-only window), and NaN in none
+    loops = _kernels.loops()
+    rng = np.random.default_rng(4)
+    model = rng.standard_normal(5003).astype(np.float32)
+    model[[3, 4000]] = np.nan
+    base = np.zeros(5003, dtype=np.float32)
+    a = np.abs(model)
+    v = np.sort(a[~np.isnan(a)])
+    for windows, gathers in [([(v[1000], v[1100]), (v[2500], v[2600])], [1, 1]),
+                             ([(v[1000], v[1100]), (v[2500], v[2500]), (-np.inf, v[50])], [1, 0, 1]),
+                             ([(v[4900], np.inf), (v[10], v[4000]), (v[1050], v[3000])], [1, 1, 1])]:
+        padded = windows + [(np.inf, np.inf)] * (3 - len(windows))
+        lows = np.array([lo for lo, _ in padded], np.float32)
+        highs = np.array([hi for _, hi in padded], np.float32)
+        tallies = np.zeros(7, np.int64)
+        flags = np.full(5008, 7, np.uint8)
+        loops.windows_tally(model, base, lows, highs, np.array(gathers + [0] * (3 - len(gathers)), np.uint8), tallies, flags)
+        flagged = np.zeros(5003, bool)
+        for w, (lo, hi) in enumerate(windows):
+            above, inside, nonzero = loops.window_count(model, base, lows[w], highs[w])
+            assert (tallies[w], tallies[3 + w], tallies[6]) == (above, inside, nonzero)
+            if gathers[w]:
+                flagged |= (a >= lows[w]) & (a <= highs[w])
+        assert tallies[len(windows):3].sum() == 0 and tallies[3 + len(windows):6].sum() == 0  # padding
+        assert np.array_equal(flags[:5003], flagged.astype(np.uint8)) and not flags[5003:].any()
+
+
 @pytest.mark.parametrize("cut,expected", [
     (_sparsify.ALL, [True, True, True, True]),
     (_sparsify.NONE, [False, False, False, False]),

@@ -311,6 +311,13 @@ def windows_gather(model, base, lows, highs, offset, values, positions, counts, 
             for i in range(n):
                 a = abs(widen(model[i]) - widen(base[i]))
                 flags[i] |= (a >= lo) & (a <= hi)
+    gather_flagged(model, base, lows, highs, offset, values, positions, counts, flags, hits, magnitudes)
+
+
+@jit
+def gather_flagged(model, base, lows, highs, offset, values, positions, counts, flags, hits, magnitudes):
+    """`windows_gather` after its flag passes: list the flagged positions and gather each window's entries."""
+    k = lows.size
     found = 0
     words = flags.view(np.uint64)
     for q in range(words.size):
@@ -330,6 +337,43 @@ def windows_gather(model, base, lows, highs, offset, values, positions, counts, 
             positions[w, c] = offset + hits[t]
             c += (a >= lo) & (a <= hi)
         counts[w] = c
+
+
+@jit
+def windows_tally(model, base, lows, highs, gathers, tallies, flags):
+    """One pass for three selection windows [lows[w], highs[w]] (pad with empty ones, [inf, inf]): tallies[w]
+    += the magnitudes |model - base| above highs[w], tallies[3 + w] += those inside, tallies[6] += the non-zero
+    ones; flags[i] = 1 where entry i is inside a window with gathers[w] != 0, else 0, for `gather_flagged`
+    (flags past the chunk are zeroed). A NaN is in no window and above none. For several windows this reads
+    the chunk once, where a count a window and a flag pass a window read it twice a window."""
+    lo0, lo1, lo2 = lows[0], lows[1], lows[2]
+    hi0, hi1, hi2 = highs[0], highs[1], highs[2]
+    g0, g1, g2 = gathers[0] != 0, gathers[1] != 0, gathers[2] != 0
+    above0 = above1 = above2 = inside0 = inside1 = inside2 = nonzero = 0
+    zero = np.float32(0)
+    n = model.size
+    for i in range(n):
+        a = abs(widen(model[i]) - widen(base[i]))
+        in0 = (a >= lo0) & (a <= hi0)
+        in1 = (a >= lo1) & (a <= hi1)
+        in2 = (a >= lo2) & (a <= hi2)
+        above0 += a > hi0
+        above1 += a > hi1
+        above2 += a > hi2
+        inside0 += in0
+        inside1 += in1
+        inside2 += in2
+        nonzero += a != zero
+        flags[i] = (in0 & g0) | (in1 & g1) | (in2 & g2)
+    for i in range(n, flags.size):
+        flags[i] = 0
+    tallies[0] += above0
+    tallies[1] += above1
+    tallies[2] += above2
+    tallies[3] += inside0
+    tallies[4] += inside1
+    tallies[5] += inside2
+    tallies[6] += nonzero
 
 
 @jit

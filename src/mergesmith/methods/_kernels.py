@@ -4,7 +4,8 @@ Why: a streamed TIES merge chunk made ~30 PyTorch passes (subtract, magnitude, m
 divide, add), each a trip through memory and an OpenMP region: ~5 ns an entry for two models on this
 2-core machine. One compiled loop per model and one to combine them do the same float operations at
 ~0.7 ns. The selection pass counts each window in one vectorised loop a chunk, and gathers the entries of
-all its windows in one more (flagged by vectorised tests, then listed from the flags' set bits). DARE's
+all its windows in one more (flagged by vectorised tests, then listed from the flags' set bits); two or
+three windows are counted and flagged together in a single pass (`windows_tally`). DARE's
 and DELLA's keep masks are drawn by loops that run numpy's SFC64 generator themselves, so they make the
 very masks of the numpy path without its passes.
 
@@ -44,7 +45,7 @@ import torch
 CHUNK = 1 << 18  # entries per chunk of the merge pass
 
 LOOPS = (
-    "weighted_delta", "consensus_into", "sum_into", "window_count", "windows_gather", "to_bfloat16", "partner_keep",
+    "weighted_delta", "consensus_into", "sum_into", "window_count", "windows_gather", "windows_tally", "gather_flagged", "to_bfloat16", "partner_keep",
     "bernoulli_keep", "weighted_consensus_into", "cut_mask", "magnitudes_into", "choose_into",
     "contribution_into", "contributor_tallies", "ram_combine_into",
 )

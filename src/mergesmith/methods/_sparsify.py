@@ -553,6 +553,8 @@ def _scan_compiled(model: np.ndarray, base: np.ndarray, start: int, windows: dic
     (single-value windows) equal to it; then gather those inside the other windows, with their positions,
     in one pass for all of them. Returns the chunk's non-zero count."""
     loops = _kernels.loops()
+    if 2 <= len(windows) <= 3:
+        return _tally_and_gather(model, base, start, windows, single, above, equal, found, scratch)
     nonzero = 0
     bounds, counts = {}, {}
     for j, (lo, hi) in windows.items():
@@ -577,6 +579,38 @@ def _scan_compiled(model: np.ndarray, base: np.ndarray, start: int, windows: dic
     for w, j in enumerate(keys):
         found[j].append((torch.from_numpy(values[w, : counts[j]]), torch.from_numpy(positions[w, : counts[j]])))
     return nonzero
+
+
+def _tally_and_gather(model: np.ndarray, base: np.ndarray, start: int, windows: dict, single: dict, above: dict,
+                      equal: dict, found: dict, scratch: _GatherScratch) -> int:
+    """`_scan_compiled` for two or three windows: their counts and the gather's flags from one pass
+    (`windows_tally`), then the gather of the flagged entries."""
+    loops = _kernels.loops()
+    keys = list(windows)
+    bounds = [(_MINUS_INF if lo is None else np.float32(lo.item()), _PLUS_INF if hi is None else np.float32(hi.item()))
+              for lo, hi in windows.values()] + [(_PLUS_INF, _PLUS_INF)] * (3 - len(keys))  # empty windows
+    lows, highs = (np.array(side, dtype=np.float32) for side in zip(*bounds))
+    gathers = np.array([j not in single for j in keys] + [False] * (3 - len(keys)), dtype=np.uint8)
+    tallies = np.zeros(7, dtype=np.int64)
+    flags, hits, magnitudes = scratch.for_chunk(model.size)
+    loops.windows_tally(model, base, lows, highs, gathers, tallies, flags)
+    counts = {}
+    for w, j in enumerate(keys):
+        above[j] += int(tallies[w])
+        if j in single:
+            equal[j].append(torch.tensor(int(tallies[3 + w])))
+        else:
+            counts[w] = int(tallies[3 + w])
+    if counts:
+        ws = list(counts)
+        capacity = max(counts.values()) + 1  # a row is written one entry past its count before the test
+        values, positions = np.empty((len(ws), capacity), dtype=np.float32), np.empty((len(ws), capacity), dtype=np.int64)
+        gathered = np.zeros(len(ws), dtype=np.int64)
+        if capacity > 1:
+            loops.gather_flagged(model, base, lows[ws], highs[ws], start, values, positions, gathered, flags, hits, magnitudes)
+        for row, w in enumerate(ws):
+            found[keys[w]].append((torch.from_numpy(values[row, : counts[w]]), torch.from_numpy(positions[row, : counts[w]])))
+    return int(tallies[6])
 
 
 def _counts_above_cpu(a: torch.Tensor, v: float) -> tuple[int, int]:
