@@ -571,14 +571,20 @@ def _scan_compiled(model: np.ndarray, base: np.ndarray, start: int, windows: dic
     keys = list(bounds)
     lows = np.array([bounds[j][0] for j in keys], dtype=np.float32)
     highs = np.array([bounds[j][1] for j in keys], dtype=np.float32)
-    capacity = max(counts.values()) + 1  # a row is written one entry past its count before the test
-    values, positions = np.empty((len(keys), capacity), dtype=np.float32), np.empty((len(keys), capacity), dtype=np.int64)
-    gathered = np.zeros(len(keys), dtype=np.int64)
-    if capacity > 1:
-        loops.windows_gather(model, base, lows, highs, start, values, positions, gathered, *scratch.for_chunk(model.size))
-    for w, j in enumerate(keys):
-        found[j].append((torch.from_numpy(values[w, : counts[j]]), torch.from_numpy(positions[w, : counts[j]])))
+    _gather(keys, [counts[j] for j in keys], found, lambda *rows: loops.windows_gather(
+        model, base, lows, highs, start, *rows, *scratch.for_chunk(model.size)))
     return nonzero
+
+
+def _gather(keys: list, counts: list[int], found: dict, gather: Callable) -> None:
+    """Append to found[j] the values and positions `gather(values, positions, gathered)` writes for the
+    windows `keys` (row w of each for keys[w], whose count is counts[w]: known from the counting pass)."""
+    capacity = max(counts) + 1  # a row is written one entry past its count before the test
+    values, positions = np.empty((len(keys), capacity), dtype=np.float32), np.empty((len(keys), capacity), dtype=np.int64)
+    if capacity > 1:
+        gather(values, positions, np.zeros(len(keys), dtype=np.int64))
+    for w, (j, count) in enumerate(zip(keys, counts)):
+        found[j].append((torch.from_numpy(values[w, :count]), torch.from_numpy(positions[w, :count])))
 
 
 def _tally_and_gather(model: np.ndarray, base: np.ndarray, start: int, windows: dict, single: dict, above: dict,
@@ -594,22 +600,14 @@ def _tally_and_gather(model: np.ndarray, base: np.ndarray, start: int, windows: 
     tallies = np.zeros(7, dtype=np.int64)
     flags, hits, magnitudes = scratch.for_chunk(model.size)
     loops.windows_tally(model, base, lows, highs, gathers, tallies, flags)
-    counts = {}
     for w, j in enumerate(keys):
         above[j] += int(tallies[w])
         if j in single:
             equal[j].append(torch.tensor(int(tallies[3 + w])))
-        else:
-            counts[w] = int(tallies[3 + w])
-    if counts:
-        ws = list(counts)
-        capacity = max(counts.values()) + 1  # a row is written one entry past its count before the test
-        values, positions = np.empty((len(ws), capacity), dtype=np.float32), np.empty((len(ws), capacity), dtype=np.int64)
-        gathered = np.zeros(len(ws), dtype=np.int64)
-        if capacity > 1:
-            loops.gather_flagged(model, base, lows[ws], highs[ws], start, values, positions, gathered, flags, hits, magnitudes)
-        for row, w in enumerate(ws):
-            found[keys[w]].append((torch.from_numpy(values[row, : counts[w]]), torch.from_numpy(positions[row, : counts[w]])))
+    ws = [w for w, j in enumerate(keys) if j not in single]
+    if ws:
+        _gather([keys[w] for w in ws], [int(tallies[3 + w]) for w in ws], found, lambda *rows: loops.gather_flagged(
+            model, base, lows[ws], highs[ws], start, *rows, flags, hits, magnitudes))
     return int(tallies[6])
 
 
