@@ -57,7 +57,7 @@ from mergesmith.methods.registry import MethodInputError
 # Below this many elements, plain kthvalue on everything is as fast as anything cleverer.
 _SMALL = 1 << 16
 # Sample size bounds for the candidate window of the threshold search (see `_sample_step`).
-_SAMPLE_MIN, _SAMPLE_MAX = 1 << 14, 1 << 20
+_SAMPLE_MIN, _SAMPLE_MAX = 1 << 14, 1 << 18
 
 # Elements per chunk on CPU: 1 MiB of float32. Measured on 3 x 4096^2 float32 (ties, idle 2-core EPYC):
 # 2^16 0.41 s, 2^18 0.28 s, 2^20 0.31 s, 2^22 0.43 s with 2 threads: small chunks pay per-op thread
@@ -223,12 +223,12 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _sample_step(n: int) -> int:
-    """Stride of the sample: about 4 n^(2/3) samples, which balances the sample's own selection (grows with s)
+    """Stride of the sample: about n^(2/3) samples, which balances the sample's own selection (grows with s)
     against the candidate window it leaves (shrinks as 1/sqrt(s)); odd, so it does not alias with
-    power-of-two row lengths. The factor 4, measured on 5632x2048 bf16 deltas (AVX2 Zen 3, two threads,
-    medians of 9): a TIES cut 2.9-3.2 -> 2.0 ns an entry (CPU 4.5-5.2 -> 3.4), Arcee Fusion's three quartile
-    windows 4.1-4.8 -> 3.7; x2 and x8 did no better."""
-    samples = min(_SAMPLE_MAX, max(_SAMPLE_MIN, int(4 * n ** (2 / 3))))
+    power-of-two row lengths. A 4x larger sample cut the selection in memory (5632x2048 bf16 deltas, a TIES
+    cut 3.2 -> 2.0 ns an entry) but not whole 1B merges, whose strided sample then reads every cache line of
+    the inputs: TIES user CPU 13.7-14.8 -> 14.7-15.2 s, Arcee Fusion no faster (alternating runs)."""
+    samples = min(_SAMPLE_MAX, max(_SAMPLE_MIN, int(n ** (2 / 3))))
     return (n // samples) | 1
 
 
