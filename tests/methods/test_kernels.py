@@ -384,6 +384,24 @@ def test_ram_loops_equal_the_torch_path(name, count, params, dtype, torch_path, 
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_arcee_fusion_importances_from_the_loop_equal_torchs_bit_for_bit(dtype, torch_path):
+    # |other - base| * KL(row) as one compiled loop on the inputs as stored, against torch's subtract, abs
+    # and multiply on float32 copies: the same float operations, so the same bits (NaN rows, zero rows too)
+    from mergesmith.methods.arcee_fusion import importance_scores
+
+    g = torch.Generator().manual_seed(8)
+    base = (torch.randn(300, 257, generator=g) * 0.02).to(dtype)
+    other = (base.float() + torch.randn(base.shape, generator=g) * 0.002).to(dtype)
+    other[5, 3] = float("nan")
+    other[9] = base[9]  # KL 0
+    compiled = importance_scores(other, base, torch.float32)
+    with torch_path:
+        reference = importance_scores(other, base, torch.float32)
+    assert torch.equal(compiled.view(torch.int32), reference.view(torch.int32))
+    assert compiled[5].isnan().all() and not compiled[6].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("nan_row", [False, True])
 def test_arcee_fusion_loops_equal_the_torch_path(dtype, nan_row, torch_path, monkeypatch):
     # past SELECT_FROM entries the quartiles come from the compiled selection scan (three windows gathered in

@@ -27,7 +27,7 @@ import torch
 
 from mergesmith.methods import _kernels
 from mergesmith.methods._parallel import in_parts
-from mergesmith.methods._sparsify import StoredValues, TaskVector, chunk_size, select_top, spans
+from mergesmith.methods._sparsify import StoredValues, TaskVector, chunk_size, loop_operand, select_top, spans
 from mergesmith.methods.registry import merge_method
 
 PROB_EPS = 1e-8
@@ -53,6 +53,7 @@ def importance_scores(other: torch.Tensor, base: torch.Tensor, dtype: torch.dtyp
     dtype = dtype or base.dtype
     o_rows, b_rows = other.reshape(-1, other.shape[-1]), base.reshape(-1, base.shape[-1])
     scores = torch.empty(o_rows.shape, dtype=dtype, device=base.device)
+    compiled = TaskVector(other, base, dtype).compiled()  # the last step as one loop, on the inputs as stored
 
     def blocks(share):
         for r0, r1 in share:
@@ -60,7 +61,11 @@ def importance_scores(other: torch.Tensor, base: torch.Tensor, dtype: torch.dtyp
             p = torch.softmax(o, dim=-1).add_(PROB_EPS)
             q = torch.softmax(b, dim=-1).add_(PROB_EPS)
             kl = torch.div(p, q, out=q).log_().mul_(p).sum(dim=-1, keepdim=True)
-            torch.sub(o, b, out=scores[r0:r1]).abs_().mul_(kl)
+            if compiled:
+                _kernels.loops().scaled_magnitudes_into(
+                    loop_operand(o_rows[r0:r1]), loop_operand(b_rows[r0:r1]), kl.view(-1).numpy(), scores[r0:r1].numpy())
+            else:
+                torch.sub(o, b, out=scores[r0:r1]).abs_().mul_(kl)
 
     in_parts(_row_blocks(*o_rows.shape), blocks, base.device)
     return scores.view(other.shape)
