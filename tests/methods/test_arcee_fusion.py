@@ -90,5 +90,3 @@ def test_quartiles_of_tensors_past_mergekits_sample_size_are_exact_at_any_size()
     expected = torch.from_numpy(np.partition(values.numpy(), ranks)[ranks])
     got = quartiles(values)
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
-
-

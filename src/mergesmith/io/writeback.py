@@ -19,7 +19,7 @@ _SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start write-out of the range's dirty pa
 def _sync_file_range():
     """libc's sync_file_range (Linux), or None where there is none."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
         function = libc.sync_file_range
     except (OSError, AttributeError):
         return None

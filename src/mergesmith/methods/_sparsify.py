@@ -553,13 +553,12 @@ def _scan_compiled(model: np.ndarray, base: np.ndarray, start: int, windows: dic
     (single-value windows) equal to it; then gather those inside the other windows, with their positions,
     in one pass for all of them. Returns the chunk's non-zero count."""
     loops = _kernels.loops()
-    if 2 <= len(windows) <= 3:
+    if 2 <= len(windows) <= _TALLY_WINDOWS:
         return _tally_and_gather(model, base, start, windows, single, above, equal, found, scratch)
     nonzero = 0
     bounds, counts = {}, {}
-    for j, (lo, hi) in windows.items():
-        low = _MINUS_INF if lo is None else np.float32(lo.item())
-        high = _PLUS_INF if hi is None else np.float32(hi.item())
+    for j, window in windows.items():
+        low, high = _loop_bounds(window)
         n_above, n_inside, nonzero = loops.window_count(model, base, low, high)
         above[j] += n_above
         if j in single:
@@ -574,6 +573,15 @@ def _scan_compiled(model: np.ndarray, base: np.ndarray, start: int, windows: dic
     _gather(keys, [counts[j] for j in keys], found, lambda *rows: loops.windows_gather(
         model, base, lows, highs, start, *rows, *scratch.for_chunk(model.size)))
     return nonzero
+
+
+def _loop_bounds(window: tuple[torch.Tensor | None, torch.Tensor | None]) -> tuple[np.float32, np.float32]:
+    """A window's (lo, hi) as the loops read them: float32, an open side infinite."""
+    lo, hi = window
+    return (_MINUS_INF if lo is None else np.float32(lo.item()), _PLUS_INF if hi is None else np.float32(hi.item()))
+
+
+_TALLY_WINDOWS = 3  # the windows `windows_tally` tests in its one pass (unused ones are padded empty)
 
 
 def _gather(keys: list, counts: list[int], found: dict, gather: Callable) -> None:
@@ -593,20 +601,20 @@ def _tally_and_gather(model: np.ndarray, base: np.ndarray, start: int, windows: 
     (`windows_tally`), then the gather of the flagged entries."""
     loops = _kernels.loops()
     keys = list(windows)
-    bounds = [(_MINUS_INF if lo is None else np.float32(lo.item()), _PLUS_INF if hi is None else np.float32(hi.item()))
-              for lo, hi in windows.values()] + [(_PLUS_INF, _PLUS_INF)] * (3 - len(keys))  # empty windows
+    padding = _TALLY_WINDOWS - len(keys)
+    bounds = [_loop_bounds(window) for window in windows.values()] + [(_PLUS_INF, _PLUS_INF)] * padding  # empty
     lows, highs = (np.array(side, dtype=np.float32) for side in zip(*bounds))
-    gathers = np.array([j not in single for j in keys] + [False] * (3 - len(keys)), dtype=np.uint8)
-    tallies = np.zeros(7, dtype=np.int64)
+    gathers = np.array([j not in single for j in keys] + [False] * padding, dtype=np.uint8)
+    tallies = np.zeros(2 * _TALLY_WINDOWS + 1, dtype=np.int64)  # above each, inside each, non-zero
     flags, hits, magnitudes = scratch.for_chunk(model.size)
     loops.windows_tally(model, base, lows, highs, gathers, tallies, flags)
     for w, j in enumerate(keys):
         above[j] += int(tallies[w])
         if j in single:
-            equal[j].append(torch.tensor(int(tallies[3 + w])))
+            equal[j].append(torch.tensor(int(tallies[_TALLY_WINDOWS + w])))
     ws = [w for w, j in enumerate(keys) if j not in single]
     if ws:
-        _gather([keys[w] for w in ws], [int(tallies[3 + w]) for w in ws], found, lambda *rows: loops.gather_flagged(
+        _gather([keys[w] for w in ws], [int(tallies[_TALLY_WINDOWS + w]) for w in ws], found, lambda *rows: loops.gather_flagged(
             model, base, lows[ws], highs[ws], start, *rows, flags, hits, magnitudes))
     return int(tallies[6])
 
