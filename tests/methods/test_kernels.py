@@ -386,7 +386,8 @@ def test_ram_loops_equal_the_torch_path(name, count, params, dtype, torch_path, 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_arcee_fusion_importances_from_the_loop_equal_torchs_bit_for_bit(dtype, torch_path):
     # |other - base| * KL(row) as one compiled loop on the inputs as stored, against torch's subtract, abs
-    # and multiply on float32 copies: the same float operations, so the same bits (NaN rows, zero rows too)
+    # and multiply on float32 copies: the same float operations, so the same bits (zero rows too; NaN where
+    # torch has NaN, its payload aside: x86 passes on either operand's NaN, and the two pick differently)
     from mergesmith.methods.arcee_fusion import importance_scores
 
     g = torch.Generator().manual_seed(8)
@@ -397,8 +398,9 @@ def test_arcee_fusion_importances_from_the_loop_equal_torchs_bit_for_bit(dtype, 
     compiled = importance_scores(other, base, torch.float32)
     with torch_path:
         reference = importance_scores(other, base, torch.float32)
-    assert torch.equal(compiled.view(torch.int32), reference.view(torch.int32))
-    assert compiled[5].isnan().all() and not compiled[6].isnan().any()
+    nan = reference.isnan()
+    assert torch.equal(compiled.isnan(), nan) and nan[5].all() and not nan[6].any()
+    assert torch.equal(compiled[~nan].view(torch.int32), reference[~nan].view(torch.int32))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -428,6 +430,50 @@ def test_arcee_fusion_loops_equal_the_torch_path(dtype, nan_row, torch_path, mon
     assert torch.equal(rounded.view(torch.int16), reference.to(torch.bfloat16).view(torch.int16))
     changed = (compiled != base.float()).float().mean()
     assert 0 < changed < 0.5
+
+
+def test_arcee_fusion_quartiles_of_importances_never_stored_are_those_of_the_stored_ones(monkeypatch):
+    # the compiled merge computes the importances chunk by chunk (whole rows; 1500 columns do not divide the
+    # chunk) where the selection reads them; the quartiles are the exact order statistics of the stored ones,
+    # and the whole tensor is never made
+    from mergesmith.methods import arcee_fusion as module
+
+    g = torch.Generator().manual_seed(11)
+    base = (torch.randn(700, 1500, generator=g) * 0.02).to(torch.bfloat16)
+    other = (base.float() + torch.randn(base.shape, generator=g) * 0.002).to(torch.bfloat16)
+    kl = module.row_divergences(other, base, torch.float32)
+    stored = module.importance_scores(other, base, torch.float32).reshape(-1)
+    assert stored.numel() > module.SELECT_FROM and stored.numel() % module.RowImportances(other, base, kl).chunk_length()
+    last = stored.numel() - 1
+    ranks = [last // 4, last // 2, (3 * last) // 4]
+    expected = np.partition(stored.numpy(), ranks)[ranks]
+    monkeypatch.setattr(module.RowImportances, "whole", lambda self: pytest.fail("importances stored whole"))
+    got = module.importance_quartiles(module.RowImportances(other, base, kl))
+    assert np.array_equal(np.array([float(q) for q in got], dtype=np.float32), expected)
+    fused = get_method("arcee_fusion").func([other], base=base, compute_dtype=torch.float32)
+    assert 0 < (fused != base.float()).float().mean() < 0.5
+
+
+def test_arcee_fusion_nan_importance_in_a_finite_row_falls_back_to_the_stored_order(torch_path):
+    # -inf in both models at one place: that row's KL is finite, its importance there NaN (inf - inf). The
+    # scan cannot order NaN; having met one it falls back to np.partition on the stored importances (NaN
+    # last), as the torch path does, and the base is kept there
+    g = torch.Generator().manual_seed(12)
+    base = (torch.randn(700, 1500, generator=g) * 0.02).to(torch.bfloat16)
+    other = (base.float() + torch.randn(base.shape, generator=g) * 0.002).to(torch.bfloat16)
+    base[3, 4] = other[3, 4] = float("-inf")
+    from mergesmith.methods import arcee_fusion as module
+
+    importances = module.RowImportances(other, base, module.row_divergences(other, base, torch.float32))
+    assert importances.selectable()  # every KL finite: the scan runs, meets the NaN, and falls back
+    module.importance_quartiles(importances)
+    assert importances.nan_seen
+    fuse = get_method("arcee_fusion").func
+    compiled = fuse([other], base=base, compute_dtype=torch.float32)
+    with torch_path:
+        reference = fuse([other], base=base, compute_dtype=torch.float32)
+    assert torch.equal(compiled.view(torch.int32), reference.view(torch.int32))
+    assert compiled[3, 4] == float("-inf") and not compiled.isnan().any()
 
 
 def test_widen_is_torchs_bfloat16_conversion_for_every_bit_pattern():

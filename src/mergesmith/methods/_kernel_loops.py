@@ -69,20 +69,32 @@ def magnitudes_into(model, base, out):
 def scaled_magnitudes_into(model, base, scales, out):
     """out[r, c] = |model[r, c] - base[r, c]| * scales[r] for 2-D blocks of rows: Arcee Fusion's importances
     from the inputs as stored and the rows' KL divergences, in one pass (torch's subtract, abs and multiply
-    on float32 copies took three)."""
+    on float32 copies took three). Returns how many came out NaN (the selection cannot order those)."""
     rows, cols = out.shape
+    nans = 0
     for r in range(rows):
         m, b, o, s = model[r], base[r], out[r], scales[r]
+        row_nans = np.int32(0)
         for c in range(cols):
-            o[c] = abs(widen(m[c]) - widen(b[c])) * s
+            a = abs(widen(m[c]) - widen(b[c])) * s
+            o[c] = a
+            row_nans = np.int32(row_nans + np.int32(a != a))  # int32 counters: see `window_count`
+        nans += row_nans
+    return nans
 
 
 @jit
-def choose_into(importance, threshold, other, base, out):
-    """out[i] = other[i] where importance[i] >= threshold, else base[i] (Arcee Fusion's output); a NaN
-    importance keeps the base, as the torch comparison does. `out` may be `importance` itself."""
-    for i in range(out.size):
-        out[i] = widen(other[i]) if importance[i] >= threshold else widen(base[i])
+def choose_scaled_into(other, base, scales, threshold, out):
+    """out[r, c] = other[r, c] where |other[r, c] - base[r, c]| * scales[r] >= threshold, else base[r, c]:
+    Arcee Fusion's output from the inputs and the rows' KL divergences, its importances computed again
+    entry by entry (the same float operations as `scaled_magnitudes_into`) instead of read from memory.
+    A NaN importance keeps the base, as the torch comparison does."""
+    rows, cols = out.shape
+    for r in range(rows):
+        m, b, o, s = other[r], base[r], out[r], scales[r]
+        for c in range(cols):
+            x, y = widen(m[c]), widen(b[c])
+            o[c] = x if abs(x - y) * s >= threshold else y
 
 
 @jit

@@ -46,7 +46,7 @@ CHUNK = 1 << 18  # entries per chunk of the merge pass
 
 LOOPS = (
     "weighted_delta", "consensus_into", "sum_into", "window_count", "windows_gather", "windows_tally", "gather_flagged", "to_bfloat16", "partner_keep",
-    "bernoulli_keep", "weighted_consensus_into", "cut_mask", "magnitudes_into", "scaled_magnitudes_into", "choose_into",
+    "bernoulli_keep", "weighted_consensus_into", "cut_mask", "magnitudes_into", "scaled_magnitudes_into", "choose_scaled_into",
     "contribution_into", "contributor_tallies", "ram_combine_into",
 )
 

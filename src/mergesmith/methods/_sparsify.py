@@ -175,13 +175,13 @@ class StoredValues(TaskVector):
 
     def operands(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """(values[start:end], zeros) for the loops, which read magnitudes as |model - base|."""
-        return loop_operand(self.values[start:end]), _zeros(end - start)
+        return loop_operand(self.values[start:end]), zeros_operand(end - start)
 
 
 _ZEROS = np.zeros(0, dtype=np.uint16)
 
 
-def _zeros(n: int) -> np.ndarray:
+def zeros_operand(n: int) -> np.ndarray:
     """n bf16 zeros (uint16 bit patterns), from one array kept for the process: a fresh one per chunk cost a
     page fault per 4 KiB on every scan (~1 ns an entry on this VM)."""
     global _ZEROS

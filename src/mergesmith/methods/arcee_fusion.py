@@ -20,6 +20,7 @@ Identical models give importance 0 everywhere, threshold 0, and return the (equa
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 
 from mergesmith.methods import _kernels
 from mergesmith.methods._parallel import in_parts
-from mergesmith.methods._sparsify import StoredValues, TaskVector, chunk_size, loop_operand, select_top, spans
+from mergesmith.methods._sparsify import CHUNK, StoredValues, TaskVector, chunk_size, loop_operand, select_top, spans, zeros_operand
 from mergesmith.methods.registry import merge_method
 
 PROB_EPS = 1e-8
@@ -42,45 +43,131 @@ SELECT_FROM = 1 << 18
 ROW_BLOCK = 1 << 18
 
 
-def _row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
-    per = max(1, ROW_BLOCK // max(cols, 1))
+def _row_blocks(rows: int, cols: int, per_block: int = ROW_BLOCK) -> list[tuple[int, int]]:
+    per = max(1, per_block // max(cols, 1))
     return [(r, min(rows, r + per)) for r in range(0, rows, per)]
+
+
+def row_divergences(other_rows: torch.Tensor, base_rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """KL(softmax(other) ‖ softmax(base)) of each row of two 2-D tensors, as a (rows, 1) tensor in `dtype`,
+    computed in blocks of rows from the inputs as stored (each block converted as it is used)."""
+    kl = torch.empty((other_rows.shape[0], 1), dtype=dtype, device=base_rows.device)
+
+    def blocks(share):
+        for r0, r1 in share:
+            p = torch.softmax(other_rows[r0:r1].to(dtype), dim=-1).add_(PROB_EPS)
+            q = torch.softmax(base_rows[r0:r1].to(dtype), dim=-1).add_(PROB_EPS)
+            torch.sum(torch.div(p, q, out=q).log_().mul_(p), dim=-1, keepdim=True, out=kl[r0:r1])
+
+    in_parts(_row_blocks(*other_rows.shape), blocks, base_rows.device)
+    return kl
 
 
 def importance_scores(other: torch.Tensor, base: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """|other − base| scaled by the per-row KL(softmax(other) ‖ softmax(base)), in `dtype` (default: the
-    base's), computed in blocks of rows from the inputs as stored (each block converted as it is used)."""
+    base's), stored whole (the compiled merge never stores them: `RowImportances`)."""
     dtype = dtype or base.dtype
     o_rows, b_rows = other.reshape(-1, other.shape[-1]), base.reshape(-1, base.shape[-1])
-    scores = torch.empty(o_rows.shape, dtype=dtype, device=base.device)
-    compiled = TaskVector(other, base, dtype).compiled()  # the last step as one loop, on the inputs as stored
+    return _stored_importances(o_rows, b_rows, row_divergences(o_rows, b_rows, dtype)).view(other.shape)
+
+
+def _stored_importances(o_rows: torch.Tensor, b_rows: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
+    """The (rows, cols) importances in kl's dtype: the compiled loop where it applies, else torch in blocks."""
+    importances = RowImportances(o_rows, b_rows, kl)
+    if importances.compiled():
+        return importances.whole().view(o_rows.shape)
+    scores = torch.empty(o_rows.shape, dtype=kl.dtype, device=kl.device)
 
     def blocks(share):
         for r0, r1 in share:
-            o, b = o_rows[r0:r1].to(dtype), b_rows[r0:r1].to(dtype)
-            p = torch.softmax(o, dim=-1).add_(PROB_EPS)
-            q = torch.softmax(b, dim=-1).add_(PROB_EPS)
-            kl = torch.div(p, q, out=q).log_().mul_(p).sum(dim=-1, keepdim=True)
-            if compiled:
-                _kernels.loops().scaled_magnitudes_into(
-                    loop_operand(o_rows[r0:r1]), loop_operand(b_rows[r0:r1]), kl.view(-1).numpy(), scores[r0:r1].numpy())
-            else:
-                torch.sub(o, b, out=scores[r0:r1]).abs_().mul_(kl)
+            torch.sub(o_rows[r0:r1].to(kl.dtype), b_rows[r0:r1].to(kl.dtype), out=scores[r0:r1]).abs_().mul_(kl[r0:r1])
 
-    in_parts(_row_blocks(*o_rows.shape), blocks, base.device)
-    return scores.view(other.shape)
+    in_parts(_row_blocks(*o_rows.shape), blocks, kl.device)
+    return scores
+
+
+class RowImportances(TaskVector):
+    """Arcee Fusion's importances |other − base| · KL(row), float32, computed where they are read and never
+    stored whole: chunks of whole rows into a thread's scratch for the selection scan (`operands`), a
+    strided sample, or the whole tensor for the fallbacks. Storing them cost a float32 tensor as large as
+    the model's weight (a fresh 46 MB for a 5632x2048 matrix: its first touch alone ~2 ns an entry on this
+    VM) and a pass to write it. The compiled loops read |values − 0| as the magnitudes (`StoredValues`), so
+    the selection needs every KL ≥ 0 (`selectable`) and counts the NaN importances it met (`nan_seen`)."""
+
+    _scratch = threading.local()
+
+    def __init__(self, other_rows: torch.Tensor, base_rows: torch.Tensor, kl: torch.Tensor):
+        self.other, self.base_rows, self.kl = other_rows, base_rows, kl.view(-1)
+        self.rows, self.cols = other_rows.shape
+        self.dtype, self.device = torch.float32, base_rows.device
+        self.model, self.base = other_rows.reshape(-1), base_rows.reshape(-1)  # for TaskVector.compiled
+        self._nans: list[int] = []
+
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    def compiled(self) -> bool:
+        return self.kl.dtype == torch.float32 and super().compiled()
+
+    def chunk_length(self) -> int:
+        """Entries per selection chunk: whole rows, about CHUNK of them."""
+        return max(1, CHUNK // max(self.cols, 1)) * self.cols
+
+    def selectable(self) -> bool:
+        """Every KL ≥ 0 (none NaN), so every importance is its own magnitude."""
+        return bool((self.kl >= 0).all())
+
+    @property
+    def nan_seen(self) -> bool:
+        return any(self._nans)
+
+    def _into(self, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
+        o, b = loop_operand(self.other[r0:r1]), loop_operand(self.base_rows[r0:r1])
+        self._nans.append(_kernels.loops().scaled_magnitudes_into(o, b, self.kl[r0:r1].numpy(), out))
+        return out
+
+    def operands(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """(importances[start:end], zeros): `start` and `end` fall on row boundaries (`chunk_length`)."""
+        scratch = getattr(self._scratch, "values", None)
+        if scratch is None or scratch.size < end - start:
+            scratch = self._scratch.values = np.empty(end - start, dtype=np.float32)
+        values = scratch[: end - start]
+        self._into(start // self.cols, -(-end // self.cols), values.reshape(-1, self.cols))
+        return values, zeros_operand(end - start)
+
+    def chunk(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
+        values, _ = self.operands(start, end)
+        return out.copy_(torch.from_numpy(values))
+
+    def whole(self) -> torch.Tensor:
+        values = torch.empty((self.rows, self.cols), dtype=torch.float32)
+        in_parts(_row_blocks(self.rows, self.cols), lambda share: [self._into(r0, r1, values[r0:r1].numpy()) for r0, r1 in share], self.device)
+        return values.view(-1)
+
+    def sample(self, step: int) -> torch.Tensor:
+        at = torch.arange(0, self.numel(), step)
+        delta = self.model[at].to(torch.float32) - self.base[at].to(torch.float32)
+        return delta.abs_().mul_(self.kl[at // self.cols])
+
+
+def _quartile_ranks(n: int) -> list[int]:
+    last = n - 1
+    return [last // 4, last // 2, (3 * last) // 4]
+
+
+def _selected(values: TaskVector, ranks: list[int], size: int) -> torch.Tensor:
+    """The values of ascending ranks `ranks`, for values that are their own magnitudes: rank r ascending is
+    the (n − r)-th largest, which `select_top` finds for all ranks in one chunked pass."""
+    cuts = select_top(values, [values.numel() - r for r in ranks], size)
+    return torch.tensor([cut.threshold for cut in cuts], dtype=values.dtype)
 
 
 def quartiles(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Q1, median, Q3): the elements of 0-based rank ⌊q·(n−1)⌋ of `flat` in ascending order, exact at any size."""
-    last = flat.numel() - 1
-    ranks = [last // 4, last // 2, (3 * last) // 4]
+    ranks = _quartile_ranks(flat.numel())
     large = flat.numel() > SELECT_FROM and flat.dtype in (torch.float32, torch.float64)
-    if large and bool(flat.min() >= 0):
-        # importances >= 0 (a row's KL can round below 0: then not) are their own magnitudes: rank r ascending
-        # is the (n - r)-th largest, which `select_top` finds for the three ranks in one chunked pass
-        cuts = select_top(StoredValues(flat), [flat.numel() - r for r in ranks], chunk_size(flat))
-        picked = torch.tensor([cut.threshold for cut in cuts], dtype=flat.dtype)
+    if large and bool(flat.min() >= 0):  # a row's KL can round below 0, and NaN is not >= 0: then not
+        picked = _selected(StoredValues(flat), ranks, chunk_size(flat))
     elif flat.device.type == "cpu":
         # One multi-rank selection (introselect), O(n), instead of a full sort.
         values = np.partition(flat.to(torch.float64 if flat.dtype == torch.float64 else torch.float32).numpy(), ranks)
@@ -90,9 +177,24 @@ def quartiles(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return picked[0], picked[1], picked[2]
 
 
-def fusion_threshold(importance: torch.Tensor) -> torch.Tensor:
-    q1, median, q3 = quartiles(importance.reshape(-1))
+def importance_quartiles(importances: RowImportances) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quartiles` of importances that are not stored: selected from chunks computed as the scan reads them;
+    where some KL is below 0 or the scan met a NaN importance, from the whole tensor (np.partition's order:
+    NaN last)."""
+    if importances.numel() > SELECT_FROM and importances.selectable():
+        picked = _selected(importances, _quartile_ranks(importances.numel()), importances.chunk_length())
+        if not importances.nan_seen:
+            return picked[0], picked[1], picked[2]
+    return quartiles(importances.whole())
+
+
+def fence(q1: torch.Tensor, median: torch.Tensor, q3: torch.Tensor) -> torch.Tensor:
+    """The outlier fence: median + 1.5 · (Q3 − Q1)."""
     return median + 1.5 * (q3 - q1)
+
+
+def fusion_threshold(importance: torch.Tensor) -> torch.Tensor:
+    return fence(*quartiles(importance.reshape(-1)))
 
 
 @merge_method(
@@ -111,42 +213,42 @@ def arcee_fusion(tensors: Sequence[torch.Tensor], *, base: torch.Tensor, compute
     other = tensors[0]
     if other.numel() == 0:
         return base.to(dtype, copy=True)
-    shaped_other = other.reshape(1) if other.dim() == 0 else other
-    shaped_base = base.reshape(1) if base.dim() == 0 else base
-    importance = importance_scores(shaped_other, shaped_base, dtype)
+    o_rows = other.reshape(-1, other.shape[-1]) if other.dim() else other.reshape(1, 1)
+    b_rows = base.reshape(o_rows.shape)
+    importances = RowImportances(o_rows, b_rows, row_divergences(o_rows, b_rows, dtype))
+    if importances.compiled():
+        threshold = fence(*importance_quartiles(importances))
+        return _choose_compiled(importances, threshold, output_dtype).reshape(base.shape)
+    importance = _stored_importances(o_rows, b_rows, importances.kl.view(-1, 1))
     threshold = fusion_threshold(importance)
-    inputs = TaskVector(shaped_other, shaped_base, dtype)
-    if inputs.compiled():
-        return _choose_compiled(inputs, importance, threshold, output_dtype).reshape(base.shape)
     # the importances' storage becomes the output, block by block
-    rows = importance.view(-1, importance.shape[-1])
-    o_rows, b_rows = shaped_other.reshape(rows.shape), shaped_base.reshape(rows.shape)
 
     def blocks(share):
         for r0, r1 in share:
-            fused = rows[r0:r1] >= threshold
-            torch.where(fused, o_rows[r0:r1].to(dtype), b_rows[r0:r1].to(dtype), out=rows[r0:r1])
+            fused = importance[r0:r1] >= threshold
+            torch.where(fused, o_rows[r0:r1].to(dtype), b_rows[r0:r1].to(dtype), out=importance[r0:r1])
 
-    in_parts(_row_blocks(*rows.shape), blocks, base.device)
+    in_parts(_row_blocks(*importance.shape), blocks, base.device)
     return importance.reshape(base.shape)
 
 
-def _choose_compiled(inputs: TaskVector, importance: torch.Tensor, threshold: torch.Tensor,
-                     output_dtype: torch.dtype | None) -> torch.Tensor:
-    """The output pass as one compiled loop a chunk, on the inputs as stored (`_kernels.choose_into`): into
-    the float32 importances' own storage, or straight into a bf16 output. torch's compare and `where` on
-    float32 copies of both inputs took ~1.4 ns an entry on two threads; the loop ~0.3."""
-    flat_importance = importance.reshape(-1)
+def _choose_compiled(importances: RowImportances, threshold: torch.Tensor, output_dtype: torch.dtype | None) -> torch.Tensor:
+    """The output pass as one compiled loop a block of rows on the inputs as stored, the importances computed
+    again on the way (`_kernels.choose_scaled_into`), into a float32 output or straight into a bf16 one.
+    torch's compare and `where` on float32 copies of both inputs took ~1.4 ns an entry on two threads."""
     out_dtype = _kernels.result_dtype(torch.float32, output_dtype, True)
-    flat_out = flat_importance if out_dtype == torch.float32 else torch.empty(flat_importance.shape, dtype=out_dtype)
-    fence = np.float32(threshold.item())
-    loops = _kernels.loops()
+    out = torch.empty((importances.rows, importances.cols), dtype=out_dtype)
+    flat_out = out.view(-1)
+    limit = np.float32(threshold.item())
+    loops, cols = _kernels.loops(), importances.cols
 
-    def work(chunks: list[tuple[int, int]]) -> None:
-        outputs = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks))
-        for s, e in chunks:
-            loops.choose_into(flat_importance[s:e].numpy(), fence, *inputs.operands(s, e), outputs.target(s, e))
+    def work(blocks: list[tuple[int, int]]) -> None:
+        outputs = _kernels.OutputChunks(flat_out, max(r1 - r0 for r0, r1 in blocks) * cols)
+        for r0, r1 in blocks:
+            s, e = r0 * cols, r1 * cols
+            other, base = loop_operand(importances.other[r0:r1]), loop_operand(importances.base_rows[r0:r1])
+            loops.choose_scaled_into(other, base, importances.kl[r0:r1].numpy(), limit, outputs.target(s, e).reshape(-1, cols))
             outputs.done(s, e)
 
-    in_parts(spans(flat_out.numel(), chunk_size(flat_out)), work, flat_out.device)
-    return flat_out
+    in_parts(_row_blocks(importances.rows, cols, CHUNK), work, out.device)
+    return out
