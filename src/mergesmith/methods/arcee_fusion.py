@@ -68,46 +68,45 @@ def importance_scores(other: torch.Tensor, base: torch.Tensor, dtype: torch.dtyp
     base's), stored whole (the compiled merge never stores them: `RowImportances`)."""
     dtype = dtype or base.dtype
     o_rows, b_rows = other.reshape(-1, other.shape[-1]), base.reshape(-1, base.shape[-1])
-    return _stored_importances(o_rows, b_rows, row_divergences(o_rows, b_rows, dtype)).view(other.shape)
+    return _stored_importances(RowImportances(o_rows, b_rows, row_divergences(o_rows, b_rows, dtype))).view(other.shape)
 
 
-def _stored_importances(o_rows: torch.Tensor, b_rows: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
-    """The (rows, cols) importances in kl's dtype: the compiled loop where it applies, else torch in blocks."""
-    importances = RowImportances(o_rows, b_rows, kl)
+def _stored_importances(importances: RowImportances) -> torch.Tensor:
+    """The (rows, cols) importances in the KL's dtype: the compiled loop where it applies, else torch in blocks."""
     if importances.compiled():
-        return importances.whole().view(o_rows.shape)
-    scores = torch.empty(o_rows.shape, dtype=kl.dtype, device=kl.device)
+        return importances.whole().view(importances.rows, importances.cols)
+    o_rows, b_rows, kl, dtype = importances.other, importances.base_rows, importances.kl.view(-1, 1), importances.dtype
+    scores = torch.empty(o_rows.shape, dtype=dtype, device=importances.device)
 
     def blocks(share):
         for r0, r1 in share:
-            torch.sub(o_rows[r0:r1].to(kl.dtype), b_rows[r0:r1].to(kl.dtype), out=scores[r0:r1]).abs_().mul_(kl[r0:r1])
+            torch.sub(o_rows[r0:r1].to(dtype), b_rows[r0:r1].to(dtype), out=scores[r0:r1]).abs_().mul_(kl[r0:r1])
 
-    in_parts(_row_blocks(*o_rows.shape), blocks, kl.device)
+    in_parts(_row_blocks(*o_rows.shape), blocks, importances.device)
     return scores
 
 
 class RowImportances(TaskVector):
-    """Arcee Fusion's importances |other − base| · KL(row), float32, computed where they are read and never
+    """Arcee Fusion's importances |other − base| · KL(row), in the KL's dtype, computed where they are read and never
     stored whole: chunks of whole rows into a thread's scratch for the selection scan (`operands`), a
     strided sample, or the whole tensor for the fallbacks. Storing them cost a float32 tensor as large as
     the model's weight (a fresh 46 MB for a 5632x2048 matrix: its first touch alone ~2 ns an entry on this
     VM) and a pass to write it. The compiled loops read |values − 0| as the magnitudes (`StoredValues`), so
-    the selection needs every KL ≥ 0 (`selectable`) and counts the NaN importances it met (`nan_seen`)."""
+    the selection needs every KL ≥ 0 (`selectable`) and counts the NaN importances it met (`nan_seen`).
+    `compiled()` (TaskVector's: a float32 KL on CPU, inputs bf16 or float32) says when the chunk methods
+    below apply; otherwise `_stored_importances` computes them with torch."""
 
     _scratch = threading.local()
 
     def __init__(self, other_rows: torch.Tensor, base_rows: torch.Tensor, kl: torch.Tensor):
         self.other, self.base_rows, self.kl = other_rows, base_rows, kl.view(-1)
         self.rows, self.cols = other_rows.shape
-        self.dtype, self.device = torch.float32, base_rows.device
+        self.dtype, self.device = kl.dtype, base_rows.device
         self.model, self.base = other_rows.reshape(-1), base_rows.reshape(-1)  # for TaskVector.compiled
         self._nans: list[int] = []
 
     def numel(self) -> int:
         return self.rows * self.cols
-
-    def compiled(self) -> bool:
-        return self.kl.dtype == torch.float32 and super().compiled()
 
     def chunk_length(self) -> int:
         """Entries per selection chunk: whole rows, about CHUNK of them."""
@@ -219,7 +218,7 @@ def arcee_fusion(tensors: Sequence[torch.Tensor], *, base: torch.Tensor, compute
     if importances.compiled():
         threshold = fence(*importance_quartiles(importances))
         return _choose_compiled(importances, threshold, output_dtype).reshape(base.shape)
-    importance = _stored_importances(o_rows, b_rows, importances.kl.view(-1, 1))
+    importance = _stored_importances(importances)
     threshold = fusion_threshold(importance)
     # the importances' storage becomes the output, block by block
 
