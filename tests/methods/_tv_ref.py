@@ -90,6 +90,23 @@ def words(generator, count):
     return np.random.SFC64(seed).random_raw((count + 1) // 2).view(np.int32)[:count]
 
 
+def lane_words(generator, rows, cols, lanes=8):
+    """DELLA's documented random stream, for `rows` rows of `cols` entries: a 63-bit seed drawn from the torch
+    generator, `lanes` SFC64 generators seeded by numpy's SeedSequence(seed).spawn(lanes); generator k draws
+    for the columns j with j % lanes == k, every row taking ceil(cols / lanes) draws of each (the ones past
+    the row's end unused). An entry's two int32 words: its draw's lower half, then its upper half.
+    Returns an int32 array (rows, cols, 2)."""
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+    gens = [np.random.SFC64(child) for child in np.random.SeedSequence(seed).spawn(lanes)]
+    steps = -(-cols // lanes)
+    out = np.empty((rows, cols), dtype=np.uint64)
+    for i in range(rows):
+        row = [g.random_raw(steps) for g in gens]
+        for j in range(cols):
+            out[i, j] = row[j % lanes][j // lanes]
+    return out.view(np.int32).reshape(rows, cols, 2)
+
+
 def bernoulli_keep(w, density):
     """DARE's documented keep rule: the word, as a uniform number in [0, 1), is below density."""
     return (w.astype(np.int64) + 2**31) / 2**32 < density

@@ -36,7 +36,7 @@ def test_mask_reference_with_same_words():
     d, e = [0.5, 0.4], [0.2, 0.1]
     for consensus in ("sum", "count"):
         g = gen(5)
-        ws = [ref.words(g, 2 * 66) for _ in models]
+        ws = [ref.lane_words(g, 6, 11) for _ in models]
         exp = ref.gta(base, models, [1, 0.5],
                       lambda x, i: ref.rescale(x, np.where(ref.della_keep(x, ws[i], d[i], e[i]), x, 0.0)), consensus, True)
         out = ref.call("della", base, models, weight=[1, 0.5], density=d, epsilon=e, consensus_method=consensus,
@@ -46,7 +46,7 @@ def test_mask_reference_with_same_words():
 
 def test_mask_reference_blocks_ties_and_float32():
     # float32 task vectors with many tied magnitudes, ranked in two blocks of rows (174 rows of 1500, then 26):
-    # rows either side of the block boundary get the masks of the naive rule with one word stream
+    # rows either side of the block boundary get the masks of the naive rule with one stream of lanes
     r = np.random.default_rng(3)
     base = r.normal(size=(200, 1500)).astype(np.float32)
     model = base + np.round(r.normal(size=base.shape) * 8).astype(np.float32) / 1024
@@ -54,7 +54,7 @@ def test_mask_reference_blocks_ties_and_float32():
     out = della_linear([torch.tensor(model)], base=torch.tensor(base), weight=[1], density=[0.3], epsilon=[0.1],
                        rescale=False, generator=gen(8)).numpy()
     rows = [0, 1, 172, 173, 174, 175, 199]
-    keep = ref.della_keep(delta[rows], ref.words(gen(8), 600_000).reshape(200, 1500, 2)[rows], 0.3, 0.1)
+    keep = ref.della_keep(delta[rows], ref.lane_words(gen(8), 200, 1500)[rows], 0.3, 0.1)
     np.testing.assert_array_equal(out[rows], np.where(keep, base[rows] + delta[rows], base[rows]))
 
 
@@ -65,7 +65,7 @@ def test_mask_reference_more_dimensions(dtype):
     base, model = base.astype(dtype), model.astype(dtype)
     delta = model - base
     moved = np.moveaxis(delta, 1, -1)  # (3, 4, 5): rows of dim 1
-    keep = np.moveaxis(ref.della_keep(moved, ref.words(gen(4), 120).reshape(*moved.shape, 2), 0.5, 0.2), -1, 1)
+    keep = np.moveaxis(ref.della_keep(moved, ref.lane_words(gen(4), 12, 5).reshape(*moved.shape, 2), 0.5, 0.2), -1, 1)
     out = ref.call("della_linear", base, [model], weight=[1], density=[0.5], epsilon=[0.2], rescale=False,
                    generator=gen(4))
     np.testing.assert_allclose(out, base + np.where(keep, delta, 0.0), atol=1e-15 if dtype == np.float64 else 1e-6)

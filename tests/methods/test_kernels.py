@@ -258,20 +258,33 @@ def test_a_bfloat16_output_is_the_float32_result_rounded_once(method, params, to
         assert run(output_dtype=torch.bfloat16).dtype == torch.float32
 
 
-def test_partner_keep_draws_the_words_random_words_hands_out():
-    # blocks of rows one after the other from one stream, tied magnitudes, a row of one tied group
+@pytest.mark.parametrize("cols", [333, 16, 7, 2])  # rows not a whole number of lanes, a whole number, fewer
+def test_partner_keep_draws_the_words_lane_words_hands_out(cols):
+    # blocks of rows one after the other from one stream of lanes, tied magnitudes, a row of one tied group
     g = torch.Generator().manual_seed(4)
-    rows, cols = 9, 333
+    rows = 9
     mags = (torch.randn(2, rows, cols, generator=g) * 0.01).to(torch.bfloat16).float().abs()  # many ties
     mags[0, 2, :] = 0
     keep = _sparsify.PartnerKeep(cols, 0.45, 0.2, torch.float32)
-    words = _sparsify.RandomWords(None, torch.device("cpu"), prepare=keep.prepare, seed=77)
-    state = _sparsify.word_state(77)
+    words, state = _sparsify.LaneWords(77), _sparsify.lane_state(77)
+    kept = []
     for block in mags:
-        expected = keep(block, words.next(2 * block.numel()), torch.empty(rows, cols, dtype=torch.bool))
+        expected = keep(block, keep.prepare(words.next_rows(rows, cols)), torch.empty(rows, cols, dtype=torch.bool))
         got = keep.compiled_into(block, state, torch.empty(rows, cols, dtype=torch.bool))
         assert torch.equal(got, expected)
-        assert 0.3 < got.float().mean() < 0.6
+        kept.append(got)
+    assert np.array_equal(state, words.state)  # both advanced the lanes alike
+    assert 0.25 < torch.stack(kept).float().mean() < 0.65
+
+
+def test_lane_words_follow_the_documented_streams():
+    # rows drawn in blocks of any size give the words of drawing them all at once, and those are the lanes'
+    import _tv_ref as ref
+
+    whole = ref.lane_words(torch.Generator().manual_seed(3), 5, 21)
+    lanes = _sparsify.LaneWords(_sparsify.stream_seed(torch.Generator().manual_seed(3)))
+    parts = [lanes.next_rows(r, 21).numpy().reshape(r, 21, 2) for r in (2, 1, 2)]
+    assert np.array_equal(np.concatenate(parts), whole)
 
 
 def test_partner_keep_prepares_the_same_in_torch_as_in_numpy():

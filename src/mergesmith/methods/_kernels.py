@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 CHUNK = 1 << 18  # entries per chunk of the merge pass
+LANES = 8  # DELLA's random streams, stepped together (`_sparsify.LaneWords`, `_kernel_loops.partner_keep`)
 
 LOOPS = (
     "weighted_delta", "consensus_into", "sum_into", "window_count", "windows_gather", "windows_tally", "gather_flagged", "to_bfloat16", "partner_keep",

@@ -31,19 +31,19 @@ argsort produces. We also keep exactly k, and break ties by position: among equa
 element (in flattened order) counts as the larger. On continuous data ties do not occur and the kept sets
 are identical; on quantized (e.g. bfloat16) deltas the kept count is still exact.
 
-Randomness (DARE, DELLA): each plan draws uniform int32 words from its own stream (`RandomWords`), seeded
-from the caller's `torch.Generator`, so the same seed gives the same masks on any compute dtype. The keep
-probabilities are exact to 2^-32 (DELLA's to 2^-31, and its partner picks to (c - 1) / 2^32). mergekit's
-stream (`torch.bernoulli` on the global Mersenne twister) is not reproduced: it costs 2 ns an entry against
-0.7, and a whole merge never matched it anyway (the executor seeds each tensor from the seed and the
-tensor's name; mergekit draws one global stream in its task order).
+Randomness (DARE, DELLA): each plan draws uniform int32 words from its own stream (`RandomWords`; DELLA's
+is eight SFC64 streams stepped together, `LaneWords`), seeded from the caller's `torch.Generator`, so the
+same seed gives the same masks on any compute dtype. The keep probabilities are exact to 2^-32 (DELLA's
+to 2^-31, and its partner picks to (c - 1) / 2^32). mergekit's stream (`torch.bernoulli` on the global
+Mersenne twister) is not reproduced: it costs 2 ns an entry against 0.7, and a whole merge never matched
+it anyway (the executor seeds each tensor from the seed and the tensor's name; mergekit draws one global
+stream in its task order).
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from contextlib import contextmanager, nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Sequence
 
@@ -798,7 +798,7 @@ class RandomWords:
     On a CPU generator the words come from numpy's SFC64 bit generator, seeded with one 63-bit draw from the
     torch generator (so `torch.manual_seed` or a seeded Generator fixes them): about 0.7 ns a word against
     2 ns for torch's Mersenne twister. The next chunk's words are drawn, and passed through `prepare`, on a
-    helper thread while the caller works on this chunk (numpy releases the GIL; see `leaving_a_core`). The
+    helper thread while the caller works on this chunk (numpy releases the GIL). The
     stream does not depend on the chunking or the prefetch: words are taken from it in order. Other
     generator devices use torch's own generator there. Words are moved to `device` (a CPU generator works
     for CUDA tensors).
@@ -851,6 +851,40 @@ def word_state(seed: int) -> np.ndarray:
     return state
 
 
+def lane_state(seed: int) -> np.ndarray:
+    """DELLA's stream from `seed`: `_kernel_loops.LANES` SFC64 generators seeded by numpy's
+    `SeedSequence(seed).spawn(LANES)`, as a (4, LANES) uint64 array (column k: stream k's four state words)
+    that the compiled loops step together."""
+    lanes = np.random.SeedSequence(seed).spawn(_kernels.LANES)
+    return np.array([np.random.SFC64(child).state["state"]["state"] for child in lanes], dtype=np.uint64).T.copy()
+
+
+class LaneWords:
+    """DELLA's random words: `_kernels.LANES` streams (`lane_state`), stream k drawing for the columns
+    j = k (mod LANES) of a row, every row taking ceil(cols / LANES) draws of each stream (the ones past the
+    last column are dropped), an entry's two int32 words the lower and upper half of its draw. Why lanes:
+    the compiled loop steps them together in SIMD registers, where one stream is a serial chain
+    (`_kernel_loops.partner_keep`). `state` is the lanes' state for the compiled loop; `next_rows` draws the
+    same words with numpy, for the other paths. Use one or the other for a plan, not both."""
+
+    def __init__(self, seed: int):
+        self.state = lane_state(seed)
+
+    def next_rows(self, rows: int, cols: int) -> torch.Tensor:
+        """The 2 * rows * cols int32 words of the next `rows` rows of `cols` entries (flat, an entry's two
+        words together), advancing `state`."""
+        lanes, steps = _kernels.LANES, -(-cols // _kernels.LANES)
+        draws = np.empty((lanes, rows * steps), dtype=np.uint64)
+        for k in range(lanes):
+            bits = np.random.SFC64()
+            bits.state = {"bit_generator": "SFC64", "state": {"state": self.state[:, k].copy()},
+                          "has_uint32": 0, "uinteger": 0}
+            draws[k] = bits.random_raw(rows * steps)
+            self.state[:, k] = bits.state["state"]["state"]
+        by_entry = draws.reshape(lanes, rows, steps).transpose(1, 2, 0).reshape(rows, steps * lanes)[:, :cols]
+        return torch.from_numpy(np.ascontiguousarray(by_entry).view(np.int32).reshape(-1))
+
+
 def _compiled_words(tv: TaskVector, generator: torch.Generator | None, seed: int | None) -> np.ndarray | None:
     """The stream state (`word_state`) for a compiled keep loop when one can draw this plan's words (float32
     on CPU, a CPU generator), drawing the stream seed unless it was drawn ahead; else None (`RandomWords`)."""
@@ -880,24 +914,6 @@ def _helper() -> ThreadPoolExecutor:
     return _HELPER
 
 
-@contextmanager
-def leaving_a_core():
-    """Run PyTorch's CPU ops with one intra-op thread fewer (at least one) inside the block, so the helper
-    thread drawing random words ahead has a core of its own: otherwise it preempts a thread of every
-    OpenMP team, each team waits for its slowest thread, and the elementwise ops run slower than on one
-    thread. Worth it when the helper has real work (DELLA's word preparation: with its earlier row lookups,
-    the mask pass went from 5.1 to 3.9 ns an entry on 2 cores), not for DARE's bare draws (1.6 ns became
-    2.3-3.0). The setting is process-wide; it is restored on exit."""
-    before = torch.get_num_threads()
-    if before > 1:
-        torch.set_num_threads(before - 1)
-    try:
-        yield
-    finally:
-        if before > 1:
-            torch.set_num_threads(before)
-
-
 def _int32_threshold(probability: float) -> int:
     """T such that a uniform int32 word w has P(w < T) = floor(probability * 2^32) / 2^32."""
     return min(2**32, max(0, math.floor(probability * 2**32))) - 2**31
@@ -905,22 +921,20 @@ def _int32_threshold(probability: float) -> int:
 
 def _stored_mask_plan(tv: TaskVector, rescale: bool, chunks: list[tuple[int, int]],
                       keep_into: Callable[[torch.Tensor | None, int, int, torch.Tensor], object], *,
-                      magnitudes: bool, leave_a_core: bool = False) -> Plan:
+                      magnitudes: bool) -> Plan:
     """A plan whose keep mask is made once, chunk by chunk in order (the random draws happen once), and stored
     as bool. `keep_into(a, s, e, out)` writes the keep mask of [s, e) into the bool tensor `out`, given the
-    chunk's magnitudes `a` (selection dtype; None unless `magnitudes`). `leave_a_core` when keep_into's
-    random words come with heavy work on the helper thread (see `leaving_a_core`)."""
+    chunk's magnitudes `a` (selection dtype; None unless `magnitudes`)."""
     width = max((e - s for s, e in chunks), default=0)
     sel = selection_dtype(tv.dtype)
     stored = torch.empty(tv.numel(), dtype=torch.bool, device=tv.device)
     norms = L1Norms(tv.device)
     buf, abuf = tv.buffer(width), tv.buffer(width, sel)
-    with leaving_a_core() if leave_a_core and tv.device.type == "cpu" else nullcontext():
-        for s, e in chunks:
-            a = tv.magnitudes(s, e, buf[: e - s], abuf[: e - s]) if magnitudes or rescale else None
-            keep_into(a, s, e, stored[s:e])
-            if rescale:
-                norms.add(a, stored[s:e])
+    for s, e in chunks:
+        a = tv.magnitudes(s, e, buf[: e - s], abuf[: e - s]) if magnitudes or rescale else None
+        keep_into(a, s, e, stored[s:e])
+        if rescale:
+            norms.add(a, stored[s:e])
 
     plan = Plan(KeepRule(stored=stored))
     if rescale:
@@ -988,15 +1002,15 @@ class PartnerKeep:
     ranks [L, R) of its row is kept with probability p((L + R - 1) / 2), that of its group's average rank, as
     if ties were ordered at random.
 
-    Words: two int32 words an entry from `RandomWords`' stream, the lower and upper half of one 64-bit draw.
-    The first's low bit is the coin and its other 31 bits are u (to 2^-31); the second, read as unsigned h,
-    gives k = floor(h * (c - 1) / 2^32), and the partner is column k, or k + 1 from the entry's own column on
-    (uniform over the other c - 1 columns to (c - 1) / 2^32). Magnitudes compare as their bit patterns read
-    as integers: non-negative IEEE floats order alike, and a NaN counts as larger than any number.
+    Words: two int32 words an entry, the lower and upper half of one 64-bit draw (from `LaneWords` on a CPU
+    generator, from `RandomWords` on another device's). The first's low bit is the coin and its other 31
+    bits are u (to 2^-31); the second, read as unsigned h, gives k = floor(h * (c - 1) / 2^32), and the
+    partner is column k, or k + 1 from the entry's own column on (uniform over the other c - 1 columns to
+    (c - 1) / 2^32). Magnitudes compare as their bit patterns read as integers: non-negative IEEE floats
+    order alike, and a NaN counts as larger than any number.
 
-    Two ways to the same keeps: `__call__` with words `prepare`d by `RandomWords` (numpy on its helper
-    thread on CPU, then one torch gather), or `compiled_into`, one compiled loop that draws the same stream
-    itself (float32 on CPU).
+    Two ways to the same keeps: `__call__` with `prepare`d words (numpy on CPU, then one torch gather), or
+    `compiled_into`, compiled loops that draw the same lanes themselves (float32 on CPU).
     """
 
     def __init__(self, cols: int, density: float, epsilon: float, dtype: torch.dtype):
@@ -1008,8 +1022,7 @@ class PartnerKeep:
 
     def prepare(self, words: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(kept at once, kept if the partner is smaller, partner column, coin) per entry from its two words,
-        for whole rows. On CPU with numpy, whose operations use one thread: this runs on `RandomWords`' helper
-        thread, where a torch op would start a second OpenMP team competing for the cores."""
+        for whole rows; with numpy on CPU."""
         if words.device.type != "cpu":
             return self.prepare_in_torch(words)
         c = self.cols
@@ -1042,7 +1055,7 @@ class PartnerKeep:
         return kept.logical_or_(at_once.view(r, c))
 
     def compiled_into(self, mags: torch.Tensor, state: np.ndarray, out: torch.Tensor) -> torch.Tensor:
-        """`__call__` for float32 magnitudes on CPU, drawing the words from `state` (see `word_state`)."""
+        """`__call__` for float32 magnitudes on CPU, drawing the words from the lanes `state` (`lane_state`)."""
         r, c = mags.shape
         bits, keep = mags.view(torch.int32).numpy(), out.view(r, c).numpy()
         _kernels.loops().partner_keep(bits, state, self.low, self.high, keep)
@@ -1071,12 +1084,16 @@ def della_plan(tv: TaskVector, shape: torch.Size, density: float, epsilon: float
     whole = len(shape) > 2  # rows along dim 1: move it last, test the whole tensor, move the mask back
     rows_per = n // cols if whole else max(1, min(size // cols, n // cols))
     keep = PartnerKeep(cols, density, epsilon, sel)
-    state = _compiled_words(tv, generator, seed)
-    compiled = state is not None
-    if compiled:  # the loop draws the words itself, on the calling thread
+    if draws_on_cpu(generator):
+        lanes = LaneWords(stream_seed(generator) if seed is None else seed)
+        if tv.compiled():  # the loops draw the lanes themselves
 
-        def keep_block(mags, out):
-            return keep.compiled_into(mags, state, out)
+            def keep_block(mags, out):
+                return keep.compiled_into(mags, lanes.state, out)
+        else:
+
+            def keep_block(mags, out):
+                return keep(mags, keep.prepare(lanes.next_rows(*mags.shape).to(tv.device)), out)
     else:
         words = RandomWords(generator, tv.device, prepare=keep.prepare, seed=seed)
 
@@ -1091,10 +1108,9 @@ def della_plan(tv: TaskVector, shape: torch.Size, density: float, epsilon: float
             mask = keep_block(mags, torch.empty(mags.shape, dtype=torch.bool, device=tv.device))
             out.copy_(mask.view(moved).movedim(-1, 1).reshape(-1))
 
-        return _stored_mask_plan(tv, rescale, [(0, n)], keep_whole, magnitudes=True, leave_a_core=not compiled)
+        return _stored_mask_plan(tv, rescale, [(0, n)], keep_whole, magnitudes=True)
     return _stored_mask_plan(tv, rescale, spans(n, rows_per * cols),
-                             lambda a, s, e, out: keep_block(a.view(-1, cols), out),
-                             magnitudes=True, leave_a_core=not compiled)
+                             lambda a, s, e, out: keep_block(a.view(-1, cols), out), magnitudes=True)
 
 
 def sparsified(plan: Plan | None, tv: TaskVector) -> torch.Tensor:

@@ -31,8 +31,8 @@ def _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_,
     dens = density or [1.0] * len(tensors)
     eps = epsilon or [0.15] * len(tensors)
     # each plan's stream seed drawn here, in model order (the plans that draw: 0 < density < 1), so the plans
-    # can then be built concurrently: with the compiled loop only (1B: 18-20 -> 13-16 s); the numpy path
-    # prepares its words on a helper thread of its own, and two plans at once were slower (19-20 -> 21 s)
+    # can then be built concurrently: with the compiled loops only (1B: 18-20 -> 13-16 s); the other paths'
+    # torch operations use every core already, and two plans at once were slower there (19-20 -> 21 s)
     ahead = draws_on_cpu(generator)
     seeds = [stream_seed(generator) if ahead and 0 < d < 1 and base.numel() else None for d in dens]
     return merge_task_vectors(
