@@ -277,6 +277,45 @@ def test_partner_keep_draws_the_words_lane_words_hands_out(cols):
     assert 0.25 < torch.stack(kept).float().mean() < 0.65
 
 
+def test_pairwise_sum_adds_in_numpys_order():
+    # DELLA's compiled row sums must equal numpy's bit for bit (the rescale factor, and so the merge, would
+    # move by an ulp between the paths): every way a run splits (below 8, blocks of 8 up to 128, halvings)
+    from mergesmith.methods import _kernel_loops
+
+    rng = np.random.default_rng(5)
+    for n in [*range(0, 300), 511, 1000, 2048, 4097, 11008, 262144]:
+        x = (np.abs(rng.standard_normal(n + 3)) * rng.uniform(1e-3, 1e4, n + 3)).astype(np.float32)
+        assert np.float32(_kernel_loops.pairwise_sum(x, 3, n, *_kernel_loops.sum_stack())) == np.add.reduce(x[3:]), n
+    assert np.add.reduce(x[3:]) != np.cumsum(x[3:])[-1]  # the order matters: one sum in sequence differs
+
+
+@pytest.mark.parametrize("cols", [333, 7])
+def test_della_rows_test_and_sum_what_the_separate_passes_do(cols):
+    # one loop (magnitudes, keep test, row sums) against the magnitudes pass, partner_keep and numpy's row sums
+    g = torch.Generator().manual_seed(6)
+    rows = 12
+    base = (torch.randn(rows * cols, generator=g) * 0.02).to(torch.bfloat16)
+    model = (base.float() + torch.randn(rows * cols, generator=g) * 0.003).to(torch.bfloat16)
+    model[cols + 3] = float("nan")  # a NaN row sums to NaN on both paths
+    tv = _sparsify.TaskVector(model, base, torch.float32)
+    keep = _sparsify.PartnerKeep(cols, 0.5, 0.15, torch.float32)
+    got = torch.empty(rows * cols, dtype=torch.bool)
+    state = _sparsify.lane_state(9)
+    sums = keep.compiled_rows(tv, 0, rows * cols, state, got, torch.empty(rows * cols))
+
+    mags = tv.magnitudes(0, rows * cols, tv.buffer(rows * cols), tv.buffer(rows * cols)).view(rows, cols)
+    expected = keep.compiled_into(mags, _sparsify.lane_state(9), torch.empty(rows, cols, dtype=torch.bool))
+    norms = _sparsify.L1Norms(torch.device("cpu"))
+    norms.add_rows(mags.clone(), expected)
+    assert torch.equal(got.view(rows, cols), expected)
+    x = mags.numpy()
+    assert np.array_equal(sums[:, 0], np.add.reduce(x, axis=1), equal_nan=True)
+    assert np.array_equal(sums[:, 1], np.add.reduce(x * expected.numpy(), axis=1), equal_nan=True)
+    assert np.isnan(sums[1]).all() and not np.isnan(np.delete(sums, 1, axis=0)).any()
+    clean = np.delete(sums, 1, axis=0)
+    assert 0.35 < (clean[:, 1] / clean[:, 0]).mean() < 0.8  # about half the entries, the larger more often
+
+
 def test_lane_words_follow_the_documented_streams():
     # rows drawn in blocks of any size give the words of drawing them all at once, and those are the lanes'
     import _tv_ref as ref
@@ -321,6 +360,9 @@ for name in ("ties", "breadcrumbs", "dare_linear", "della", "sce"):
     if get_method(name).random:
         kwargs["generator"] = torch.Generator().manual_seed(1)
     get_method(name).func(models, base=base, **kwargs)
+# della on a 3-D tensor: the keep test on magnitudes already computed
+get_method("della").func([m.view(70, 10, 640) for m in models], base=base.view(70, 10, 640), weight=[0.5, 0.5],
+                         density=[0.5, 0.5], compute_dtype=torch.float32, generator=torch.Generator().manual_seed(1))
 get_method("arcee_fusion").func(models[:1], base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
 get_method("ramplus_tl").func(models, base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
 loops = _kernels.loops()

@@ -9,6 +9,7 @@ loop was compiled anew by every merge (0.5-0.6 s each for consensus_into and DEL
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from mergesmith.methods._kernels import LANES
@@ -490,25 +491,144 @@ def _decide(bits, draws, partner_bits, low, high, keep):
 
 
 @jit
+def _row_buffers(c):
+    """`_keep_row`'s scratch for rows of c entries, made once per call: the draws (whole steps of the lanes),
+    the partners' columns and their magnitudes' bits. (Testing a long row a piece at a time, so that this
+    stays in L1, gained at most 8% on rows of 8192.)"""
+    steps = (c + LANES - 1) // LANES
+    return np.empty(steps * LANES, dtype=np.uint64), np.empty(c, dtype=np.int32), np.empty(c, dtype=np.int32)
+
+
+@jit
+def _keep_row(bits, state, low, high, keep, draws, partner, partner_bits):
+    """DELLA's keep test of one row (int32 bit patterns of its magnitudes `bits`) into the bool `keep`: its
+    draws (all lanes at once), the partners, their magnitudes, the tests."""
+    for s in range(draws.size // LANES):
+        sfc64_lanes(state, draws, s * LANES)
+    _partners(draws, bits.size, partner)
+    _fetch(bits, partner, partner_bits)
+    _decide(bits, draws, partner_bits, low, high, keep)
+
+
+@jit
 def partner_keep(bits, state, low, high, out):
     """DELLA's keep test (see `_sparsify.PartnerKeep`) of the (r, c) magnitudes whose int32 bit patterns are
     `bits`, into the bool `out` (r, c). Entry (i, j) uses one 64-bit draw (lower half its first word, upper
     half its second) from stream j % LANES of `state` ((4, LANES), advanced), each row taking
-    ceil(c / LANES) draws of every stream (`_sparsify.LaneWords` hands out the same). Per row: the draws
-    (all lanes at once), the partners, their magnitudes, the tests: 3.5 ns an entry on a Xeon against 5.8
-    for one loop drawing from one serial stream, whose chain of dependent steps, and the load and test
-    interleaved with it, kept the loop scalar."""
+    ceil(c / LANES) draws of every stream (`_sparsify.LaneWords` hands out the same). Row by row
+    (`_keep_row`): 2.6-3.5 ns an entry on a Xeon against 3.9-6.6 for one loop drawing from one serial
+    stream, whose chain of dependent steps, and the load and test interleaved with it, kept the loop scalar."""
     r, c = bits.shape
-    steps = (c + LANES - 1) // LANES
-    draws = np.empty(steps * LANES, dtype=np.uint64)
-    partner = np.empty(c, dtype=np.int32)
-    partner_bits = np.empty(c, dtype=np.int32)
+    draws, partner, partner_bits = _row_buffers(c)
     for i in range(r):
-        for s in range(steps):
-            sfc64_lanes(state, draws, s * LANES)
-        _partners(draws, c, partner)
-        _fetch(bits[i], partner, partner_bits)
-        _decide(bits[i], draws, partner_bits, low, high, out[i])
+        _keep_row(bits[i], state, low, high, out[i], draws, partner, partner_bits)
+
+
+@intrinsic
+def eight_accumulators(typingctx, x, start, blocks):
+    """numpy's eight-accumulator sum of the `blocks` * 8 float32 entries of `x` from `start` (accumulator k
+    adds entries k, k + 8, ... in order, then ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))), with the
+    accumulators one vector register: 0.06 ns an entry against 0.44 for eight scalars (numba leaves LLVM's
+    SLP vectoriser off). The same additions in the same order: the same float32 result."""
+    vector = ir.VectorType(ir.FloatType(), 8)
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        first = builder.gep(data, [args[1]])
+
+        def load(pointer):
+            return builder.load(builder.bitcast(pointer, vector.as_pointer()), align=4)
+
+        acc = cgutils.alloca_once_value(builder, load(first))
+        step = ir.Constant(args[2].type, 8)
+        with cgutils.for_range(builder, builder.sub(args[2], ir.Constant(args[2].type, 1))) as loop:
+            at = builder.mul(builder.add(loop.index, ir.Constant(loop.index.type, 1)), step)
+            builder.store(builder.fadd(builder.load(acc), load(builder.gep(first, [at]))), acc)
+        total = builder.load(acc)
+        lane = [builder.extract_element(total, ir.Constant(ir.IntType(32), k)) for k in range(8)]
+        pairs = [builder.fadd(lane[k], lane[k + 1]) for k in range(0, 8, 2)]
+        return builder.fadd(builder.fadd(pairs[0], pairs[1]), builder.fadd(pairs[2], pairs[3]))
+
+    if x == types.float32[::1] and isinstance(start, types.Integer) and isinstance(blocks, types.Integer):
+        return types.float32(x, start, blocks), codegen
+    return None
+
+
+@jit
+def _block_sum(x, start, n):
+    """numpy's sum of a run of at most 128 entries: fewer than 8 in sequence, else on eight accumulators
+    (`eight_accumulators`) and then the rest in sequence."""
+    if n < 8:
+        total = np.float32(-0.0)
+        for i in range(start, start + n):
+            total += x[i]
+        return total
+    whole = n - n % 8
+    total = eight_accumulators(x, start, whole // 8)
+    for i in range(start + whole, start + n):
+        total += x[i]
+    return total
+
+
+@jit
+def sum_stack():
+    """`pairwise_sum`'s scratch, made once per loop: for each level of halving a run's start and length
+    (int64), whether its left half's sum is known, and that sum."""
+    return np.empty((64, 3), dtype=np.int64), np.empty(64, dtype=np.float32)
+
+
+@jit
+def pairwise_sum(x, start, n, frames, left):
+    """The float32 sum of x[start:start + n] in numpy's order (`np.add.reduce` of a contiguous run: runs of
+    at most 128 by `_block_sum`, longer runs halved at a multiple of 8, left half plus right half), so that
+    a compiled row sum equals numpy's bit for bit. The halving is walked on an explicit stack (`sum_stack`):
+    numba's cache loaded a recursive version that crashed."""
+    if n <= 128:
+        return _block_sum(x, start, n)
+    top = 0
+    frames[0, 0], frames[0, 1], frames[0, 2] = start, n, 0
+    while True:
+        m = frames[top, 1]
+        if m > 128:  # descend into the left half
+            half = m // 2 - (m // 2) % 8
+            frames[top + 1, 0], frames[top + 1, 1], frames[top + 1, 2] = frames[top, 0], half, 0
+            top += 1
+            continue
+        value = _block_sum(x, frames[top, 0], m)
+        top -= 1
+        while top >= 0 and frames[top, 2]:  # a right half: finish its parent, and so on up
+            value = left[top] + value
+            top -= 1
+        if top < 0:
+            return value
+        left[top], frames[top, 2] = value, 1  # a left half: go on with its parent's right half
+        half = frames[top, 1] // 2 - (frames[top, 1] // 2) % 8
+        frames[top + 1, 0], frames[top + 1, 1], frames[top + 1, 2] = frames[top, 0] + half, frames[top, 1] - half, 0
+        top += 1
+
+
+@jit
+def della_rows(model, base, state, low, high, mags, keep, sums):
+    """`partner_keep` on the magnitudes |model - base| of the (r, c) rows of a chunk of the inputs as stored
+    (flat; `mags`: r * c float32 scratch), with each row's L1 sums: sums[i] = (sum of |d|, sum of the kept
+    |d|), each in numpy's order (`pairwise_sum`; `_sparsify.L1Norms.add_rows` computes the same with numpy),
+    while the row is in cache: numpy's sum, product and sum of the chunk cost about 1 ns an entry. The
+    magnitudes are computed for the whole chunk first: computing each row's just before its test made the
+    loop slower (5.1 against 2.3 ns an entry on a Xeon; cause not found)."""
+    r, c = keep.shape
+    magnitudes_into(model, base, mags)
+    values, bits = mags.reshape(r, c), mags.view(np.int32).reshape(r, c)
+    kept = np.empty(c, dtype=np.float32)
+    draws, partner, partner_bits = _row_buffers(c)
+    frames, left = sum_stack()
+    for i in range(r):
+        row = keep[i]
+        _keep_row(bits[i], state, low, high, row, draws, partner, partner_bits)
+        magnitude = values[i]
+        for j in range(c):
+            kept[j] = magnitude[j] * np.float32(row[j])
+        sums[i, 0] = pairwise_sum(magnitude, 0, c, frames, left)
+        sums[i, 1] = pairwise_sum(kept, 0, c, frames, left)
 
 
 @jit

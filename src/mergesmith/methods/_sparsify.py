@@ -695,6 +695,23 @@ class L1Norms:
         self.before += whole
         self.after += whole if keep is None else torch.dot(a, keep.to(a.dtype))
 
+    def add_rows(self, a: torch.Tensor, keep: torch.Tensor) -> None:
+        """`add` for (r, c) magnitudes and their bool mask, row by row: each row summed in numpy's order (on
+        CPU; `a` is overwritten), then the row sums as `add_sums` adds them. DELLA's compiled loop
+        (`_kernel_loops.della_rows`) computes the same row sums while the rows are in cache."""
+        if a.device.type == "cpu":
+            x = a.numpy()
+            whole = np.add.reduce(x, axis=1)
+            self.add_sums(whole, np.add.reduce(np.multiply(x, keep.numpy(), out=x), axis=1))
+            return
+        self.before += a.sum(1).sum(dtype=torch.float64)
+        self.after += (a * keep).sum(1).sum(dtype=torch.float64)
+
+    def add_sums(self, whole: np.ndarray, kept: np.ndarray) -> None:
+        """Add rows' sums of magnitudes (`whole`) and of the kept ones (`kept`), summed in float64."""
+        self.before += float(np.add.reduce(whole, dtype=np.float64))
+        self.after += float(np.add.reduce(kept, dtype=np.float64))
+
     def scale(self, dtype: torch.dtype) -> torch.Tensor:
         return _l1_scale(self.before, self.after, dtype)
 
@@ -919,27 +936,36 @@ def _int32_threshold(probability: float) -> int:
     return min(2**32, max(0, math.floor(probability * 2**32))) - 2**31
 
 
+def _stored_plan(tv: TaskVector, rescale: bool, chunks: list[tuple[int, int]],
+                 fill: Callable[[int, int, torch.Tensor, L1Norms | None], object]) -> Plan:
+    """A plan whose keep mask is made once, chunk by chunk in order (the random draws happen once), and stored
+    as bool. `fill(s, e, out, norms)` writes the keep mask of [s, e) into the bool tensor `out` and, when
+    `norms` is given (`rescale`), adds the chunk's L1 norms before and after masking to it."""
+    stored = torch.empty(tv.numel(), dtype=torch.bool, device=tv.device)
+    norms = L1Norms(tv.device) if rescale else None
+    for s, e in chunks:
+        fill(s, e, stored[s:e], norms)
+    plan = Plan(KeepRule(stored=stored))
+    if norms is not None:
+        plan.scale = norms.scale(tv.dtype)
+    return plan
+
+
 def _stored_mask_plan(tv: TaskVector, rescale: bool, chunks: list[tuple[int, int]],
                       keep_into: Callable[[torch.Tensor | None, int, int, torch.Tensor], object], *,
                       magnitudes: bool) -> Plan:
-    """A plan whose keep mask is made once, chunk by chunk in order (the random draws happen once), and stored
-    as bool. `keep_into(a, s, e, out)` writes the keep mask of [s, e) into the bool tensor `out`, given the
-    chunk's magnitudes `a` (selection dtype; None unless `magnitudes`)."""
+    """`_stored_plan` where `keep_into(a, s, e, out)` writes the keep mask of [s, e) into `out`, given the
+    chunk's magnitudes `a` (selection dtype; None unless `magnitudes`), and the norms are the chunk's."""
     width = max((e - s for s, e in chunks), default=0)
-    sel = selection_dtype(tv.dtype)
-    stored = torch.empty(tv.numel(), dtype=torch.bool, device=tv.device)
-    norms = L1Norms(tv.device)
-    buf, abuf = tv.buffer(width), tv.buffer(width, sel)
-    for s, e in chunks:
-        a = tv.magnitudes(s, e, buf[: e - s], abuf[: e - s]) if magnitudes or rescale else None
-        keep_into(a, s, e, stored[s:e])
-        if rescale:
-            norms.add(a, stored[s:e])
+    buf, abuf = tv.buffer(width), tv.buffer(width, selection_dtype(tv.dtype))
 
-    plan = Plan(KeepRule(stored=stored))
-    if rescale:
-        plan.scale = norms.scale(tv.dtype)
-    return plan
+    def fill(s, e, out, norms):
+        a = tv.magnitudes(s, e, buf[: e - s], abuf[: e - s]) if magnitudes or norms is not None else None
+        keep_into(a, s, e, out)
+        if norms is not None:
+            norms.add(a, out)
+
+    return _stored_plan(tv, rescale, chunks, fill)
 
 
 class Bernoulli:
@@ -1061,6 +1087,16 @@ class PartnerKeep:
         _kernels.loops().partner_keep(bits, state, self.low, self.high, keep)
         return out
 
+    def compiled_rows(self, tv: TaskVector, start: int, end: int, state: np.ndarray, out: torch.Tensor,
+                      scratch: torch.Tensor) -> np.ndarray:
+        """`compiled_into` on the rows of tv[start:end] (whole rows), computing the magnitudes from the inputs
+        as stored (into `scratch`, float32 of the chunk's size); returns the rows' L1 sums before and after
+        masking, (r, 2) float32 (`L1Norms.add_rows`)."""
+        keep = out.view(-1, self.cols).numpy()
+        sums = np.empty((keep.shape[0], 2), dtype=np.float32)
+        _kernels.loops().della_rows(*tv.operands(start, end), state, self.low, self.high, scratch.numpy(), keep, sums)
+        return sums
+
 
 def della_plan(tv: TaskVector, shape: torch.Size, density: float, epsilon: float, *,
                rescale: bool, generator: torch.Generator | None, size: int, seed: int | None = None) -> Plan | None:
@@ -1084,33 +1120,52 @@ def della_plan(tv: TaskVector, shape: torch.Size, density: float, epsilon: float
     whole = len(shape) > 2  # rows along dim 1: move it last, test the whole tensor, move the mask back
     rows_per = n // cols if whole else max(1, min(size // cols, n // cols))
     keep = PartnerKeep(cols, density, epsilon, sel)
-    if draws_on_cpu(generator):
-        lanes = LaneWords(stream_seed(generator) if seed is None else seed)
-        if tv.compiled():  # the loops draw the lanes themselves
+    lanes = LaneWords(stream_seed(generator) if seed is None else seed) if draws_on_cpu(generator) else None
+    compiled = lanes is not None and tv.compiled()
+    if compiled:  # the loops draw the lanes themselves
 
-            def keep_block(mags, out):
-                return keep.compiled_into(mags, lanes.state, out)
-        else:
+        def keep_block(mags, out):
+            return keep.compiled_into(mags, lanes.state, out)
+    elif lanes is not None:
 
-            def keep_block(mags, out):
-                return keep(mags, keep.prepare(lanes.next_rows(*mags.shape).to(tv.device)), out)
+        def keep_block(mags, out):
+            return keep(mags, keep.prepare(lanes.next_rows(*mags.shape).to(tv.device)), out)
     else:
         words = RandomWords(generator, tv.device, prepare=keep.prepare, seed=seed)
 
         def keep_block(mags, out):
             return keep(mags, words.next(2 * mags.numel()), out)
 
+    # the L1 norms are summed by rows (of the test's layout), in the same order on every CPU path
     if whole:
         moved = (shape[0], *shape[2:], cols)
+        a, buf = tv.buffer(n, sel), tv.buffer(n)
 
-        def keep_whole(a, s, e, out):
-            mags = a.view(shape).movedim(1, -1).contiguous().view(-1, cols)
+        def fill_whole(s, e, out, norms):
+            mags = tv.magnitudes(0, n, buf, a).view(shape).movedim(1, -1).contiguous().view(-1, cols)
             mask = keep_block(mags, torch.empty(mags.shape, dtype=torch.bool, device=tv.device))
             out.copy_(mask.view(moved).movedim(-1, 1).reshape(-1))
+            if norms is not None:
+                norms.add_rows(mags, mask)
 
-        return _stored_mask_plan(tv, rescale, [(0, n)], keep_whole, magnitudes=True)
-    return _stored_mask_plan(tv, rescale, spans(n, rows_per * cols),
-                             lambda a, s, e, out: keep_block(a.view(-1, cols), out), magnitudes=True)
+        return _stored_plan(tv, rescale, [(0, n)], fill_whole)
+    width = rows_per * cols
+    buf, abuf = tv.buffer(width), tv.buffer(width, sel)
+    if compiled:  # magnitudes, test and row sums in one loop (`_kernel_loops.della_rows`)
+
+        def fill_rows(s, e, out, norms):
+            sums = keep.compiled_rows(tv, s, e, lanes.state, out, abuf[: e - s])
+            if norms is not None:
+                norms.add_sums(sums[:, 0], sums[:, 1])
+    else:
+
+        def fill_rows(s, e, out, norms):
+            mags = tv.magnitudes(s, e, buf[: e - s], abuf[: e - s]).view(-1, cols)
+            mask = keep_block(mags, out.view(-1, cols))
+            if norms is not None:
+                norms.add_rows(mags, mask)
+
+    return _stored_plan(tv, rescale, spans(n, rows_per * cols), fill_rows)
 
 
 def sparsified(plan: Plan | None, tv: TaskVector) -> torch.Tensor:
