@@ -674,11 +674,13 @@ class Plan:
 class L1Norms:
     """The L1 norms of a task vector before and after masking, accumulated chunk by chunk: each chunk's sum
     in the magnitudes' dtype (a float64 sum of float32 entries costs 15x more on CPU), the chunk sums in
-    float64."""
+    float64: Python floats on CPU (a torch scalar op per chunk cost more than DELLA's numpy sums), tensors on
+    the device elsewhere (no synchronisation per chunk)."""
 
     def __init__(self, device: torch.device):
-        self.before = torch.zeros((), dtype=torch.float64, device=device)
-        self.after = torch.zeros((), dtype=torch.float64, device=device)
+        cpu = device.type == "cpu"
+        self.before = 0.0 if cpu else torch.zeros((), dtype=torch.float64, device=device)
+        self.after = 0.0 if cpu else torch.zeros((), dtype=torch.float64, device=device)
 
     def add(self, a: torch.Tensor, keep: torch.Tensor | None) -> None:
         """Add the chunk of magnitudes `a` and its masked part (`keep`: bool, or 0/1 of a's dtype; None keeps all).
@@ -713,7 +715,7 @@ class L1Norms:
         self.after += float(np.add.reduce(kept, dtype=np.float64))
 
     def scale(self, dtype: torch.dtype) -> torch.Tensor:
-        return _l1_scale(self.before, self.after, dtype)
+        return _l1_scale(*(torch.as_tensor(v, dtype=torch.float64) for v in (self.before, self.after)), dtype)
 
 
 def _l1_scale(before: torch.Tensor, after: torch.Tensor, dtype: torch.dtype, eps: float = 1e-7) -> torch.Tensor:
