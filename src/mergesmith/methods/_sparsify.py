@@ -863,7 +863,7 @@ class RandomWords:
 
 
 def word_state(seed: int) -> np.ndarray:
-    """The state of `RandomWords`' stream from `seed` for the compiled loops (`ranked_keep`, `bernoulli_keep`):
+    """The state of `RandomWords`' stream from `seed` for DARE's compiled loop (`bernoulli_keep`):
     numpy SFC64's four state words, then a flag and the upper half of a word drawn but half used (none yet)."""
     state = np.zeros(6, dtype=np.uint64)
     state[:4] = np.random.SFC64(seed).state["state"]["state"]
@@ -871,7 +871,7 @@ def word_state(seed: int) -> np.ndarray:
 
 
 def lane_state(seed: int) -> np.ndarray:
-    """DELLA's stream from `seed`: `_kernel_loops.LANES` SFC64 generators seeded by numpy's
+    """DELLA's stream from `seed`: `_kernels.LANES` SFC64 generators seeded by numpy's
     `SeedSequence(seed).spawn(LANES)`, as a (4, LANES) uint64 array (column k: stream k's four state words)
     that the compiled loops step together."""
     lanes = np.random.SeedSequence(seed).spawn(_kernels.LANES)
@@ -1152,7 +1152,7 @@ def della_plan(tv: TaskVector, shape: torch.Size, density: float, epsilon: float
 
         return _stored_plan(tv, rescale, [(0, n)], fill_whole)
     width = rows_per * cols
-    buf, abuf = tv.buffer(width), tv.buffer(width, sel)
+    abuf = tv.buffer(width, sel)  # a chunk's magnitudes
     if compiled:  # magnitudes, test and row sums in one loop (`_kernel_loops.della_rows`)
 
         def fill_rows(s, e, out, norms):
@@ -1160,6 +1160,7 @@ def della_plan(tv: TaskVector, shape: torch.Size, density: float, epsilon: float
             if norms is not None:
                 norms.add_sums(sums[:, 0], sums[:, 1])
     else:
+        buf = tv.buffer(width)
 
         def fill_rows(s, e, out, norms):
             mags = tv.magnitudes(s, e, buf[: e - s], abuf[: e - s]).view(-1, cols)
