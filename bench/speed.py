@@ -331,7 +331,7 @@ def measure(cmd: list[str], log_path: Path, env: dict | None = None) -> tuple[in
 IO_FLOOR_SCRIPT = textwrap.dedent(
     """
     import os, sys
-    from mergesmith.io.writeback import start_writeback  # the merge's own early write-out: a floor for it too
+    from mergesmith.io.direct_write import DirectWriter  # the merge's own way of writing: a floor for it too
     out, size, files = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     buf = bytearray(16 << 20); view = memoryview(buf)
     for path in files:
@@ -339,12 +339,12 @@ IO_FLOOR_SCRIPT = textwrap.dedent(
             while fh.readinto(buf):
                 pass
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    left = size
-    while left:
-        wrote = os.write(fd, view[: min(left, len(buf))])
-        start_writeback(fd, size - left, wrote)
-        left -= wrote
-    os.fsync(fd); os.close(fd)
+    writer, done = DirectWriter(out, fd), 0
+    while done < size:
+        n = min(size - done, len(buf))
+        writer.write(view[:n], done)
+        done += n
+    writer.close(); os.fsync(fd); os.close(fd)
     """
 )
 
@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             "Peak RSS is the child's `ru_maxrss`: pages of memory-mapped input files that the child touched count in it.",
             "Input GB/s = bytes of the input shards the method reads / wall time. Ratios are of wall times (lower is better for us).",
             "start-up only: the tool's process doing nothing but start (imports, CLI) and exit; included in every merge's wall time.",
-            "io-floor: a child that only reads every input byte sequentially and writes (and fsyncs) an output file of the merged size.",
+            "io-floor: a child that only reads every input byte sequentially and writes (and fsyncs) an output file of the merged size, the way the merge writes (O_DIRECT where the file system takes it).",
         ]
         if skipped:
             notes.append(f"Skipped (not in `mergesmith methods` yet): {', '.join(skipped)}.")

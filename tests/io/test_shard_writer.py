@@ -1,4 +1,5 @@
-"""The shard writer asks the kernel to start writing each range it wrote, and the bytes it leaves are the tensors."""
+"""The shard writer asks the kernel to start writing each range it wrote through the page cache, and the bytes it
+leaves are the tensors."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mergesmith.io import shard_writer, writeback
+from mergesmith.io import direct_write, writeback
 from mergesmith.io.shard_writer import PlannedTensor, ShardWriter
 
 
@@ -19,9 +20,9 @@ def _writer(folder):
     return ShardWriter(folder, tensors, 10**9)
 
 
-def test_every_written_range_is_handed_to_writeback_and_the_file_holds_the_tensors(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(shard_writer, "start_writeback", lambda fd, offset, length: calls.append((offset, length)))
+def test_every_range_written_through_the_page_cache_is_handed_to_writeback_and_the_file_holds_the_tensors(tmp_path, monkeypatch):
+    calls = []  # these writes are too small for O_DIRECT (direct_write.MIN_DIRECT_BYTES)
+    monkeypatch.setattr(direct_write, "start_writeback", lambda fd, offset, length: calls.append((offset, length)))
     writer = _writer(tmp_path)
     a = torch.arange(12, dtype=torch.float32).reshape(4, 3)
     b = torch.linspace(-1, 1, 5).to(torch.bfloat16)

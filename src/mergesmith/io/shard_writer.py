@@ -2,7 +2,8 @@
 
 The plan knows every output tensor's name, shape and dtype, so each shard's safetensors header is written
 first and each tensor's bytes go straight to their final offset (`os.pwrite`) as soon as they are computed,
-in any order, even in row chunks. No shard is ever buffered in memory.
+in any order, even in row chunks. No shard is ever buffered in memory. The bytes go around the page cache
+where the file system allows (`direct_write`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from mergesmith.io.safetensors_format import encode_header
-from mergesmith.io.writeback import start_writeback
+from mergesmith.io.direct_write import DirectWriter
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class ShardWriter:
         self.file_names = shard_file_names(len(self.shards))
         self.slots: dict[str, ShardSlot] = {}
         self._fds: list[int] = []
+        self._writers: list[DirectWriter] = []
         metadata = {"format": "pt", **(metadata or {})}
         for index, (shard, fname) in enumerate(zip(self.shards, self.file_names)):
             header, offsets = encode_header([(t.name, t.dtype, t.shape) for t in shard], metadata)
@@ -76,6 +78,7 @@ class ShardWriter:
             os.pwrite(fd, header, 0)
             total = (offsets[-1] + shard[-1].nbytes) if shard else len(header)
             os.ftruncate(fd, total)
+            self._writers.append(DirectWriter(folder / fname, fd))
             for tensor, offset in zip(shard, offsets):
                 rows = tensor.shape[0] if tensor.shape else 1
                 self.slots[tensor.name] = ShardSlot(index, offset, tensor.nbytes, tensor.nbytes // max(rows, 1))
@@ -92,14 +95,13 @@ class ShardWriter:
             raise ValueError(f"tensor {name}: {len(raw)} bytes, planned {slot.nbytes}")
         if offset + len(raw) > slot.offset + slot.nbytes:
             raise ValueError(f"tensor {name}: write past its planned end")
-        fd = self._fds[slot.shard_index]
-        done = 0
-        while done < len(raw):
-            done += os.pwrite(fd, raw[done:], offset + done)
-        start_writeback(fd, offset, len(raw))
+        self._writers[slot.shard_index].write(raw, offset)
         return len(raw)
 
     def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
+        self._writers = []
         for fd in self._fds:
             os.fsync(fd)
             os.close(fd)
