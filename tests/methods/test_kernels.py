@@ -334,14 +334,22 @@ def test_partner_keep_prepares_the_same_in_torch_as_in_numpy():
         assert torch.equal(numpy_part.view(-1), torch_part.reshape(-1).to(numpy_part.dtype))
 
 
-def test_bernoulli_keep_draws_the_words_random_words_hands_out():
+def test_bernoulli_rows_draws_the_words_random_words_hands_out_and_sums_as_numpy():
     words = _sparsify.RandomWords(None, torch.device("cpu"), prepare=_sparsify.Bernoulli(0.3), seed=5)
     state, threshold = _sparsify.word_state(5), _sparsify.Bernoulli(0.3).threshold
+    g = torch.Generator().manual_seed(3)
     kept = []
-    for count in (7, 1, 0, 1000, 33, 2):  # odd counts: half-used words carried over
-        got = np.empty(count, dtype=np.bool_)
-        _kernels.loops().bernoulli_keep(state, threshold, got)
+    for count in (7, 1, 0, 1000, 33, 2, 4099):  # odd counts: half-used words carried over
+        base = torch.randn(count, generator=g).to(torch.bfloat16)
+        model = (base.float() + torch.randn(count, generator=g) * 0.01).to(torch.bfloat16)
+        got, mags, sums = np.empty(count, dtype=np.bool_), np.empty(count, dtype=np.float32), np.empty((1, 2), dtype=np.float32)
+        with_sums = count % 2 == 1  # the keep test alone when there are no sums to fill
+        _kernels.loops().bernoulli_rows(*_sparsify.TaskVector(model, base, torch.float32).operands(0, count), state, threshold,
+                                        mags, got, sums[: int(with_sums)])
         assert np.array_equal(got, words.next(count).numpy())
+        if with_sums:  # L1Norms.add's numpy sums, bit for bit
+            magnitudes = (model.float() - base.float()).abs().numpy()
+            assert sums[0, 0] == np.add.reduce(magnitudes) and sums[0, 1] == np.add.reduce(magnitudes * got)
         kept.append(got)
     assert 0.25 < np.concatenate(kept).mean() < 0.35
 
