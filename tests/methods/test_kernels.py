@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergesmith.methods import _kernels, _sparsify, _task_vectors
+from mergesmith.methods import _kernels, _sparsify, _task_vectors, model_stock
 from mergesmith.methods.registry import get_method
 
 pytestmark = pytest.mark.skipif(not _kernels.available(), reason="numba is not installed")
@@ -373,6 +373,7 @@ get_method("della").func([m.view(70, 10, 640) for m in models], base=base.view(7
                          density=[0.5, 0.5], compute_dtype=torch.float32, generator=torch.Generator().manual_seed(1))
 get_method("arcee_fusion").func(models[:1], base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
 get_method("ramplus_tl").func(models, base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
+get_method("model_stock").func(models, base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
 loops = _kernels.loops()
 print({name: (sum(getattr(loops, name).stats.cache_hits.values()), sum(getattr(loops, name).stats.cache_misses.values()))
        for name in _kernels.LOOPS})
@@ -389,6 +390,42 @@ def test_every_loop_loads_from_numbas_cache_in_a_new_process():
         done = subprocess.run([sys.executable, "-c", CACHE_PROBE], capture_output=True, text=True, check=True)
     counts = ast.literal_eval(done.stdout.strip().splitlines()[-1])
     assert all(hits >= 1 and misses == 0 for hits, misses in counts.values()), counts
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize("shape", [(700, 640), (448_000,), (35, 20, 640)])  # several chunks; 1-D; rows of a 3-D
+def test_model_stock_loops_equal_the_torch_path(dtype, filter_wise, shape, torch_path, monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(448_000, generator=g) * 0.02
+    shared = torch.randn(448_000, generator=g) * 0.002  # task vectors at an angle below 90°: 0 < t < 1
+    models = [(base + shared + torch.randn(448_000, generator=g) * 0.002).to(dtype).reshape(shape) for _ in range(2)]
+    base = base.to(dtype).reshape(shape)
+    model_stock = get_method("model_stock").func
+    loops, calls = _kernels.loops(), []
+    for name in ("pair_product_sums", "stock_into"):  # count the loops' calls to see they did the work
+        monkeypatch.setattr(loops, name, lambda *a, _loop=getattr(loops, name), _name=name: calls.append(_name) or _loop(*a))
+    compiled = model_stock(models, base=base, filter_wise=filter_wise, compute_dtype=torch.float32)
+    rounded = model_stock(models, base=base, filter_wise=filter_wise, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
+    assert {"pair_product_sums", "stock_into"} <= set(calls)
+    with torch_path:
+        reference = model_stock(models, base=base, filter_wise=filter_wise, compute_dtype=torch.float32)
+    assert compiled.dtype == reference.dtype == torch.float32
+    assert torch.equal(compiled, reference) and not torch.equal(compiled, base.float())
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded.view(torch.int16), reference.to(torch.bfloat16).view(torch.int16))
+
+
+def test_pair_product_sums_are_numpys_block_sums():
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(10_000, generator=g).to(torch.bfloat16)
+    m0, m1 = ((base.float() + torch.randn(10_000, generator=g) * 0.01).to(torch.bfloat16) for _ in range(2))
+    d0, d1 = (m.float() - base.float() for m in (m0, m1))
+    operand = lambda t: t.view(torch.int16).numpy().view(np.uint16)
+    for block in (4096, 640, 7):  # the last block shorter than the others
+        sums = np.empty((-(-10_000 // block), 3), dtype=np.float32)
+        _kernels.loops().pair_product_sums(operand(m0), operand(m1), operand(base), block, sums)
+        for k, product in enumerate((d0 * d0, d0 * d1, d1 * d1)):
+            assert np.array_equal(sums[:, k], model_stock._block_sums(product.numpy(), block))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -633,6 +633,44 @@ def della_rows(model, base, state, low, high, mags, keep, sums):
 
 
 @jit
+def pair_product_sums(model0, model1, base, block, sums):
+    """Model Stock's inner products of two task vectors d0, d1 (model - base, float32) over a chunk, a block
+    of `block` entries at a time (the last may be shorter): sums[b] = (Σ d0·d0, Σ d0·d1, Σ d1·d1) over block
+    b, each product rounded to float32 and summed in numpy's order (`pairwise_sum`), so these are the sums
+    `model_stock`'s numpy path takes of the same blocks."""
+    n = base.size
+    products = np.empty((3, block), dtype=np.float32)
+    frames, left = sum_stack()
+    for b in range((n + block - 1) // block):
+        start = b * block
+        m = min(block, n - start)
+        first, second, bases = model0[start : start + m], model1[start : start + m], base[start : start + m]
+        p00, p01, p11 = products[0], products[1], products[2]
+        for i in range(m):
+            x = widen(bases[i])
+            d0, d1 = widen(first[i]) - x, widen(second[i]) - x
+            p00[i], p01[i], p11[i] = d0 * d0, d0 * d1, d1 * d1
+        for k in range(3):
+            sums[b, k] = pairwise_sum(products[k], 0, m, frames, left)
+
+
+@jit
+def stock_into(model0, model1, base, ratios, block, out):
+    """out = (d0 + d1) * t + base for two task vectors d = model - base, t = ratios[b] for the entries of block
+    b (`block` entries each: one t per row, or one for the chunk): the float operations of `model_stock`'s
+    torch path in its order."""
+    n = out.size
+    for b in range((n + block - 1) // block):
+        start = b * block
+        m = min(block, n - start)
+        first, second, bases, target = model0[start : start + m], model1[start : start + m], base[start : start + m], out[start : start + m]
+        t = ratios[b]
+        for i in range(m):
+            x = widen(bases[i])
+            target[i] = ((widen(first[i]) - x) + (widen(second[i]) - x)) * t + x
+
+
+@jit
 def bernoulli_rows(model, base, state, threshold, mags, keep, sums):
     """DARE's keep test (`bernoulli_keep`) of a chunk of the inputs as stored, with the chunk's L1 sums when
     `sums` is not empty: sums[0] = (sum of |d|, sum of the kept |d|), each in numpy's order (`pairwise_sum`,

@@ -22,13 +22,18 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
+from mergesmith.methods import _kernels
 from mergesmith.methods._parallel import in_parts
 from mergesmith.methods._sparsify import TaskVector, chunk_size, spans
 from mergesmith.methods.registry import Param, merge_method
 
 PAIR_NORM_FLOOR = 1e-6
+# Entries per float32 partial sum of a flat chunk's inner products on CPU (summed in float64 afterwards):
+# small enough that a block's three product runs stay in L1 in the compiled loop.
+PRODUCT_BLOCK = 4096
 
 
 def stock_ratio(cos_theta: torch.Tensor, n: int) -> torch.Tensor:
@@ -79,28 +84,46 @@ def model_stock(
         rows, width = 1, None
         units = [(s, e, 0, 1) for s, e in spans(base.numel(), chunk_size(base))]
     unit_size = max(e - s for s, e, _, _ in units)
-
-    def product(a, b):
-        """a·b in the compute dtype: one BLAS dot for the whole chunk, or one sum per row."""
-        return torch.dot(a.view(-1), b.view(-1)) if width is None else (a * b).sum(dim=1)
+    block = width or PRODUCT_BLOCK  # the runs whose products are summed in float32 (on CPU)
+    # two float32 task vectors on CPU: both passes as compiled loops on the inputs as stored (bf16 as read)
+    compiled = n == 2 and all(tv.compiled() for tv in tvs)
+    pairs = [(i, j) for i in range(n) for j in range(i, n)]
 
     def inner_products(share):
-        """Per unit of the share, its (i, j, product) for every pair i <= j."""
+        """Per unit of the share, the float32 sums of its blocks' products, a column per pair i <= j (CPU),
+        or a float64 product per pair (per row with `filter_wise`) elsewhere."""
+        if compiled:
+            found = []
+            for s, e, _, _ in share:
+                sums = np.empty((-(-(e - s) // block), 3), dtype=np.float32)
+                _kernels.loops().pair_product_sums(*tvs[0].operands(s, e)[:1], *tvs[1].operands(s, e), block, sums)
+                found.append(sums)
+            return found
         bufs = [tv.buffer(unit_size) for tv in tvs]
         found = []
         for s, e, r0, r1 in share:
-            ds = [tv.chunk(s, e, buf[: e - s]).view(r1 - r0, -1) for tv, buf in zip(tvs, bufs)]
-            found.append([(i, j, product(ds[i], ds[j])) for i in range(n) for j in range(i, n)])
+            ds = [tv.chunk(s, e, buf[: e - s]) for tv, buf in zip(tvs, bufs)]
+            if base.device.type == "cpu":
+                found.append(np.stack([_block_sums((ds[i] * ds[j]).numpy(), block) for i, j in pairs], axis=1))
+            elif width is None:
+                found.append([torch.dot(ds[i], ds[j]).double() for i, j in pairs])
+            else:
+                found.append([(ds[i] * ds[j]).view(r1 - r0, -1).sum(dim=1).double() for i, j in pairs])
         return found
 
     per_unit = [products for share in in_parts(units, inner_products, base.device) for products in share]
     dots = torch.zeros((n, n, rows), dtype=torch.float64, device=base.device)
-    for (_, _, r0, r1), products in zip(units, per_unit):
-        for i, j, part in products:  # summed in float64 in chunk order, as one thread would
-            dots[i, j, r0:r1] += part
+    for (_, _, r0, r1), products in zip(units, per_unit):  # summed in float64 in unit order, as one thread would
+        for p, (i, j) in enumerate(pairs):
+            if isinstance(products, np.ndarray):  # CPU: the blocks' float32 sums
+                column = products[:, p]
+                dots[i, j, r0:r1] += float(np.add.reduce(column, dtype=np.float64)) if width is None else torch.from_numpy(column.astype(np.float64))
+            else:
+                dots[i, j, r0:r1] += products[p]
     norms = torch.stack([dots[i, i] for i in range(n)]).clamp(min=0).sqrt()
     t_over_n = stock_ratio(_mean_pairwise_cosine(dots, norms), n).div_(n).to(dtype)  # applied to Σ δᵢ
-    out = torch.empty(base.shape, dtype=output_dtype or dtype, device=base.device)
+    out = torch.empty(base.shape, dtype=_kernels.result_dtype(dtype, output_dtype, compiled) if compiled else output_dtype or dtype,
+                      device=base.device)
     flat_out, flat_base = out.view(-1), base.reshape(-1)
 
     def write(share):
@@ -118,5 +141,24 @@ def model_stock(
             if scratch is not None:
                 flat_out[s:e].copy_(result)
 
-    in_parts(units, write, base.device)
+    def write_compiled(share):
+        outputs = _kernels.OutputChunks(flat_out, unit_size)
+        ratios = t_over_n.numpy()
+        for s, e, r0, r1 in share:
+            first = tvs[0].operands(s, e)[0]
+            second, base_chunk = tvs[1].operands(s, e)
+            _kernels.loops().stock_into(first, second, base_chunk, ratios[r0:r1], width or (e - s), outputs.target(s, e))
+            outputs.done(s, e)
+
+    in_parts(units, write_compiled if compiled else write, base.device)
     return out
+
+
+def _block_sums(products: np.ndarray, block: int) -> np.ndarray:
+    """float32 sums of the consecutive `block`-entry runs of a flat chunk of products (the last run may be
+    shorter), each in numpy's pairwise order: what `_kernel_loops.pair_product_sums` computes."""
+    whole = products.size - products.size % block
+    sums = np.add.reduce(products[:whole].reshape(-1, block), axis=1)
+    if whole < products.size:
+        sums = np.append(sums, np.add.reduce(products[whole:]))
+    return sums
