@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergesmith.methods import _kernels, _sparsify, _task_vectors, model_stock
+from mergesmith.methods import _kernels, _linalg, _sparsify, _task_vectors
 from mergesmith.methods.registry import get_method
 
 pytestmark = pytest.mark.skipif(not _kernels.available(), reason="numba is not installed")
@@ -374,6 +374,7 @@ get_method("della").func([m.view(70, 10, 640) for m in models], base=base.view(7
 get_method("arcee_fusion").func(models[:1], base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
 get_method("ramplus_tl").func(models, base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
 get_method("model_stock").func(models, base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
+get_method("multislerp").func(models, base=base, weight=[0.5, 0.5], compute_dtype=torch.float32, output_dtype=torch.bfloat16)
 loops = _kernels.loops()
 print({name: (sum(getattr(loops, name).stats.cache_hits.values()), sum(getattr(loops, name).stats.cache_misses.values()))
        for name in _kernels.LOOPS})
@@ -415,6 +416,28 @@ def test_model_stock_loops_equal_the_torch_path(dtype, filter_wise, shape, torch
     assert rounded.dtype == torch.bfloat16 and torch.equal(rounded.view(torch.int16), reference.to(torch.bfloat16).view(torch.int16))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("method", ["multislerp", "nuslerp"])
+def test_two_task_vector_interpolations_on_the_loops_equal_the_torch_path(method, dtype, torch_path, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(700, 640, generator=g) * 0.02
+    shared = torch.randn(700, 640, generator=g) * 0.002
+    models = [(base + shared + torch.randn(700, 640, generator=g) * 0.002).to(dtype) for _ in range(2)]
+    base = base.to(dtype)
+    run = lambda **kw: get_method(method).func(models, base=base, weight=[0.3, 0.6], compute_dtype=torch.float32, **kw)
+    loops, calls = _kernels.loops(), []
+    for name in ("pair_product_sums", "pair_combine_into"):
+        monkeypatch.setattr(loops, name, lambda *a, _loop=getattr(loops, name), _name=name: calls.append(_name) or _loop(*a))
+    compiled, rounded = run(), run(output_dtype=torch.bfloat16)
+    assert {"pair_product_sums", "pair_combine_into"} <= set(calls)
+    with torch_path:
+        reference = run()
+        assert run(output_dtype=torch.bfloat16).dtype == torch.float32  # the torch path leaves the rounding to the caller
+    assert compiled.dtype == reference.dtype == torch.float32
+    assert torch.equal(compiled, reference) and not torch.equal(compiled, base.float())
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded.view(torch.int16), reference.to(torch.bfloat16).view(torch.int16))
+
+
 def test_pair_product_sums_are_numpys_block_sums():
     g = torch.Generator().manual_seed(4)
     base = torch.randn(10_000, generator=g).to(torch.bfloat16)
@@ -425,7 +448,7 @@ def test_pair_product_sums_are_numpys_block_sums():
         sums = np.empty((-(-10_000 // block), 3), dtype=np.float32)
         _kernels.loops().pair_product_sums(operand(m0), operand(m1), operand(base), block, sums)
         for k, product in enumerate((d0 * d0, d0 * d1, d1 * d1)):
-            assert np.array_equal(sums[:, k], model_stock._block_sums(product.numpy(), block))
+            assert np.array_equal(sums[:, k], _linalg.block_sums(product.numpy(), block))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

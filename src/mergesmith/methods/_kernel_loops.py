@@ -671,6 +671,15 @@ def stock_into(model0, model1, base, ratios, block, out):
 
 
 @jit
+def pair_combine_into(model0, model1, base, c0, c1, out):
+    """out = ((d0·c0) + (d1·c1)) + base for two task vectors d = model - base: `_linalg.combine_task_vectors`'
+    float operations in its order, for two models."""
+    for i in range(out.size):
+        x = widen(base[i])
+        out[i] = ((widen(model0[i]) - x) * c0 + (widen(model1[i]) - x) * c1) + x
+
+
+@jit
 def bernoulli_rows(model, base, state, threshold, mags, keep, sums):
     """DARE's keep test (`bernoulli_keep`) of a chunk of the inputs as stored, with the chunk's L1 sums when
     `sums` is not empty: sums[0] = (sum of |d|, sum of the kept |d|), each in numpy's order (`pairwise_sum`,

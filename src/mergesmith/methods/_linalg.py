@@ -4,19 +4,49 @@ Several methods only need inner products between a handful of whole tensors and 
 combination of those tensors. Rather than building unit vectors, tangent vectors and other full-size
 temporaries, they compute the Gram matrix once (one pass over the data, one device-to-host copy of an
 N x N matrix), do the small geometry in float64 on the host, and finish with a single weighted sum.
+
+On CPU the inner products are float64 sums of float32 partial sums over blocks of 4096 products, each in
+numpy's order (`block_sums`), so that the compiled loops that do the common case, two task vectors in
+float32 (nuslerp and multislerp with a base: `pair_product_sums`, `pair_combine_into`), give the numpy
+path's bits; BLAS dots on a 1B merge left the two-model methods 2x slower than the loops.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
+
+from mergesmith.methods import _kernels
+from mergesmith.methods._parallel import in_parts
+from mergesmith.methods._sparsify import TaskVector, loop_operand
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Up to this many vectors, pairwise dot products; above, blocked matrix products (data read once).
 _PAIRWISE_MAX = 8
 # Columns per block in the blocked path (CPU: cache-sized; GPU: 64x larger, to limit kernel launches).
 _CHUNK = 1 << 16
+# Entries per float32 partial sum of inner products on CPU (the partial sums are added in float64): small
+# enough that a compiled loop's products of a block stay in L1 (`_kernel_loops.pair_product_sums`).
+PRODUCT_BLOCK = 4096
+
+
+def block_sums(products: np.ndarray, block: int = PRODUCT_BLOCK) -> np.ndarray:
+    """float32 sums of the consecutive `block`-entry runs of a flat chunk of products (the last run may be
+    shorter), each in numpy's pairwise order: what `_kernel_loops.pair_product_sums` computes. The CPU's
+    inner products are made of these, on both paths, so a compiled loop gives the bits numpy gives."""
+    whole = products.size - products.size % block
+    sums = np.add.reduce(products[:whole].reshape(-1, block), axis=1)
+    if whole < products.size:
+        sums = np.append(sums, np.add.reduce(products[whole:]))
+    return sums
+
+
+def _compiled_pair(models: Sequence[torch.Tensor], base: torch.Tensor | None, dtype: torch.dtype | None) -> bool:
+    """Whether `_kernels`' loops do the work for two task vectors against `base` in float32 on CPU."""
+    return (base is not None and len(models) == 2 and dtype in (None, torch.float32) and base.dtype != torch.float64
+            and all(TaskVector(m, base, torch.float32).compiled() for m in models))
 
 
 def reduce_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -49,6 +79,8 @@ def gram(vectors: Sequence[torch.Tensor], dtype: torch.dtype | None = None, *, b
         return _gram_blocked([f.to(work) for f in flats])
     length = flats[0].numel()
     chunk = min(_CHUNK << 2, max(length, 1))
+    if not wide and _compiled_pair(vectors, base, dtype):
+        return _symmetric(_compiled_pair_gram(flats, base.reshape(-1), chunk), n)
     bufs = [torch.empty(chunk, dtype=work) for _ in flats]
     if base is not None:  # task vectors in the compute dtype (rounded there, as subtracting whole tensors would)
         delta_dtype = dtype or torch.promote_types(flats[0].dtype, base.dtype)
@@ -66,10 +98,35 @@ def gram(vectors: Sequence[torch.Tensor], dtype: torch.dtype | None = None, *, b
 
 
 def _pair_dots(flats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Dot products of every pair i <= j (row-major upper triangle), BLAS dot (not subject to TF32), as a
-    float64 CPU vector."""
+    """Dot products of every pair i <= j (row-major upper triangle) as a float64 CPU vector: on CPU the float64
+    sum of `block_sums` of the float32 products, elsewhere BLAS dot (not subject to TF32)."""
     n = len(flats)
-    return torch.stack([torch.dot(flats[i], flats[j]) for i in range(n) for j in range(i, n)]).to(torch.float64).cpu()
+    pairs = [(i, j) for i in range(n) for j in range(i, n)]
+    if flats[0].device.type == "cpu" and flats[0].dtype == torch.float32:
+        return torch.tensor([float(np.add.reduce(block_sums((flats[i] * flats[j]).numpy()), dtype=np.float64)) for i, j in pairs],
+                            dtype=torch.float64)
+    return torch.stack([torch.dot(flats[i], flats[j]) for i, j in pairs]).to(torch.float64).cpu()
+
+
+def _compiled_pair_gram(flats: Sequence[torch.Tensor], base: torch.Tensor, chunk: int) -> torch.Tensor:
+    """`gram`'s upper triangle for two task vectors with `_kernel_loops.pair_product_sums`, the chunks shared
+    between the CPU's threads and their sums added in chunk order afterwards (as `_pair_dots` adds them)."""
+    chunks = [(s, min(base.numel(), s + chunk)) for s in range(0, base.numel(), chunk)]
+
+    def share(part):
+        found = []
+        for s, e in part:
+            sums = np.empty((-(-(e - s) // PRODUCT_BLOCK), 3), dtype=np.float32)
+            _kernels.loops().pair_product_sums(loop_operand(flats[0][s:e]), loop_operand(flats[1][s:e]), loop_operand(base[s:e]),
+                                               PRODUCT_BLOCK, sums)
+            found.append([float(np.add.reduce(sums[:, k], dtype=np.float64)) for k in range(3)])
+        return found
+
+    entries = torch.zeros(3, dtype=torch.float64)
+    for part in in_parts(chunks, share, base.device):
+        for triple in part:
+            entries += torch.tensor(triple, dtype=torch.float64)
+    return entries
 
 
 def _symmetric(upper_entries: torch.Tensor, n: int) -> torch.Tensor:
@@ -118,24 +175,43 @@ def combine(vectors: Sequence[torch.Tensor], coefficients: Sequence[float], *, d
 
 
 def combine_task_vectors(
-    models: Sequence[torch.Tensor], base: torch.Tensor, coefficients: Sequence[float], dtype: torch.dtype | None = None
+    models: Sequence[torch.Tensor], base: torch.Tensor, coefficients: Sequence[float], dtype: torch.dtype | None = None,
+    output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """`base + Σ cᵢ·(modelsᵢ − base)` in `dtype` (default: the base's), chunk by chunk from the inputs as stored
-    (bf16 as read): each chunk's task vectors are computed in `dtype`, the first scaled, the others added with
-    their coefficients, then the base: per entry the operations of scaling whole task vectors in place and
-    adding them up, without making them."""
+    (bf16 as read): each chunk's task vectors are computed in `dtype` and scaled by their coefficients (each
+    product rounded), added up, then the base added. Two float32 task vectors on CPU take one compiled loop
+    (`_kernel_loops.pair_combine_into`, the same operations), which writes a bf16 `output_dtype` directly
+    (`_kernels.OutputChunks`); otherwise the result is in `dtype`."""
     dtype = dtype or base.dtype
-    out = torch.empty(base.shape, dtype=dtype, device=base.device)
+    compiled = _compiled_pair(models, base, dtype)
+    out = torch.empty(base.shape, dtype=_kernels.result_dtype(dtype, output_dtype, compiled), device=base.device)
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     flats = [m.reshape(-1) for m in models]
     length = flat_out.numel()
     chunk = min(_CHUNK << 2 if out.device.type == "cpu" else length, max(length, 1))
+    if compiled:
+        _compiled_pair_combine(flats, flat_base, [np.float32(c) for c in coefficients], flat_out, chunk)
+        return out
     base_buf, delta_buf = (torch.empty(chunk, dtype=dtype, device=base.device) for _ in range(2))
     for s in range(0, length, chunk):
         e = min(length, s + chunk)
         b = base_buf[: e - s].copy_(flat_base[s:e])
         o = flat_out[s:e].copy_(flats[0][s:e]).sub_(b).mul_(float(coefficients[0]))
         for flat, c in zip(flats[1:], coefficients[1:]):
-            o.add_(delta_buf[: e - s].copy_(flat[s:e]).sub_(b), alpha=float(c))
+            o.add_(delta_buf[: e - s].copy_(flat[s:e]).sub_(b).mul_(float(c)))  # rounded, then added (no fused alpha)
         o.add_(b)
     return out
+
+
+def _compiled_pair_combine(flats: Sequence[torch.Tensor], base: torch.Tensor, coefficients: list, flat_out: torch.Tensor, chunk: int) -> None:
+    """`combine_task_vectors`' chunks for two task vectors with `_kernel_loops.pair_combine_into`, shared
+    between the CPU's threads."""
+    def share(part):
+        outputs = _kernels.OutputChunks(flat_out, chunk)
+        for s, e in part:
+            _kernels.loops().pair_combine_into(loop_operand(flats[0][s:e]), loop_operand(flats[1][s:e]), loop_operand(base[s:e]),
+                                              *coefficients, outputs.target(s, e))
+            outputs.done(s, e)
+
+    in_parts([(s, min(base.numel(), s + chunk)) for s in range(0, base.numel(), chunk)], share, base.device)

@@ -26,14 +26,12 @@ import numpy as np
 import torch
 
 from mergesmith.methods import _kernels
+from mergesmith.methods._linalg import PRODUCT_BLOCK, block_sums
 from mergesmith.methods._parallel import in_parts
 from mergesmith.methods._sparsify import TaskVector, chunk_size, spans
 from mergesmith.methods.registry import Param, merge_method
 
 PAIR_NORM_FLOOR = 1e-6
-# Entries per float32 partial sum of a flat chunk's inner products on CPU (summed in float64 afterwards):
-# small enough that a block's three product runs stay in L1 in the compiled loop.
-PRODUCT_BLOCK = 4096
 
 
 def stock_ratio(cos_theta: torch.Tensor, n: int) -> torch.Tensor:
@@ -104,7 +102,7 @@ def model_stock(
         for s, e, r0, r1 in share:
             ds = [tv.chunk(s, e, buf[: e - s]) for tv, buf in zip(tvs, bufs)]
             if base.device.type == "cpu":
-                found.append(np.stack([_block_sums((ds[i] * ds[j]).numpy(), block) for i, j in pairs], axis=1))
+                found.append(np.stack([block_sums((ds[i] * ds[j]).numpy(), block) for i, j in pairs], axis=1))
             elif width is None:
                 found.append([torch.dot(ds[i], ds[j]).double() for i, j in pairs])
             else:
@@ -153,12 +151,3 @@ def model_stock(
     in_parts(units, write_compiled if compiled else write, base.device)
     return out
 
-
-def _block_sums(products: np.ndarray, block: int) -> np.ndarray:
-    """float32 sums of the consecutive `block`-entry runs of a flat chunk of products (the last run may be
-    shorter), each in numpy's pairwise order: what `_kernel_loops.pair_product_sums` computes."""
-    whole = products.size - products.size % block
-    sums = np.add.reduce(products[:whole].reshape(-1, block), axis=1)
-    if whole < products.size:
-        sums = np.append(sums, np.add.reduce(products[whole:]))
-    return sums

@@ -73,6 +73,7 @@ def multislerp_coefficients(
     base="optional",
     min_models=1,
     converts_inputs=True,
+    rounds_output=True,
     reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
 )
 def multislerp(
@@ -83,15 +84,17 @@ def multislerp(
     normalize_weights: bool = True,
     eps: float = 1e-8,
     compute_dtype: torch.dtype | None = None,
+    output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Weighted spherical interpolation of any number of models (or their task vectors, given a base).
 
     Streams: the Gram matrix and the output are computed chunk by chunk from the inputs as read, task
-    vectors included (no full-size task vector or converted copy is made)."""
+    vectors included (no full-size task vector or converted copy is made); two task vectors in float32 on
+    CPU by compiled loops, which write a bf16 `output_dtype` directly (see `_linalg`)."""
     dtype = compute_dtype or (base if base is not None else tensors[0]).dtype
     if len(tensors) == 1:
         return tensors[0].to(dtype)
     coefficients = multislerp_coefficients(gram(tensors, dtype, base=base), weight, normalize=normalize_weights, eps=eps)
     if base is None:
         return combine(tensors, coefficients, dtype=dtype)
-    return combine_task_vectors(tensors, base, coefficients, dtype)
+    return combine_task_vectors(tensors, base, coefficients, dtype, output_dtype)

@@ -101,6 +101,7 @@ def interpolation_factor(weights: Sequence[float]) -> float:
     min_models=2,
     max_models=2,
     converts_inputs=True,
+    rounds_output=True,
 )
 def nuslerp(
     tensors: Sequence[torch.Tensor],
@@ -110,12 +111,14 @@ def nuslerp(
     nuslerp_flatten: bool = True,
     nuslerp_row_wise: bool = False,
     compute_dtype: torch.dtype | None = None,
+    output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Slerp two models (or their task vectors, given a base) with t = w₁ / (w₀ + w₁).
 
     Flattened (the default), it streams: the three inner products come from `gram` (float32 per chunk,
     float64 across chunks) and the output from one weighted sum, both chunk by chunk from the inputs as
-    read, with no task vector or converted copy made. Per slice, whole tensors are converted first."""
+    read, with no task vector or converted copy made; with a base, in float32 on CPU, by compiled loops
+    that write a bf16 `output_dtype` directly (see `_linalg`). Per slice, whole tensors are converted first."""
     t = interpolation_factor(weight)
     dtype = compute_dtype or (base if base is not None else tensors[0]).dtype
     if nuslerp_flatten:
@@ -123,7 +126,7 @@ def nuslerp(
         factors = slerp_factors(t, aa, ab, bb)
         if base is None:
             return combine(tensors, factors, dtype=dtype)
-        return combine_task_vectors(tensors, base, factors, dtype)
+        return combine_task_vectors(tensors, base, factors, dtype, output_dtype)
     tensors = [x.to(dtype) for x in tensors]
     base = base.to(dtype) if base is not None else None
     if base is None:
