@@ -373,6 +373,7 @@ get_method("della").func([m.view(70, 10, 640) for m in models], base=base.view(7
                          density=[0.5, 0.5], compute_dtype=torch.float32, generator=torch.Generator().manual_seed(1))
 get_method("arcee_fusion").func(models[:1], base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
 get_method("ramplus_tl").func(models, base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
+get_method("ramplus_tl").func(models + models[:1], base=base, compute_dtype=torch.float32)  # three: the general tallies
 get_method("model_stock").func(models, base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
 get_method("multislerp").func(models, base=base, weight=[0.5, 0.5], compute_dtype=torch.float32, output_dtype=torch.bfloat16)
 loops = _kernels.loops()
@@ -436,6 +437,22 @@ def test_two_task_vector_interpolations_on_the_loops_equal_the_torch_path(method
     assert compiled.dtype == reference.dtype == torch.float32
     assert torch.equal(compiled, reference) and not torch.equal(compiled, base.float())
     assert rounded.dtype == torch.bfloat16 and torch.equal(rounded.view(torch.int16), reference.to(torch.bfloat16).view(torch.int16))
+
+
+def test_pair_tallies_count_what_the_general_tallies_count():
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(5_000, generator=g).to(torch.bfloat16)
+    models = [(base.float() + torch.randn(5_000, generator=g) * 2e-3).to(torch.bfloat16) for _ in range(2)]
+    models[1][:100] = base[:100]  # entries only the first model changed
+    tvs = [_sparsify.TaskVector(m, base, torch.float32) for m in models]
+    epsilon, loops = np.float32(1e-3), _kernels.loops()
+    pair, general = np.zeros((2, 2), dtype=np.int64), np.zeros((2, 2), dtype=np.int64)
+    loops.pair_tallies(tvs[0].operands(0, 5_000)[0], *tvs[1].operands(0, 5_000), epsilon, pair)
+    deltas = np.empty((2, 5_000), dtype=np.float32)
+    for j, tv in enumerate(tvs):
+        loops.contribution_into(*tv.operands(0, 5_000), epsilon, deltas[j])
+    loops.contributor_tallies(deltas, 5_000, epsilon, np.empty(5_000, dtype=np.float32), general)
+    assert np.array_equal(pair, general) and 0 < pair[1, 1] < pair[0, 1] < pair[0, 0]
 
 
 def test_pair_product_sums_are_numpys_block_sums():

@@ -152,6 +152,22 @@ def contributor_tallies(deltas, n, epsilon, counts, tallies):
 
 
 @jit
+def pair_tallies(model0, model1, base, epsilon, tallies):
+    """`contributor_tallies` for two models straight from the inputs as stored, without writing the masked
+    task vectors: tallies[j] += (entries where model j contributes, those where the other does not)."""
+    c0 = c1 = u0 = u1 = np.int32(0)  # int32 counters (chunks below 2^31 entries): see `window_count`
+    for i in range(base.size):
+        x = widen(base[i])
+        f0, f1 = abs(widen(model0[i]) - x) > epsilon, abs(widen(model1[i]) - x) > epsilon
+        c0, c1 = np.int32(c0 + np.int32(f0)), np.int32(c1 + np.int32(f1))
+        u0, u1 = np.int32(u0 + np.int32(f0 & (not f1))), np.int32(u1 + np.int32(f1 & (not f0)))
+    tallies[0, 0] += c0
+    tallies[0, 1] += u0
+    tallies[1, 0] += c1
+    tallies[1, 1] += u1
+
+
+@jit
 def ram_combine_into(deltas, n, epsilon, lams, amplify, base, counts, amplified, out):
     """RAM's merge of the masked task vectors (rows of `deltas`): out = base + Σ δⱼ / max(c, 1), c the
     contributor count; with `amplify` (RAM+), base + Σ λⱼ·δⱼ where c = 1 instead. The sums run in row order,
