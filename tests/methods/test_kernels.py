@@ -473,6 +473,7 @@ def test_pair_product_sums_are_numpys_block_sums():
     (2, {"select_topk": 0.4}),  # the streamed two-model cut
     (3, {"select_topk": 0.6, "consensus_method": "count"}),  # the stored variance mask
     (3, {"select_topk": 1.0, "energy_floor": 0.0}),  # everything selected, energy weights
+    (2, {"select_topk": 1.0, "energy_floor": 0.0}),  # two models, everything selected: the energies' empty keep
 ])
 def test_sce_loops_equal_the_torch_path(count, params, dtype, torch_path, monkeypatch):
     models, base = _family(dtype)

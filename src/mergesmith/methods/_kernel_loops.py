@@ -671,6 +671,30 @@ def pair_product_sums(model0, model1, base, block, sums):
 
 
 @jit
+def pair_square_sums(model0, model1, base, keep, squares, sums):
+    """SCE's energies of two task vectors d = model - base over a chunk: sums[j] = Σ d_j² over the entries
+    `keep` selects (every entry when `keep` is empty), each square rounded to float32 into squares[j] and
+    summed in numpy's order (`pairwise_sum`): the torch path's masked deltas, `np.square` and `np.add.reduce`."""
+    n = base.size
+    zero = np.float32(0)
+    first, second = squares[0], squares[1]
+    if keep.size == 0:
+        for i in range(n):
+            x = widen(base[i])
+            d0, d1 = widen(model0[i]) - x, widen(model1[i]) - x
+            first[i], second[i] = d0 * d0, d1 * d1
+    else:
+        for i in range(n):
+            x = widen(base[i])
+            d0, d1 = widen(model0[i]) - x, widen(model1[i]) - x
+            d0, d1 = (d0 if keep[i] != 0 else zero), (d1 if keep[i] != 0 else zero)
+            first[i], second[i] = d0 * d0, d1 * d1
+    frames, left = sum_stack()
+    sums[0] = pairwise_sum(first, 0, n, frames, left)
+    sums[1] = pairwise_sum(second, 0, n, frames, left)
+
+
+@jit
 def stock_into(model0, model1, base, ratios, block, out):
     """out = (d0 + d1) * t + base for two task vectors d = model - base, t = ratios[b] for the entries of block
     b (`block` entries each: one t per row, or one for the chunk): the float operations of `model_stock`'s

@@ -249,7 +249,14 @@ def _compiled_energy(tvs, selection: _Selection, flat_base: torch.Tensor, chunks
 
     def work(share):
         deltas = _CompiledDeltas(tvs, selection, flat_base, max(e - s for s, e in share))
+        chunk_sums = np.empty(2, dtype=np.float32)
         for s, e in share:
+            if len(tvs) == 2:  # one loop: the selection's deltas squared and summed (1.2 against 2.4 ns an entry)
+                models, base = [loop_operand(tv.model[s:e]) for tv in tvs], loop_operand(flat_base[s:e])
+                keep = selection.keep_array(s, models[0], models[1], deltas.keep_buf[: e - s])
+                _kernels.loops().pair_square_sums(*models, base, keep, deltas.deltas[:, : e - s], chunk_sums)
+                sums[index[(s, e)]] = chunk_sums
+                continue
             rows, _ = deltas.chunk(s, e)
             for j in range(len(tvs)):
                 row = rows[j, : e - s]
