@@ -418,6 +418,25 @@ def test_model_stock_loops_equal_the_torch_path(dtype, filter_wise, shape, torch
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("method", ["slerp", "karcher", "nuslerp"])
+def test_the_gram_of_two_models_on_the_loop_equals_the_torch_path(method, dtype, torch_path, monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    models = [(torch.randn(700, 640, generator=g) * 0.02).to(dtype) for _ in range(2)]
+    if method == "slerp":  # the base is one end, the other model the other
+        run = lambda: get_method(method).func(models[1:], base=models[0], t=0.3, compute_dtype=torch.float32)
+    else:
+        kwargs = {} if method == "karcher" else {"weight": [0.3, 0.6]}
+        run = lambda: get_method(method).func(models, compute_dtype=torch.float32, **kwargs)
+    calls = []
+    monkeypatch.setattr(_kernels.loops(), "pair_product_sums", lambda *a, _loop=_kernels.loops().pair_product_sums: calls.append(1) or _loop(*a))
+    compiled = run()
+    assert calls
+    with torch_path:
+        reference = run()
+    assert torch.equal(compiled, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("method", ["multislerp", "nuslerp"])
 def test_two_task_vector_interpolations_on_the_loops_equal_the_torch_path(method, dtype, torch_path, monkeypatch):
     g = torch.Generator().manual_seed(5)

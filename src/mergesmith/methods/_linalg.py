@@ -20,7 +20,7 @@ import torch
 
 from mergesmith.methods import _kernels
 from mergesmith.methods._parallel import in_parts
-from mergesmith.methods._sparsify import TaskVector, loop_operand
+from mergesmith.methods._sparsify import TaskVector, loop_operand, zeros_operand
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Up to this many vectors, pairwise dot products; above, blocked matrix products (data read once).
@@ -44,9 +44,11 @@ def block_sums(products: np.ndarray, block: int = PRODUCT_BLOCK) -> np.ndarray:
 
 
 def _compiled_pair(models: Sequence[torch.Tensor], base: torch.Tensor | None, dtype: torch.dtype | None) -> bool:
-    """Whether `_kernels`' loops do the work for two task vectors against `base` in float32 on CPU."""
-    return (base is not None and len(models) == 2 and dtype in (None, torch.float32) and base.dtype != torch.float64
-            and all(TaskVector(m, base, torch.float32).compiled() for m in models))
+    """Whether `_kernels`' loops do the work for two vectors (task vectors against `base`, when given) in
+    float32 on CPU."""
+    reference = base if base is not None else models[0]
+    return (len(models) == 2 and dtype in (None, torch.float32) and reference.dtype != torch.float64
+            and all(TaskVector(m, reference, torch.float32).compiled() for m in models))
 
 
 def reduce_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -80,7 +82,7 @@ def gram(vectors: Sequence[torch.Tensor], dtype: torch.dtype | None = None, *, b
     length = flats[0].numel()
     chunk = min(_CHUNK << 2, max(length, 1))
     if not wide and _compiled_pair(vectors, base, dtype):
-        return _symmetric(_compiled_pair_gram(flats, base.reshape(-1), chunk), n)
+        return _symmetric(_compiled_pair_gram(flats, base.reshape(-1) if base is not None else None, chunk), n)
     bufs = [torch.empty(chunk, dtype=work) for _ in flats]
     if base is not None:  # task vectors in the compute dtype (rounded there, as subtracting whole tensors would)
         delta_dtype = dtype or torch.promote_types(flats[0].dtype, base.dtype)
@@ -98,32 +100,35 @@ def gram(vectors: Sequence[torch.Tensor], dtype: torch.dtype | None = None, *, b
 
 
 def _pair_dots(flats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Dot products of every pair i <= j (row-major upper triangle) as a float64 CPU vector: on CPU the float64
-    sum of `block_sums` of the float32 products, elsewhere BLAS dot (not subject to TF32)."""
+    """Dot products of every pair i <= j (row-major upper triangle) as a float64 CPU vector: BLAS dot (not
+    subject to TF32), except for two float32 vectors on CPU, the case the compiled loop does, whose products
+    are summed as it sums them (the float64 sum of their `block_sums`)."""
     n = len(flats)
     pairs = [(i, j) for i in range(n) for j in range(i, n)]
-    if flats[0].device.type == "cpu" and flats[0].dtype == torch.float32:
+    if n == 2 and flats[0].device.type == "cpu" and flats[0].dtype == torch.float32:
         return torch.tensor([float(np.add.reduce(block_sums((flats[i] * flats[j]).numpy()), dtype=np.float64)) for i, j in pairs],
                             dtype=torch.float64)
     return torch.stack([torch.dot(flats[i], flats[j]) for i, j in pairs]).to(torch.float64).cpu()
 
 
-def _compiled_pair_gram(flats: Sequence[torch.Tensor], base: torch.Tensor, chunk: int) -> torch.Tensor:
-    """`gram`'s upper triangle for two task vectors with `_kernel_loops.pair_product_sums`, the chunks shared
-    between the CPU's threads and their sums added in chunk order afterwards (as `_pair_dots` adds them)."""
-    chunks = [(s, min(base.numel(), s + chunk)) for s in range(0, base.numel(), chunk)]
+def _compiled_pair_gram(flats: Sequence[torch.Tensor], base: torch.Tensor | None, chunk: int) -> torch.Tensor:
+    """`gram`'s upper triangle for two vectors (task vectors against `base`, when given) with
+    `_kernel_loops.pair_product_sums`, the chunks shared between the CPU's threads and their sums added in
+    chunk order afterwards (as `_pair_dots` adds them)."""
+    length = flats[0].numel()
+    chunks = [(s, min(length, s + chunk)) for s in range(0, length, chunk)]
 
     def share(part):
         found = []
         for s, e in part:
             sums = np.empty((-(-(e - s) // PRODUCT_BLOCK), 3), dtype=np.float32)
-            _kernels.loops().pair_product_sums(loop_operand(flats[0][s:e]), loop_operand(flats[1][s:e]), loop_operand(base[s:e]),
-                                               PRODUCT_BLOCK, sums)
+            below = zeros_operand(e - s) if base is None else loop_operand(base[s:e])  # no base: minus zeros, exact
+            _kernels.loops().pair_product_sums(loop_operand(flats[0][s:e]), loop_operand(flats[1][s:e]), below, PRODUCT_BLOCK, sums)
             found.append([float(np.add.reduce(sums[:, k], dtype=np.float64)) for k in range(3)])
         return found
 
     entries = torch.zeros(3, dtype=torch.float64)
-    for part in in_parts(chunks, share, base.device):
+    for part in in_parts(chunks, share, flats[0].device):
         for triple in part:
             entries += torch.tensor(triple, dtype=torch.float64)
     return entries
