@@ -87,7 +87,8 @@ def test_a_file_system_that_refuses_o_direct_gets_ordinary_writes(tmp_path, monk
     path = tmp_path / "out.bin"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     writer = DirectWriter(path, fd)
-    writer.direct_fd = writer.direct_fd if writer.direct else os.open(path, os.O_WRONLY)  # refused either way
+    if not writer.direct:  # a file system without O_DIRECT: stand in an ordinary descriptor, refused all the same
+        writer.direct_fd = writer._direct_opened = os.open(path, os.O_WRONLY)
     half = len(data) // 2
     writer.write(memoryview(data)[:half], 0)
     assert not writer.direct and len(refused) == 1  # refused once, then ordinary writes only
@@ -118,3 +119,17 @@ def test_a_shard_of_large_tensors_reads_back_equal(tmp_path):
     writer.close()
     loaded = load_file(tmp_path / "model.safetensors")
     assert torch.equal(loaded["a"], a) and torch.equal(loaded["b"], b)
+
+
+def test_a_direct_write_that_writes_nothing_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    path = tmp_path / "out.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    writer = DirectWriter(path, fd)
+    if not writer.direct:
+        writer.direct_fd = writer._direct_opened = os.open(path, os.O_WRONLY)
+    real = os.pwrite
+    monkeypatch.setattr(direct_write.os, "pwrite", lambda f, data, offset: 0 if f == writer.direct_fd else real(f, data, offset))
+    with pytest.raises(OSError, match="wrote 0"):
+        writer.write(memoryview(os.urandom(2 * direct_write.MIN_DIRECT_BYTES)), 0)
+    writer.close()
+    os.close(fd)

@@ -46,12 +46,13 @@ class DirectWriter:
 
     def __init__(self, path: os.PathLike | str, fd: int):
         self.fd = fd
-        self.direct_fd: int | None = None
+        self.direct_fd: int | None = None  # None once direct writes are off for this file
         if _ENABLED:
             try:
                 self.direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
             except OSError:
                 self.direct_fd = None
+        self._direct_opened = self.direct_fd
 
     @property
     def direct(self) -> bool:
@@ -88,18 +89,15 @@ class DirectWriter:
             except OSError as exc:
                 if exc.errno != errno.EINVAL or done:
                     raise
-                self._stop_direct()
+                self.direct_fd = None  # closed by `close`: another thread may still be writing through it
                 return False
-            if wrote % ALIGN:  # a short direct write ends on a block boundary; anything else is a bug
+            if wrote <= 0 or wrote % ALIGN:  # a short direct write ends on a block boundary; anything else is a bug
                 raise OSError(errno.EIO, f"direct write of {n} bytes at {offset + done} wrote {wrote}")
             done += wrote
         return True
 
-    def _stop_direct(self) -> None:
-        fd, self.direct_fd = self.direct_fd, None
-        if fd is not None:
-            os.close(fd)
-
     def close(self) -> None:
         """Close the O_DIRECT descriptor (the caller fsyncs and closes `fd`)."""
-        self._stop_direct()
+        fd, self._direct_opened, self.direct_fd = self._direct_opened, None, None
+        if fd is not None:
+            os.close(fd)
