@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,8 +88,36 @@ def read_header(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
     return tensors, metadata
 
 
+# Inputs are mapped rather than copied: a 1B merge of three models copied 6.6 GB from the page cache into fresh
+# buffers, CPU time and memory traffic that the merge's own passes (memory-bound on a small VM) then lacked
+# (alternating 1B runs: ties 10.9-11.1 -> 10.0-10.1 s, DELLA 11.7-12.6 -> 10.4-11.2, SCE 11.8 -> 10.6, linear
+# 4.75 -> 4.66; system CPU -2 s; peak RSS lower, since a tensor's mapping goes with it).
+# MERGESMITH_MMAP_READ=0 reads with pread instead.
+MAP_READS = os.environ.get("MERGESMITH_MMAP_READ", "1") != "0"
+_POPULATE_READ = 22 if sys.platform.startswith("linux") else None  # MADV_POPULATE_READ (Linux 5.14+)
+
+
+def _mapped(path: Path, start: int, end: int) -> torch.Tensor | None:
+    """Bytes [start, end) of a file as a uint8 tensor over a private mapping of just that range (copy on write:
+    the file is never written; the mapping is unmapped when the tensor is freed), its pages mapped now where
+    the kernel can, so the reader thread takes the faults; None when the range cannot be mapped (a file
+    shorter than its header says: the positioned read then reports it)."""
+    page = start - start % mmap.ALLOCATIONGRANULARITY
+    try:
+        with open(path, "rb") as fh:
+            mapping = mmap.mmap(fh.fileno(), end - page, offset=page, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):
+        return None
+    if _POPULATE_READ is not None:
+        try:
+            mapping.madvise(_POPULATE_READ)
+        except OSError:  # older kernels: the pages fault in as the merge reads them
+            pass
+    return torch.frombuffer(mapping, dtype=torch.uint8, count=end - start, offset=start - page)
+
+
 def read_tensor(stored: StoredTensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """Read a tensor (or rows [a, b) of its first dimension) with one positioned read."""
+    """Read a tensor (or rows [a, b) of its first dimension): mapped (`MAP_READS`), else with one positioned read."""
     shape = list(stored.shape)
     start, end = stored.start, stored.end
     if rows is not None and shape:
@@ -97,6 +127,10 @@ def read_tensor(stored: StoredTensor, rows: tuple[int, int] | None = None) -> to
     size = end - start
     if size == 0:
         return torch.empty(shape, dtype=stored.dtype)
+    if MAP_READS:
+        mapped = _mapped(stored.file, start, end)
+        if mapped is not None:
+            return mapped.view(stored.dtype).reshape(shape)
     # torch's allocator, not a bytearray: no zero-fill before the read, and huge pages where enabled
     buffer = torch.empty(size, dtype=torch.uint8)
     fd = os.open(stored.file, os.O_RDONLY)
