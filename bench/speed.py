@@ -9,8 +9,9 @@ weights are base + a low-rank delta + a sparse delta, written as HF folders (con
 safetensors, index). For every method it writes a YAML config, runs `mergesmith merge --quiet` (and
 mergekit-yaml on the same YAML, alternating which tool goes first across repeats), and records wall time,
 child CPU time (user+sys from os.wait4), the child's peak RSS (ru_maxrss: pages of memory-mapped inputs
-that the child touched count too) and input GB/s. An "I/O floor" child that only reads every input byte
-and writes an output file of the merged size (no math) gives the lower bound for each input set.
+that the child touched count too) and input GB/s. An "I/O floor" child that only maps every page of the
+inputs and writes an output file of the merged size (no math), as the merge reads and writes, gives the lower
+bound for each input set.
 
 The table is printed and written to bench/results/speed-<size>.md along with the machine description and
 the command line. See bench/README.md.
@@ -331,13 +332,19 @@ def measure(cmd: list[str], log_path: Path, env: dict | None = None) -> tuple[in
 IO_FLOOR_SCRIPT = textwrap.dedent(
     """
     import os, sys
-    from mergesmith.io.direct_write import DirectWriter  # the merge's own way of writing: a floor for it too
+    import mmap
+    from mergesmith.io.direct_write import DirectWriter  # the merge's own ways of reading and writing: a floor for them
     out, size, files = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     buf = bytearray(16 << 20); view = memoryview(buf)
-    for path in files:
-        with open(path, "rb", buffering=0) as fh:
-            while fh.readinto(buf):
-                pass
+    for path in files:  # every page of every input mapped, as the merge maps its tensors (no copy)
+        with open(path, "rb") as fh:
+            mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            mapping.madvise(22)  # MADV_POPULATE_READ
+        except (OSError, AttributeError):
+            for offset in range(0, len(mapping), mmap.PAGESIZE):
+                mapping[offset]
+        mapping.close()
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     writer, done = DirectWriter(out, fd), 0
     while done < size:
@@ -578,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
             "Peak RSS is the child's `ru_maxrss`: pages of memory-mapped input files that the child touched count in it.",
             "Input GB/s = bytes of the input shards the method reads / wall time. Ratios are of wall times (lower is better for us).",
             "start-up only: the tool's process doing nothing but start (imports, CLI) and exit; included in every merge's wall time.",
-            "io-floor: a child that only reads every input byte sequentially and writes (and fsyncs) an output file of the merged size, the way the merge writes (O_DIRECT where the file system takes it).",
+            "io-floor: a child that only maps every page of the inputs and writes (and fsyncs) an output file of the merged size, the way the merge reads and writes (mapped inputs, O_DIRECT output where the file system takes it).",
         ]
         if skipped:
             notes.append(f"Skipped (not in `mergesmith methods` yet): {', '.join(skipped)}.")
