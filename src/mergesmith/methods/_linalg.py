@@ -20,7 +20,7 @@ import torch
 
 from mergesmith.methods import _kernels
 from mergesmith.methods._parallel import in_parts
-from mergesmith.methods._sparsify import TaskVector, loop_operand, zeros_operand
+from mergesmith.methods._sparsify import TaskVector, loop_operand, spans, zeros_operand
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Up to this many vectors, pairwise dot products; above, blocked matrix products (data read once).
@@ -115,9 +115,6 @@ def _compiled_pair_gram(flats: Sequence[torch.Tensor], base: torch.Tensor | None
     """`gram`'s upper triangle for two vectors (task vectors against `base`, when given) with
     `_kernel_loops.pair_product_sums`, the chunks shared between the CPU's threads and their sums added in
     chunk order afterwards (as `_pair_dots` adds them)."""
-    length = flats[0].numel()
-    chunks = [(s, min(length, s + chunk)) for s in range(0, length, chunk)]
-
     def share(part):
         found = []
         for s, e in part:
@@ -128,7 +125,7 @@ def _compiled_pair_gram(flats: Sequence[torch.Tensor], base: torch.Tensor | None
         return found
 
     entries = torch.zeros(3, dtype=torch.float64)
-    for part in in_parts(chunks, share, flats[0].device):
+    for part in in_parts(spans(flats[0].numel(), chunk), share, flats[0].device):
         for triple in part:
             entries += torch.tensor(triple, dtype=torch.float64)
     return entries
@@ -219,4 +216,4 @@ def _compiled_pair_combine(flats: Sequence[torch.Tensor], base: torch.Tensor, co
                                               *coefficients, outputs.target(s, e))
             outputs.done(s, e)
 
-    in_parts([(s, min(base.numel(), s + chunk)) for s in range(0, base.numel(), chunk)], share, base.device)
+    in_parts(spans(base.numel(), chunk), share, base.device)

@@ -149,6 +149,12 @@ def loop_operand(chunk: torch.Tensor) -> np.ndarray:
     return chunk.numpy()
 
 
+def pair_operands(first: TaskVector, second: TaskVector, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first's model, second's model, their shared base)[start:end] as the two-model loops read them
+    (`loop_operand`: views, no copy)."""
+    return loop_operand(first.model[start:end]), *second.operands(start, end)
+
+
 class StoredValues(TaskVector):
     """A flat tensor already in memory, read through the TaskVector interface so that `select_top` can select
     on it chunk by chunk (SCE's variance)."""

@@ -28,7 +28,7 @@ import torch
 from mergesmith.methods import _kernels
 from mergesmith.methods._linalg import PRODUCT_BLOCK, block_sums
 from mergesmith.methods._parallel import in_parts
-from mergesmith.methods._sparsify import TaskVector, chunk_size, spans
+from mergesmith.methods._sparsify import TaskVector, chunk_size, pair_operands, spans
 from mergesmith.methods.registry import Param, merge_method
 
 PAIR_NORM_FLOOR = 1e-6
@@ -94,7 +94,7 @@ def model_stock(
             found = []
             for s, e, _, _ in share:
                 sums = np.empty((-(-(e - s) // block), 3), dtype=np.float32)
-                _kernels.loops().pair_product_sums(*tvs[0].operands(s, e)[:1], *tvs[1].operands(s, e), block, sums)
+                _kernels.loops().pair_product_sums(*pair_operands(tvs[0], tvs[1], s, e), block, sums)
                 found.append(sums)
             return found
         bufs = [tv.buffer(unit_size) for tv in tvs]
@@ -143,11 +143,8 @@ def model_stock(
         outputs = _kernels.OutputChunks(flat_out, unit_size)
         ratios = t_over_n.numpy()
         for s, e, r0, r1 in share:
-            first = tvs[0].operands(s, e)[0]
-            second, base_chunk = tvs[1].operands(s, e)
-            _kernels.loops().stock_into(first, second, base_chunk, ratios[r0:r1], width or (e - s), outputs.target(s, e))
+            _kernels.loops().stock_into(*pair_operands(tvs[0], tvs[1], s, e), ratios[r0:r1], width or (e - s), outputs.target(s, e))
             outputs.done(s, e)
 
     in_parts(units, write_compiled if compiled else write, base.device)
     return out
-

@@ -27,7 +27,7 @@ from mergesmith.methods import _kernels
 from mergesmith.methods._consensus import CONSENSUS_METHODS, accumulation_dtype, disjoint_into, elect_sign_into
 from mergesmith.methods._parallel import in_parts
 from mergesmith.methods._sparsify import (
-    ALL, NONE, Cut, StoredValues, TaskVector, check_tie_order, loop_operand, chunk_size, select_top_fraction,
+    ALL, NONE, Cut, StoredValues, TaskVector, check_tie_order, loop_operand, chunk_size, pair_operands, select_top_fraction,
     selection_dtype, spans, top_fraction_count, variance_across,
 )
 from mergesmith.methods._task_vectors import CONSENSUS
@@ -252,9 +252,9 @@ def _compiled_energy(tvs, selection: _Selection, flat_base: torch.Tensor, chunks
         chunk_sums = np.empty(2, dtype=np.float32)
         for s, e in share:
             if len(tvs) == 2:  # one loop: the selection's deltas squared and summed (1.2 against 2.4 ns an entry)
-                models, base = [loop_operand(tv.model[s:e]) for tv in tvs], loop_operand(flat_base[s:e])
-                keep = selection.keep_array(s, models[0], models[1], deltas.keep_buf[: e - s])
-                _kernels.loops().pair_square_sums(*models, base, keep, deltas.deltas[:, : e - s], chunk_sums)
+                first, second, base = pair_operands(tvs[0], tvs[1], s, e)
+                keep = selection.keep_array(s, first, second, deltas.keep_buf[: e - s])
+                _kernels.loops().pair_square_sums(first, second, base, keep, deltas.deltas[:, : e - s], chunk_sums)
                 sums[index[(s, e)]] = chunk_sums
                 continue
             rows, _ = deltas.chunk(s, e)
