@@ -959,23 +959,6 @@ def _stored_plan(tv: TaskVector, rescale: bool, chunks: list[tuple[int, int]],
     return plan
 
 
-def _stored_mask_plan(tv: TaskVector, rescale: bool, chunks: list[tuple[int, int]],
-                      keep_into: Callable[[torch.Tensor | None, int, int, torch.Tensor], object], *,
-                      magnitudes: bool) -> Plan:
-    """`_stored_plan` where `keep_into(a, s, e, out)` writes the keep mask of [s, e) into `out`, given the
-    chunk's magnitudes `a` (selection dtype; None unless `magnitudes`), and the norms are the chunk's."""
-    width = max((e - s for s, e in chunks), default=0)
-    buf, abuf = tv.buffer(width), tv.buffer(width, selection_dtype(tv.dtype))
-
-    def fill(s, e, out, norms):
-        a = tv.magnitudes(s, e, buf[: e - s], abuf[: e - s]) if magnitudes or norms is not None else None
-        keep_into(a, s, e, out)
-        if norms is not None:
-            norms.add(a, out)
-
-    return _stored_plan(tv, rescale, chunks, fill)
-
-
 class Bernoulli:
     """Independent keeps with probability `density` (to 2^-32): a word below `_int32_threshold(density)`.
     The comparison is made where the words are drawn (numpy on the helper thread, on CPU), so the main
@@ -1003,13 +986,20 @@ def _bernoulli_plan(tv: TaskVector, density: float, rescale: bool, generator: to
         sums = np.empty((1, 2), dtype=np.float32)
 
         def fill(s, e, out, norms):
-            keep_rows(*tv.operands(s, e), state, threshold, mags[: e - s], out.numpy(), sums[: 1 if norms else 0])
+            keep_rows(*tv.operands(s, e), state, threshold, mags[: e - s], out.numpy(), sums[: 1 if norms is not None else 0])
             if norms is not None:
                 norms.add_sums(sums[:, 0], sums[:, 1])
 
         return _stored_plan(tv, rescale, chunks, fill)
     keeps = RandomWords(generator, tv.device, prepare=Bernoulli(density), seed=seed)
-    return _stored_mask_plan(tv, rescale, chunks, lambda a, s, e, out: out.copy_(keeps.next(e - s)), magnitudes=False)
+    buf, abuf = tv.buffer(size), tv.buffer(size, selection_dtype(tv.dtype))
+
+    def fill_from_words(s, e, out, norms):
+        out.copy_(keeps.next(e - s))
+        if norms is not None:
+            norms.add(tv.magnitudes(s, e, buf[: e - s], abuf[: e - s]), out)
+
+    return _stored_plan(tv, rescale, chunks, fill_from_words)
 
 
 def random_plan(tv: TaskVector, density: float, *, rescale: bool, generator: torch.Generator | None, size: int,
