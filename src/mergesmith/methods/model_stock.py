@@ -86,10 +86,13 @@ def model_stock(
     # two float32 task vectors on CPU: both passes as compiled loops on the inputs as stored (bf16 as read)
     compiled = n == 2 and all(tv.compiled() for tv in tvs)
     pairs = [(i, j) for i in range(n) for j in range(i, n)]
+    # float32 on CPU: products summed in the compiled loop's blocks, so both paths give the same bits; other
+    # dtypes (numpy has no bfloat16, and sums float16 in float16) and devices: torch's products in `dtype`
+    blocked = base.device.type == "cpu" and dtype == torch.float32
 
     def inner_products(share):
-        """Per unit of the share, the float32 sums of its blocks' products, a column per pair i <= j (CPU),
-        or a float64 product per pair (per row with `filter_wise`) elsewhere."""
+        """Per unit of the share, the float32 sums of its blocks' products, a column per pair i <= j (float32 on
+        CPU), or a float64 product per pair (per row with `filter_wise`) elsewhere."""
         if compiled:
             found = []
             for s, e, _, _ in share:
@@ -101,7 +104,7 @@ def model_stock(
         found = []
         for s, e, r0, r1 in share:
             ds = [tv.chunk(s, e, buf[: e - s]) for tv, buf in zip(tvs, bufs)]
-            if base.device.type == "cpu":
+            if blocked:
                 found.append(np.stack([block_sums((ds[i] * ds[j]).numpy(), block) for i, j in pairs], axis=1))
             elif width is None:
                 found.append([torch.dot(ds[i], ds[j]).double() for i, j in pairs])
