@@ -376,8 +376,6 @@ get_method("ramplus_tl").func(models, base=base, compute_dtype=torch.float32, ou
 get_method("ramplus_tl").func(models + models[:1], base=base, compute_dtype=torch.float32)  # three: the general tallies
 get_method("model_stock").func(models, base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
 get_method("multislerp").func(models, base=base, weight=[0.5, 0.5], compute_dtype=torch.float32, output_dtype=torch.bfloat16)
-from mergesmith.methods._sparsify import kth_smallest
-kth_smallest(torch.rand(1 << 15, generator=g), 5)  # the radix selection
 loops = _kernels.loops()
 print({name: (sum(getattr(loops, name).stats.cache_hits.values()), sum(getattr(loops, name).stats.cache_misses.values()))
        for name in _kernels.LOOPS})
@@ -656,26 +654,3 @@ def test_widen_is_torchs_bfloat16_conversion_for_every_bit_pattern():
     same = np.empty(3, dtype=np.float32)
     widen_all(np.array([1.5, -0.0, np.nan], dtype=np.float32), same)  # float32 entries pass through
     assert np.array_equal(same.view(np.uint32), np.array([1.5, -0.0, np.nan], dtype=np.float32).view(np.uint32))
-
-
-def test_radix_selection_gives_numpys_order_statistics(monkeypatch):
-    # signed values, many equal ones, infinities, -0.0 and NaN of both signs (numpy puts every NaN last)
-    from mergesmith.methods._sparsify import RADIX_FROM, kth_smallest
-
-    loops, calls = _kernels.loops(), []
-    monkeypatch.setattr(loops, "rank_select", lambda *a, _loop=loops.rank_select: calls.append(1) or _loop(*a))
-    r = np.random.default_rng(3)
-    n = RADIX_FROM + 1001
-    signed = r.normal(size=n).astype(np.float32)
-    tied = np.round(r.normal(size=n) * 3).astype(np.float32) / 64  # a few dozen distinct values
-    special = signed.copy()
-    for value, share in ((np.inf, 0.05), (-np.inf, 0.05), (-0.0, 0.05), (0.0, 0.05), (np.nan, 0.03), (-np.nan, 0.03)):
-        special[r.random(n) < share] = value
-    tiny = (r.normal(size=n) * 1e-40).astype(np.float32)  # subnormal
-    for values in (signed, tied, np.abs(tied), special, tiny, np.full(n, 0.5, dtype=np.float32)):
-        for rank in (1, 2, n // 3, n // 2, n - 1, n, *r.integers(1, n + 1, size=5)):
-            got = kth_smallest(torch.from_numpy(values), int(rank))
-            want = np.partition(values, rank - 1)[rank - 1]
-            assert got.dtype == torch.float32 and got.dim() == 0
-            assert (np.isnan(want) and bool(got.isnan())) or got.item() == want, (rank, got, want)
-    assert len(calls) > 50  # the radix loop did the work

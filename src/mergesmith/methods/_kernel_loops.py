@@ -12,7 +12,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from mergesmith.methods._kernels import LANES, RADIX_BITS
+from mergesmith.methods._kernels import LANES
 
 # fastmath stays off: each float operation rounds as written, in this order. cache: compiled once per machine
 # (next to this file, or numba's user cache when that is read-only).
@@ -753,51 +753,3 @@ def bernoulli_keep(state, threshold, out):
         drawn, s0, s1, s2, s3 = sfc64(s0, s1, s2, s3)
         out[n - 1], half, pending = np.int32(np.uint32(drawn & low32)) < threshold, drawn >> np.uint64(32), np.uint64(1)
     state[0], state[1], state[2], state[3], state[4], state[5] = s0, s1, s2, s3, pending, half
-
-
-
-@jit
-def rank_select(bits, rank, keys, counts):
-    """The float32 bit pattern of the rank-th smallest (0-based) of the float32 values whose bit patterns are
-    `bits` (uint32), as numpy's partition orders them: NaN of either sign last, -0.0 before 0.0 (equal
-    values). A radix selection on order-keeping integer keys (`keys`: uint32 scratch as long as `bits`;
-    `counts`: int32 scratch of shape (4, 2^RADIX_BITS + 1), in L1): each level counts the keys of the remaining
-    key range into buckets of its top bits (the keys outside it into the extra bucket) and narrows the range
-    to the bucket that holds the rank; two or three levels, each one pass over the keys, whatever the values.
-    numpy's partition of a selection window full of equal bf16 magnitudes took 15-20x its time on distinct
-    values (252k magnitudes of a TIES window: 5 ms, against 0.3 ms distinct; this: ~0.8 ms either way)."""
-    n = bits.size
-    sign, magnitude_mask, infinity = np.uint32(0x80000000), np.uint32(0x7FFFFFFF), np.uint32(0x7F800000)
-    lo, hi = np.uint32(0xFFFFFFFF), np.uint32(0)
-    for i in range(n):
-        b = bits[i]
-        key = (b ^ sign) if (b & sign) == 0 else ~b  # non-negative: above every negative; negative: reversed
-        key = np.uint32(0xFFFFFFFF) if (b & magnitude_mask) > infinity else np.uint32(key)  # NaN last
-        keys[i] = key
-        lo = min(lo, key)
-        hi = max(hi, key)
-    first, width = np.int64(lo), 0  # the range [first, first + 2^width) holds the rank
-    while (np.int64(hi) - first) >> width:
-        width += 1
-    buckets = counts.shape[1] - 1
-    while width > 0:
-        shift = max(0, width - RADIX_BITS)
-        counts[:, :] = 0
-        for q in range(n // 4):  # four tables: a run of equal keys does not wait on one counter
-            for t in range(4):
-                d = np.int64(keys[4 * q + t]) - first
-                counts[t, (d >> shift) if (d >> width) == 0 else buckets] += 1
-        for i in range(n - n % 4, n):
-            d = np.int64(keys[i]) - first
-            counts[0, (d >> shift) if (d >> width) == 0 else buckets] += 1
-        bucket = 0
-        while True:
-            in_bucket = counts[0, bucket] + counts[1, bucket] + counts[2, bucket] + counts[3, bucket]
-            if rank < in_bucket:
-                break
-            rank -= in_bucket
-            bucket += 1
-        first += np.int64(bucket) << shift
-        width = shift
-    key = np.uint32(first)
-    return np.uint32(key ^ sign) if (key & sign) != 0 else np.uint32(~key)

@@ -199,40 +199,10 @@ def zeros_operand(n: int) -> np.ndarray:
 def kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
     """The rank-th smallest entry (1-based) of a flat tensor, as a 0-dim tensor: `torch.kthvalue`'s value. On
     CPU in float32/float64, numpy's `partition` finds it (vectorised quickselect: ~0.2 ms for 2^18 values,
-    against 3-4 ms for `kthvalue`, which the selection calls three times a tensor and model), or for float32
-    from RADIX_FROM values on, the compiled radix selection (`_radix_rank`)."""
-    if _radix_selects(values):
-        return _radix_rank(values.numpy(), rank - 1)
+    against 3-4 ms for `kthvalue`, which the selection calls three times a tensor and model)."""
     if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64) and values.is_contiguous():
         return torch.from_numpy(np.partition(values.numpy(), rank - 1)[rank - 1 : rank]).reshape(())
     return torch.kthvalue(values, rank).values
-
-
-# From this many float32 values on, `rank_select` beats numpy's partition on values with many equal ones
-# (bf16 task vectors' magnitudes), which made partition 15-20x slower: a TIES window of 252k magnitudes took
-# 5.1 ms, its sample of 51k 0.8 ms (radix: 0.85 and 0.3; on distinct values 0.74 against partition's 0.31).
-RADIX_FROM = 1 << 14
-_RADIX_KEEP = 1 << 22  # a thread keeps key scratch up to this many entries (16 MiB) between calls
-_radix_scratch = threading.local()
-
-
-def _radix_selects(values: torch.Tensor) -> bool:
-    return (values.device.type == "cpu" and values.dtype == torch.float32 and values.is_contiguous()
-            and values.numel() >= RADIX_FROM and _kernels.available())
-
-
-def _radix_rank(values: np.ndarray, rank: int) -> torch.Tensor:
-    """The 0-based rank-th smallest of a contiguous float32 array, as a 0-dim tensor (`rank_select`)."""
-    keys = getattr(_radix_scratch, "keys", None)
-    if keys is None or keys.size < values.size:
-        keys = np.empty(values.size, dtype=np.uint32)
-        if values.size <= _RADIX_KEEP:
-            _radix_scratch.keys = keys
-    counts = getattr(_radix_scratch, "counts", None)
-    if counts is None:
-        counts = _radix_scratch.counts = np.empty((4, (1 << _kernels.RADIX_BITS) + 1), dtype=np.int32)
-    bits = _kernels.loops().rank_select(values.view(np.uint32), rank, keys[: values.size], counts)
-    return torch.from_numpy(np.array([bits], dtype=np.uint32).view(np.float32)).reshape(())
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -293,8 +263,6 @@ def _smallest_at(values: torch.Tensor, ranks: list[int]) -> list[torch.Tensor]:
     """The rank-th smallest entries (1-based, ascending ranks) of a flat tensor, as 0-dim tensors."""
     if not ranks:
         return []
-    if _radix_selects(values):
-        return [_radix_rank(values.numpy(), r - 1) for r in ranks]
     if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64) and values.is_contiguous():
         positions = [r - 1 for r in ranks]
         picked = torch.from_numpy(np.partition(values.numpy(), positions)[positions])
