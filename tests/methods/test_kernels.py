@@ -92,16 +92,19 @@ def test_loops_equal_the_torch_path(method, params, dtype, torch_path, monkeypat
     assert not torch.equal(compiled, base.float())  # the merge did something
 
 
-def test_selection_finds_the_same_cuts(torch_path):
-    # quantized magnitudes: the k-th largest is shared by many entries, and the cut must end at the same tie
-    models, base = _family(torch.bfloat16, seed=3)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_selection_finds_the_same_cuts(torch_path, dtype):
+    # quantized (bf16) magnitudes: the k-th largest is shared by many entries, and the cut must end at the same
+    # tie; five windows at once (counted, then gathered), and each alone (its count pass flags the gather)
+    models, base = _family(dtype, seed=3)
     tv = _sparsify.TaskVector(models[0], base, torch.float32)
     n = tv.numel()
     ks = [1, n // 3, n // 2, n - 5, 777]
-    compiled = _sparsify.select_top(tv, ks, _sparsify.CHUNK)
-    with torch_path:
-        reference = _sparsify.select_top(tv, ks, _sparsify.CHUNK)
-    assert [(c.threshold, c.tie_end) for c in compiled] == [(c.threshold, c.tie_end) for c in reference]
+    for together in (ks, *[[k] for k in ks]):
+        compiled = _sparsify.select_top(tv, together, _sparsify.CHUNK)
+        with torch_path:
+            reference = _sparsify.select_top(tv, together, _sparsify.CHUNK)
+        assert [(c.threshold, c.tie_end) for c in compiled] == [(c.threshold, c.tie_end) for c in reference]
     fraction = _sparsify.select_top_fraction(tv, 0.37, _sparsify.CHUNK)
     with torch_path:
         expected = _sparsify.select_top_fraction(tv, 0.37, _sparsify.CHUNK)
@@ -150,8 +153,12 @@ def test_windows_gather_keeps_everything_inside_narrow_open_and_several_windows(
             assert counts[w] == expected.size
             assert np.array_equal(positions[w, : counts[w]], expected + 100)
             assert np.array_equal(values[w, : counts[w]], a[expected])
-            above, count, nonzero = loops.window_count(model, base, lows[w], highs[w])
+            no_flags = np.zeros(0, np.uint8)
+            above, count, nonzero = loops.window_count(model, base, lows[w], highs[w], no_flags)
             assert (above, count, nonzero) == (int((a > highs[w]).sum()), expected.size, 5003)
+            flags = np.full(5008, 7, np.uint8)  # with flags: the same counts, and the entries inside flagged
+            assert loops.window_count(model, base, lows[w], highs[w], flags) == (above, count, nonzero)
+            assert np.array_equal(np.flatnonzero(flags), expected)
 
 
 def test_windows_tally_counts_and_flags_as_one_window_at_a_time():
@@ -175,7 +182,7 @@ def test_windows_tally_counts_and_flags_as_one_window_at_a_time():
         loops.windows_tally(model, base, lows, highs, np.array(gathers + [0] * (3 - len(gathers)), np.uint8), tallies, flags)
         flagged = np.zeros(5003, bool)
         for w, (lo, hi) in enumerate(windows):
-            above, inside, nonzero = loops.window_count(model, base, lows[w], highs[w])
+            above, inside, nonzero = loops.window_count(model, base, lows[w], highs[w], np.zeros(0, np.uint8))
             assert (tallies[w], tallies[3 + w], tallies[6]) == (above, inside, nonzero)
             if gathers[w]:
                 flagged |= (a >= lows[w]) & (a <= highs[w])
@@ -376,6 +383,9 @@ get_method("ramplus_tl").func(models, base=base, compute_dtype=torch.float32, ou
 get_method("ramplus_tl").func(models + models[:1], base=base, compute_dtype=torch.float32)  # three: the general tallies
 get_method("model_stock").func(models, base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
 get_method("multislerp").func(models, base=base, weight=[0.5, 0.5], compute_dtype=torch.float32, output_dtype=torch.bfloat16)
+from mergesmith.methods._sparsify import TaskVector, chunk_size, select_top
+n = base.numel()  # four windows at once: counted one by one, then gathered by windows_gather
+select_top(TaskVector(models[0], base, torch.float32), [n // 5, 2 * n // 5, 3 * n // 5, 4 * n // 5], chunk_size(base))
 loops = _kernels.loops()
 print({name: (sum(getattr(loops, name).stats.cache_hits.values()), sum(getattr(loops, name).stats.cache_misses.values()))
        for name in _kernels.LOOPS})

@@ -302,9 +302,12 @@ def sum_into(deltas, n, divide, divisor, scale, base, out):
 
 
 @jit
-def window_count(model, base, lo, hi):
+def window_count(model, base, lo, hi, flags):
     """(entries with |model - base| > hi, entries with lo <= |model - base| <= hi, non-zero entries) of a
-    chunk of fewer than 2^31 entries.
+    chunk of fewer than 2^31 entries; unless `flags` is empty, flags[i] = whether entry i is inside, for
+    `gather_flagged` (flags past the chunk zeroed): a window's count and flags in one pass, where
+    `windows_gather` would read the chunk again (TIES's scan on a 5632x2048 bf16 matrix: 1.5 -> 1.3 ns an
+    entry).
 
     The counters are int32, each sum cast back (`np.int32(count + np.int32(test))`, which LLVM narrows to a
     32-bit add): numba widens integer sums to int64, and int64 counters hold four lanes a register and need
@@ -312,11 +315,23 @@ def window_count(model, base, lo, hi):
     `windows_tally`: 1.43 -> 0.54 ns an entry, in cache, on this Zen 3 VM)."""
     above = inside = nonzero = np.int32(0)
     zero = np.float32(0)
-    for i in range(model.size):
+    n = model.size
+    if flags.size == 0:
+        for i in range(n):
+            a = abs(widen(model[i]) - widen(base[i]))
+            above = np.int32(above + np.int32(a > hi))
+            inside = np.int32(inside + np.int32((a >= lo) & (a <= hi)))
+            nonzero = np.int32(nonzero + np.int32(a != zero))
+        return above, inside, nonzero
+    for i in range(n):
         a = abs(widen(model[i]) - widen(base[i]))
+        within = (a >= lo) & (a <= hi)
         above = np.int32(above + np.int32(a > hi))
-        inside = np.int32(inside + np.int32((a >= lo) & (a <= hi)))
+        inside = np.int32(inside + np.int32(within))
         nonzero = np.int32(nonzero + np.int32(a != zero))
+        flags[i] = within
+    for i in range(n, flags.size):
+        flags[i] = 0
     return above, inside, nonzero
 
 

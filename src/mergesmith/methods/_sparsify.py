@@ -557,15 +557,18 @@ def _scan_compiled(model: np.ndarray, base: np.ndarray, start: int, windows: dic
                    equal: dict, found: dict, scratch: _GatherScratch) -> int:
     """`_select`'s work on one chunk with `_kernels`' loops: per window, count the magnitudes above it and
     (single-value windows) equal to it; then gather those inside the other windows, with their positions,
-    in one pass for all of them. Returns the chunk's non-zero count."""
+    in one pass for all of them (a lone window to gather is flagged by its count pass). Returns the chunk's
+    non-zero count."""
     loops = _kernels.loops()
     if 2 <= len(windows) <= _TALLY_WINDOWS:
         return _tally_and_gather(model, base, start, windows, single, above, equal, found, scratch)
+    flags, hits, magnitudes = scratch.for_chunk(model.size)
+    lone = len(windows) == 1 and not single  # flagged as it is counted
     nonzero = 0
     bounds, counts = {}, {}
     for j, window in windows.items():
         low, high = _loop_bounds(window)
-        n_above, n_inside, nonzero = loops.window_count(model, base, low, high)
+        n_above, n_inside, nonzero = loops.window_count(model, base, low, high, flags if lone else _NO_FLAGS)
         above[j] += n_above
         if j in single:
             equal[j].append(torch.tensor(n_inside))
@@ -576,9 +579,13 @@ def _scan_compiled(model: np.ndarray, base: np.ndarray, start: int, windows: dic
     keys = list(bounds)
     lows = np.array([bounds[j][0] for j in keys], dtype=np.float32)
     highs = np.array([bounds[j][1] for j in keys], dtype=np.float32)
-    _gather(keys, [counts[j] for j in keys], found, lambda *rows: loops.windows_gather(
-        model, base, lows, highs, start, *rows, *scratch.for_chunk(model.size)))
+    gather = loops.gather_flagged if lone else loops.windows_gather  # the latter flags first
+    _gather(keys, [counts[j] for j in keys], found, lambda *rows: gather(
+        model, base, lows, highs, start, *rows, flags, hits, magnitudes))
     return nonzero
+
+
+_NO_FLAGS = np.zeros(0, dtype=np.uint8)  # `window_count` without flags
 
 
 def _loop_bounds(window: tuple[torch.Tensor | None, torch.Tensor | None]) -> tuple[np.float32, np.float32]:
