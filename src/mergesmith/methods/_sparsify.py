@@ -469,12 +469,28 @@ def _select(tv: TaskVector, size: int, ks_of: Callable[[int | None], list[int]],
             need = k - n_above
             if 1 <= need <= window.numel():
                 threshold = kth_smallest(window, window.numel() - need + 1)
-                n_ge = n_above + int(torch.count_nonzero(window >= threshold))
-                n_gt = n_above + int(torch.count_nonzero(window > threshold))
-                cuts.append(_cut(threshold, n_ge, n_gt, k, lambda m: int(positions[window == threshold][m - 1])))
+                n_ge, n_gt = (n_above + count for count in _counts_from(window, threshold))
+                cuts.append(_cut(threshold, n_ge, n_gt, k, lambda m: _nth_at(window, positions, threshold, m)))
                 continue
         cuts.append(cut_from_values(_abs_into(tv.whole()), k))
     return cuts
+
+
+def _counts_from(window: torch.Tensor, threshold: torch.Tensor) -> tuple[int, int]:
+    """(values >= threshold, values > threshold) of a gathered window; numpy's comparisons on CPU (half of
+    torch's time on a 2M-value window)."""
+    if window.device.type == "cpu":
+        values, v = window.numpy(), threshold.numpy()
+        return int(np.count_nonzero(values >= v)), int(np.count_nonzero(values > v))
+    return int(torch.count_nonzero(window >= threshold)), int(torch.count_nonzero(window > threshold))
+
+
+def _nth_at(window: torch.Tensor, positions: torch.Tensor, threshold: torch.Tensor, m: int) -> int:
+    """The position of the m-th (1-based) value of a gathered window equal to the threshold: where a cut among
+    tied values ends. On CPU with numpy (2M values, 1.2M of them tied: 2 ms, torch's masked index 12 ms)."""
+    if window.device.type == "cpu":
+        return int(positions.numpy()[np.flatnonzero(window.numpy() == threshold.numpy())[m - 1]])
+    return int(positions[window == threshold][m - 1])
 
 
 def _scan_torch(tv: TaskVector, chunks: list[tuple[int, int]], windows: dict, single: dict, above: dict,
