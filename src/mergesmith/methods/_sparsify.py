@@ -675,7 +675,9 @@ def _nth_equal(tv: TaskVector, value: float, counts: torch.Tensor, m: int, chunk
     c = int(torch.searchsorted(running, torch.tensor(m)))
     before = int(running[c - 1]) if c else 0
     s, e = chunks[c]
-    a = _abs_into(tv.chunk(s, e, tv.buffer(e - s)))
+    a = tv.magnitudes(s, e, tv.buffer(e - s), tv.buffer(e - s, selection_dtype(tv.dtype)))
+    if a.device.type == "cpu":  # numpy's flatnonzero: a third of torch.nonzero's time on a chunk
+        return s + int(np.flatnonzero(a.numpy() == value)[m - before - 1])
     return s + int(torch.nonzero(a == value)[m - before - 1])
 
 
