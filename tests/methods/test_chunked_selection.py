@@ -152,3 +152,38 @@ def test_kth_smallest_is_kthvalues_value():
             got = kth_smallest(values, rank)
             assert got.dtype == values.dtype and got.dim() == 0
             assert torch.equal(got, torch.kthvalue(values, rank).values)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])  # the compiled scan; torch's
+def test_a_window_mostly_one_value_is_split_around_it(dtype, monkeypatch):
+    # 60% of the magnitudes are exactly 1.0, the rest spread over (0.8, 1.2); the window [0.99, 1.01] (fixed
+    # here instead of drawn from the sample) is mostly 1.0, so it is scanned as (1.0, 1.01], [1.0, 1.0] and
+    # [0.99, 1.0): the k-th largest in each part, and outside the window, must give the whole-tensor cut
+    import torch
+
+    from mergesmith.methods import _sparsify
+
+    scanned = []
+    split_at_mode = _sparsify._split_at_mode
+    monkeypatch.setattr(_sparsify, "_split_at_mode", lambda s, w: scanned.append(list(split_at_mode(s, w)[0])) or split_at_mode(s, w))
+    monkeypatch.setattr(_sparsify, "_windows", lambda sample, n, ks, widen=1.0: [
+        (torch.tensor(0.99, dtype=sample.dtype), torch.tensor(1.01, dtype=sample.dtype))] * len(ks))
+    g = torch.Generator().manual_seed(2)
+    n = 600_000
+    mags = torch.where(torch.rand(n, generator=g) < 0.6, torch.tensor(1.0), 0.8 + 0.4 * torch.rand(n, generator=g))
+    mags = mags.to(getattr(torch, dtype))
+    tv = _sparsify.TaskVector(mags, torch.zeros_like(mags))
+    above, tied = int((mags > 1).sum()), int((mags == 1).sum())
+    inside = [above - 100, above - 1, above + 1, above + tied // 2, above + tied, above + tied + 1, above + tied + 100]
+    outside = [above - 20_000, above + tied + 20_000]  # the whole-tensor fallback
+    expected = {k: _sparsify.cut_from_values(mags.abs(), k) for k in inside + outside}
+    whole = []
+    cut_from_values = _sparsify.cut_from_values
+    monkeypatch.setattr(_sparsify, "cut_from_values", lambda *a: whole.append(1) or cut_from_values(*a))
+    for k in inside + outside:
+        scanned.clear()
+        whole.clear()
+        (cut,) = _sparsify.select_top(tv, [k], _sparsify.CHUNK)
+        assert [part for _, part in scanned[0]] == ["above", "tied", "below"]
+        assert (cut.threshold, cut.tie_end) == (expected[k].threshold, expected[k].tie_end), k
+        assert len(whole) == (k in outside), k  # a k inside the window is cut by its part
