@@ -43,6 +43,19 @@ def block_sums(products: np.ndarray, block: int = PRODUCT_BLOCK) -> np.ndarray:
     return sums
 
 
+def pair_block_sums(model0: np.ndarray, model1: np.ndarray, base: np.ndarray, block: int = PRODUCT_BLOCK) -> np.ndarray:
+    """The (blocks, 3) float32 sums of d0·d0, d0·d1 and d1·d1 over consecutive `block`-entry runs of the task
+    vectors d = model - base of one chunk (`_kernel_loops.pair_product_sums`; loop operands)."""
+    sums = np.empty((-(-model0.size // block), 3), dtype=np.float32)
+    _kernels.loops().pair_product_sums(model0, model1, base, block, sums)
+    return sums
+
+
+def total(sums: np.ndarray) -> float:
+    """The float64 sum, in order, of float32 block sums: how the CPU paths finish an inner product."""
+    return float(np.add.reduce(sums, dtype=np.float64))
+
+
 def _compiled_pair(models: Sequence[torch.Tensor], base: torch.Tensor | None, dtype: torch.dtype | None) -> bool:
     """Whether `_kernels`' loops do the work for two vectors (task vectors against `base`, when given) in
     float32 on CPU."""
@@ -106,8 +119,7 @@ def _pair_dots(flats: Sequence[torch.Tensor]) -> torch.Tensor:
     n = len(flats)
     pairs = [(i, j) for i in range(n) for j in range(i, n)]
     if n == 2 and flats[0].device.type == "cpu" and flats[0].dtype == torch.float32:
-        return torch.tensor([float(np.add.reduce(block_sums((flats[i] * flats[j]).numpy()), dtype=np.float64)) for i, j in pairs],
-                            dtype=torch.float64)
+        return torch.tensor([total(block_sums((flats[i] * flats[j]).numpy())) for i, j in pairs], dtype=torch.float64)
     return torch.stack([torch.dot(flats[i], flats[j]) for i, j in pairs]).to(torch.float64).cpu()
 
 
@@ -118,10 +130,9 @@ def _compiled_pair_gram(flats: Sequence[torch.Tensor], base: torch.Tensor | None
     def share(part):
         found = []
         for s, e in part:
-            sums = np.empty((-(-(e - s) // PRODUCT_BLOCK), 3), dtype=np.float32)
             below = zeros_operand(e - s) if base is None else loop_operand(base[s:e])  # no base: minus zeros, exact
-            _kernels.loops().pair_product_sums(loop_operand(flats[0][s:e]), loop_operand(flats[1][s:e]), below, PRODUCT_BLOCK, sums)
-            found.append([float(np.add.reduce(sums[:, k], dtype=np.float64)) for k in range(3)])
+            sums = pair_block_sums(loop_operand(flats[0][s:e]), loop_operand(flats[1][s:e]), below)
+            found.append([total(sums[:, k]) for k in range(3)])
         return found
 
     entries = torch.zeros(3, dtype=torch.float64)

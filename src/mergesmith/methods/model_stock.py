@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mergesmith.methods import _kernels
-from mergesmith.methods._linalg import PRODUCT_BLOCK, block_sums
+from mergesmith.methods._linalg import PRODUCT_BLOCK, block_sums, pair_block_sums, total
 from mergesmith.methods._parallel import in_parts
 from mergesmith.methods._sparsify import TaskVector, chunk_size, pair_operands, spans
 from mergesmith.methods.registry import Param, merge_method
@@ -94,12 +94,7 @@ def model_stock(
         """Per unit of the share, the float32 sums of its blocks' products, a column per pair i <= j (float32 on
         CPU), or a float64 product per pair (per row with `filter_wise`) elsewhere."""
         if compiled:
-            found = []
-            for s, e, _, _ in share:
-                sums = np.empty((-(-(e - s) // block), 3), dtype=np.float32)
-                _kernels.loops().pair_product_sums(*pair_operands(tvs[0], tvs[1], s, e), block, sums)
-                found.append(sums)
-            return found
+            return [pair_block_sums(*pair_operands(tvs[0], tvs[1], s, e), block) for s, e, _, _ in share]
         bufs = [tv.buffer(unit_size) for tv in tvs]
         found = []
         for s, e, r0, r1 in share:
@@ -118,7 +113,7 @@ def model_stock(
         for p, (i, j) in enumerate(pairs):
             if isinstance(products, np.ndarray):  # CPU: the blocks' float32 sums
                 column = products[:, p]
-                dots[i, j, r0:r1] += float(np.add.reduce(column, dtype=np.float64)) if width is None else torch.from_numpy(column.astype(np.float64))
+                dots[i, j, r0:r1] += total(column) if width is None else torch.from_numpy(column.astype(np.float64))
             else:
                 dots[i, j, r0:r1] += products[p]
     norms = torch.stack([dots[i, i] for i in range(n)]).clamp(min=0).sqrt()
