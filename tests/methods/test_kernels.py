@@ -375,6 +375,7 @@ for name in ("ties", "breadcrumbs", "dare_linear", "della", "sce"):
     if get_method(name).random:
         kwargs["generator"] = torch.Generator().manual_seed(1)
     get_method(name).func(models, base=base, **kwargs)
+get_method("ties").func(models + models[:1], base=base, weight=[0.5] * 3, density=[0.5] * 3, compute_dtype=torch.float32)  # general election
 # della on a 3-D tensor: the keep test on magnitudes already computed
 get_method("della").func([m.view(70, 10, 640) for m in models], base=base.view(70, 10, 640), weight=[0.5, 0.5],
                          density=[0.5, 0.5], compute_dtype=torch.float32, generator=torch.Generator().manual_seed(1))

@@ -190,14 +190,24 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
     ws = np.array(weights, dtype=np.float32)
     divide = normalize and abs(total) >= 1e-8
 
+    fused = consensus == "sum" and len(tvs) == 2  # `pair_delta_consensus_into`: no deltas in memory
+    factors = np.array([rescales[0], ws[0], rescales[1], ws[1]], dtype=np.float32) if fused else None
+
     def work(chunks: list[tuple[int, int]]) -> None:
         width = max(e - s for s, e in chunks)
-        deltas = np.empty((len(tvs), width), dtype=np.float32)
+        deltas = np.empty((0 if fused else len(tvs), width), dtype=np.float32)
         votes, divisor = np.empty(width, dtype=np.float32), np.empty(width, dtype=np.float32)
         outputs = _kernels.OutputChunks(flat_out, width)
         for s, e in chunks:
             m = e - s
             base = _sparsify.loop_operand(flat_base[s:e])
+            if fused:
+                bounds = [(*rule.keep.bounds(s), *rule.drop.bounds(s)) for rule in rules]
+                loops.pair_delta_consensus_into(*(_sparsify.loop_operand(tv.model[s:e]) for tv in tvs), base, *bounds,
+                                                *(rule.stored_array(s, e) for rule in rules), factors, normalize,
+                                                np.float32(scale), outputs.target(s, e))
+                outputs.done(s, e)
+                continue
             for j, (tv, rule) in enumerate(zip(tvs, rules)):
                 loops.weighted_delta(_sparsify.loop_operand(tv.model[s:e]), base, *rule.keep.bounds(s),
                                      *rule.drop.bounds(s), rule.stored_array(s, e), rescales[j], ws[j], deltas[j, :m])
