@@ -35,6 +35,34 @@ def widen(typingctx, x):
     return None
 
 
+@intrinsic
+def narrow(typingctx, x, out):
+    """The float32 x as an entry of the output array `out` holds it: as it is in a float32 output; in a bf16
+    one (uint16 bit patterns) rounded to nearest, ties to even, as PyTorch's conversion rounds, a NaN
+    becoming the quiet NaN 0x7FC0. A loop that stores its results through this writes a bf16 output
+    directly, without a float32 chunk and a rounding pass over it (`OutputChunks.direct`)."""
+    if x != types.float32 or not isinstance(out, types.Array):
+        return None
+    if out.dtype == types.float32:
+        return types.float32(x, out), lambda context, builder, signature, args: args[0]
+    if out.dtype != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+
+        def const(value):
+            return ir.Constant(i32, value)
+
+        b = builder.bitcast(args[0], i32)
+        odd = builder.and_(builder.lshr(b, const(16)), const(1))
+        rounded = builder.trunc(builder.lshr(builder.add(builder.add(b, const(0x7FFF)), odd), const(16)), ir.IntType(16))
+        nan = builder.icmp_unsigned(">", builder.and_(b, const(0x7FFFFFFF)), const(0x7F800000))
+        return builder.select(nan, ir.Constant(ir.IntType(16), 0x7FC0), rounded)
+
+    return types.uint16(x, out), codegen
+
+
 @jit
 def kept_delta(d, i, bounds, stored_keeps, scale, weight):
     """((d if kept else 0) * scale) * weight for the delta d at chunk position i (see `weighted_delta`; bounds:
@@ -264,7 +292,7 @@ def pair_delta_consensus_into(model0, model1, base, bounds0, bounds1, stored0, s
     registers: the same float operations (bit-identical output) without writing two float32 deltas and
     reading them back (1B, two models: 2.0 against 1.5 ns an output entry, inputs from memory). bounds0/1:
     each model's (keep_ge, keep_gt, keep_split, drop_ge, drop_gt, drop_split); factors: (rescale0, weight0,
-    rescale1, weight1)."""
+    rescale1, weight1). `out`: float32, or a bf16 output's bit patterns (`narrow`)."""
     r0, w0, r1, w1 = factors[0], factors[1], factors[2], factors[3]
     every0, every1 = stored0.size == 0, stored1.size == 0
     zero = np.float32(0)
@@ -274,7 +302,7 @@ def pair_delta_consensus_into(model0, model1, base, bounds0, bounds1, stored0, s
         keeps1 = every1 or stored1[i] != 0
         d0 = kept_delta(widen(model0[i]) - x, i, bounds0, keeps0, r0, w0)
         d1 = kept_delta(widen(model1[i]) - x, i, bounds1, keeps1, r1, w1)
-        out[i] = pair_agreeing(d0, d1, w0, w1, False, normalize, zero) * scale + x
+        out[i] = narrow(pair_agreeing(d0, d1, w0, w1, False, normalize, zero) * scale + x, out)
 
 
 @jit
@@ -466,14 +494,10 @@ def windows_tally(model, base, lows, highs, gathers, tallies, flags):
 
 
 @jit
-def to_bfloat16(bits, out):
-    """out = the float32 values whose bit patterns are `bits` (uint32) rounded to bfloat16 bit patterns (uint16),
-    to nearest, ties to even, as PyTorch's conversion rounds; a NaN becomes the quiet NaN 0x7FC0."""
+def to_bfloat16(values, out):
+    """out = the float32 `values` rounded to bfloat16 bit patterns (uint16; see `narrow`)."""
     for i in range(out.size):
-        b = bits[i]
-        rounded = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-        nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-        out[i] = np.uint16(0x7FC0) if nan else np.uint16(rounded)
+        out[i] = narrow(values[i], out)
 
 
 @jit

@@ -18,7 +18,8 @@ do), and any machine without numba (`available()` is then False and the callers 
 Inputs stored as bf16 are read by the loops as they are (uint16 bit patterns, widened exactly entry by entry:
 `_kernel_loops.widen`), which saves the float32 copy of every input chunk that torch made before.
 A bf16 output is rounded from the float32 result chunk by chunk (`to_bfloat16`, bit for bit torch's rounding),
-which saves a float32 output tensor and the separate conversion pass over it.
+which saves a float32 output tensor and the separate conversion pass over it; a loop that rounds each result
+as it stores it (`_kernel_loops.narrow`) saves the float32 chunk too.
 
 The loops compute, entry by entry, the float32 operations of the torch path in the same order, except that
 a sum without sign election (Breadcrumbs, DARE and DELLA linear) rounds each weighted delta before adding it
@@ -82,21 +83,35 @@ def result_dtype(dtype: torch.dtype, output_dtype: torch.dtype | None, compiled:
 
 class OutputChunks:
     """Where a compiled merge writes each chunk of its flat output: straight into a float32 output, or into a
-    float32 scratch that `to_bfloat16` then rounds into a bf16 output. Holds a buffer: one per thread."""
+    float32 scratch that `to_bfloat16` then rounds into a bf16 output (`target`, then `done`); or, for a loop
+    that stores its results through `_kernel_loops.narrow`, straight into either (`direct`). Holds a buffer:
+    one per thread."""
 
     def __init__(self, flat_out: torch.Tensor, width: int):
         self.flat_out = flat_out
-        self.scratch = np.empty(width, dtype=np.float32) if flat_out.dtype == torch.bfloat16 else None
+        self.width = width
+        self._scratch: np.ndarray | None = None
+
+    @property
+    def scratch(self) -> np.ndarray | None:
+        """The float32 chunk a bf16 output is rounded from (made on first use: `direct` needs none)."""
+        if self._scratch is None and self.flat_out.dtype == torch.bfloat16:
+            self._scratch = np.empty(self.width, dtype=np.float32)
+        return self._scratch
 
     def target(self, start: int, end: int) -> np.ndarray:
         """The float32 array the loops write the chunk [start, end) into."""
         return self.flat_out[start:end].numpy() if self.scratch is None else self.scratch[: end - start]
 
+    def direct(self, start: int, end: int) -> np.ndarray:
+        """The output's chunk [start, end) itself: float32, or a bf16 output's bit patterns (uint16)."""
+        chunk = self.flat_out[start:end]
+        return chunk.view(torch.int16).numpy().view(np.uint16) if chunk.dtype == torch.bfloat16 else chunk.numpy()
+
     def done(self, start: int, end: int) -> None:
         """The chunk is written: round it into the bf16 output (nothing to do for a float32 one)."""
         if self.scratch is not None:
-            out = self.flat_out[start:end].view(torch.int16).numpy().view(np.uint16)
-            loops().to_bfloat16(self.scratch[: end - start].view(np.uint32), out)
+            loops().to_bfloat16(self.scratch[: end - start], self.direct(start, end))
 
 
 def loops() -> SimpleNamespace:

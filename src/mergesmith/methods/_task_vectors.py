@@ -205,8 +205,7 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
                 bounds = [(*rule.keep.bounds(s), *rule.drop.bounds(s)) for rule in rules]
                 loops.pair_delta_consensus_into(*(_sparsify.loop_operand(tv.model[s:e]) for tv in tvs), base, *bounds,
                                                 *(rule.stored_array(s, e) for rule in rules), factors, normalize,
-                                                np.float32(scale), outputs.target(s, e))
-                outputs.done(s, e)
+                                                np.float32(scale), outputs.direct(s, e))
                 continue
             for j, (tv, rule) in enumerate(zip(tvs, rules)):
                 loops.weighted_delta(_sparsify.loop_operand(tv.model[s:e]), base, *rule.keep.bounds(s),
