@@ -49,7 +49,7 @@ CASES = [
     ("dare_linear", {"density": [0.4, 0.5, 0.6], "rescale": False}),
     ("della", {"density": [0.4, 0.5, 0.6], "epsilon": [0.1, 0.1, 0.2]}),
     ("della_linear", {"density": [0.4, 0.5, 0.6], "epsilon": [0.1, 0.1, 0.2]}),
-    # two models: the election and merge run as one pass (`pair_consensus_into`)
+    # two models: masks, election and merge run as one pass (`pair_delta_consensus_into`)
     ("ties", {"density": [0.4, 0.6]}),
     ("ties", {"density": [0.5, 0.5], "normalize": False, "lambda_": 0.7}),
     ("ties", {"density": [0.5, 0.5], "consensus_method": "count"}),
@@ -380,6 +380,7 @@ for name in ("ties", "breadcrumbs", "dare_linear", "della", "sce"):
         kwargs["generator"] = torch.Generator().manual_seed(1)
     get_method(name).func(models, base=base, **kwargs)
 get_method("ties").func(models + models[:1], base=base, weight=[0.5] * 3, density=[0.5] * 3, compute_dtype=torch.float32)  # general election
+get_method("sce").func(models + models[:1], base=base, select_topk=0.5, compute_dtype=torch.float32)  # three: the general merge
 # della on a 3-D tensor: the keep test on magnitudes already computed
 get_method("della").func([m.view(70, 10, 640) for m in models], base=base.view(70, 10, 640), weight=[0.5, 0.5],
                          density=[0.5, 0.5], compute_dtype=torch.float32, generator=torch.Generator().manual_seed(1))

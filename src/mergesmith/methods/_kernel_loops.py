@@ -127,7 +127,7 @@ def choose_scaled_into(other, base, scales, threshold, out):
         m, b, o, s = other[r], base[r], out[r], scales[r]
         for c in range(cols):
             x, y = widen(m[c]), widen(b[c])
-            o[c] = x if abs(x - y) * s >= threshold else y
+            o[c] = narrow(x if abs(x - y) * s >= threshold else y, o)
 
 
 @jit
@@ -283,7 +283,7 @@ def pair_consensus_into(deltas, n, weights, weigh, normalize, floor, scale, base
     first, second = deltas[0], deltas[1]
     w0, w1 = weights[0], weights[1]
     for i in range(n):
-        out[i] = pair_agreeing(first[i], second[i], w0, w1, weigh, normalize, floor) * scale + widen(base[i])
+        out[i] = narrow(pair_agreeing(first[i], second[i], w0, w1, weigh, normalize, floor) * scale + widen(base[i]), out)
 
 
 @jit
@@ -309,11 +309,8 @@ def pair_delta_consensus_into(model0, model1, base, bounds0, bounds1, stored0, s
 def consensus_into(deltas, n, weights, by_count, normalize, scale, base, votes, divisor, out):
     """TIES' elect and disjoint merge of the weighted deltas (rows of `deltas`, first n columns):
     out = base + scale * (Σ agreeing deltas) / (Σ agreeing weights, 0 -> 1, when normalize).
-    `votes` and `divisor` are scratch of length >= n."""
+    `votes` and `divisor` are scratch of length >= n. (Two models elected by sum: `pair_delta_consensus_into`.)"""
     zero, one = np.float32(0), np.float32(1)
-    if deltas.shape[0] == 2 and not by_count:
-        pair_consensus_into(deltas, n, weights, False, normalize, zero, scale, base, out)
-        return
     elect_into(deltas, n, by_count, votes)
     agreeing_sums_into(deltas, n, weights, votes, False, out, divisor)
     if normalize:
@@ -326,10 +323,8 @@ def consensus_into(deltas, n, weights, by_count, normalize, scale, base, votes, 
 @jit
 def weighted_consensus_into(deltas, n, weights, by_count, floor, base, votes, divisor, out):
     """SCE's merge of the (unweighted) deltas: out = base + Σ wᵢ·agreeing δᵢ / max(Σ agreeing wᵢ, floor), each
-    product δᵢ·wᵢ rounded before it is added. `votes` and `divisor` are scratch of length >= n."""
-    if deltas.shape[0] == 2 and not by_count:
-        pair_consensus_into(deltas, n, weights, True, True, floor, np.float32(1), base, out)
-        return
+    product δᵢ·wᵢ rounded before it is added. `votes` and `divisor` are scratch of length >= n. (Two models
+    elected by sum: `pair_consensus_into`.)"""
     elect_into(deltas, n, by_count, votes)
     agreeing_sums_into(deltas, n, weights, votes, True, out, divisor)
     for i in range(n):
@@ -790,7 +785,7 @@ def stock_into(model0, model1, base, ratios, block, out):
         t = ratios[b]
         for i in range(m):
             x = widen(bases[i])
-            target[i] = ((widen(first[i]) - x) + (widen(second[i]) - x)) * t + x
+            target[i] = narrow(((widen(first[i]) - x) + (widen(second[i]) - x)) * t + x, target)
 
 
 @jit
@@ -799,7 +794,7 @@ def pair_combine_into(model0, model1, base, c0, c1, out):
     float operations in its order, for two models."""
     for i in range(out.size):
         x = widen(base[i])
-        out[i] = ((widen(model0[i]) - x) * c0 + (widen(model1[i]) - x) * c1) + x
+        out[i] = narrow(((widen(model0[i]) - x) * c0 + (widen(model1[i]) - x) * c1) + x, out)
 
 
 @jit

@@ -224,7 +224,6 @@ def _compiled_pair_combine(flats: Sequence[torch.Tensor], base: torch.Tensor, co
         outputs = _kernels.OutputChunks(flat_out, chunk)
         for s, e in part:
             _kernels.loops().pair_combine_into(loop_operand(flats[0][s:e]), loop_operand(flats[1][s:e]), loop_operand(base[s:e]),
-                                              *coefficients, outputs.target(s, e))
-            outputs.done(s, e)
+                                              *coefficients, outputs.direct(s, e))
 
     in_parts(spans(base.numel(), chunk), share, base.device)

@@ -247,8 +247,7 @@ def _choose_compiled(importances: RowImportances, threshold: torch.Tensor, outpu
         for r0, r1 in blocks:
             s, e = r0 * cols, r1 * cols
             other, base = loop_operand(importances.other[r0:r1]), loop_operand(importances.base_rows[r0:r1])
-            loops.choose_scaled_into(other, base, importances.kl[r0:r1].numpy(), limit, outputs.target(s, e).reshape(-1, cols))
-            outputs.done(s, e)
+            loops.choose_scaled_into(other, base, importances.kl[r0:r1].numpy(), limit, outputs.direct(s, e).reshape(-1, cols))
 
     in_parts(_row_blocks(importances.rows, cols, CHUNK), work, out.device)
     return out

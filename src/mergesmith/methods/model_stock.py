@@ -141,8 +141,7 @@ def model_stock(
         outputs = _kernels.OutputChunks(flat_out, unit_size)
         ratios = t_over_n.numpy()
         for s, e, r0, r1 in share:
-            _kernels.loops().stock_into(*pair_operands(tvs[0], tvs[1], s, e), ratios[r0:r1], width or (e - s), outputs.target(s, e))
-            outputs.done(s, e)
+            _kernels.loops().stock_into(*pair_operands(tvs[0], tvs[1], s, e), ratios[r0:r1], width or (e - s), outputs.direct(s, e))
 
     in_parts(units, write_compiled if compiled else write, base.device)
     return out

@@ -284,6 +284,9 @@ def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: 
         for s, e in chunks:
             m = e - s
             rows, base = deltas.chunk(s, e)
+            if len(tvs) == 2 and not by_count:  # one pass, rounding as it stores
+                loops.pair_consensus_into(rows, m, ws, True, True, floor, np.float32(1), base, outputs.direct(s, e))
+                continue
             loops.weighted_consensus_into(rows, m, ws, by_count, floor, base, votes, divisor, outputs.target(s, e))
             outputs.done(s, e)
 
