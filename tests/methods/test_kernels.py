@@ -49,13 +49,16 @@ CASES = [
     ("dare_linear", {"density": [0.4, 0.5, 0.6], "rescale": False}),
     ("della", {"density": [0.4, 0.5, 0.6], "epsilon": [0.1, 0.1, 0.2]}),
     ("della_linear", {"density": [0.4, 0.5, 0.6], "epsilon": [0.1, 0.1, 0.2]}),
-    # two models: masks, election and merge run as one pass (`pair_delta_consensus_into`)
+    # two models: masks, election and merge run as one pass (`pair_delta_merge_into`)
     ("ties", {"density": [0.4, 0.6]}),
     ("ties", {"density": [0.5, 0.5], "normalize": False, "lambda_": 0.7}),
     ("ties", {"density": [0.5, 0.5], "consensus_method": "count"}),
     ("breadcrumbs_ties", {"density": [0.6, 0.5], "gamma": [0.02, 0.01]}),
     ("dare_ties", {"density": [0.4, 0.6]}),
     ("della", {"density": [0.4, 0.6], "epsilon": [0.1, 0.2]}),
+    ("breadcrumbs", {"density": [0.6, 0.5], "gamma": [0.02, 0.01]}),  # two models summed, no election
+    ("della_linear", {"density": [0.4, 0.6], "epsilon": [0.1, 0.2]}),
+    ("dare_linear", {"density": [0.4, 0.6], "rescale": False, "normalize": True}),
 ]
 
 
@@ -206,6 +209,48 @@ def test_cut_bounds_give_the_cut_membership(cut, expected):
     assert members == ([True] * 4 if mask is None else mask.bool().tolist())
 
 
+
+@pytest.mark.parametrize("consensus", ["sum", None])
+@pytest.mark.parametrize("masks", ["stored", "bounds"])
+def test_the_two_model_pass_equals_the_per_model_loops_bit_for_bit(consensus, masks):
+    # pair_delta_merge_into against weighted_delta on each model then the general consensus_into / sum_into,
+    # on bf16 inputs as stored (ties at the bounds, deltas of opposite signs, zeros), both ways of masking
+    loops = _kernels.loops()
+    g = torch.Generator().manual_seed(3)
+    n = 5000
+    base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
+    models = [(base.float() + torch.randn(n, generator=g) * 0.004).to(torch.bfloat16) for _ in range(2)]
+    models[1][:300] = (2 * base[:300].float() - models[0][:300].float()).to(torch.bfloat16)  # sums of 0
+    models[0][300:400] = base[300:400]
+    inputs = [_sparsify.loop_operand(t) for t in (*models, base)]
+    if masks == "stored":
+        stored = [(torch.rand(n, generator=g) < p).numpy().view(np.uint8) for p in (0.4, 0.7)]
+        bounds = [(np.float32(-np.inf), np.float32(-np.inf), 0, np.float32(np.inf), np.float32(np.inf), 0)] * 2
+    else:
+        stored = [np.empty(0, np.uint8)] * 2
+        t = np.float32(0.004)
+        bounds = [(np.nextafter(t, np.float32(0)), t, 2500, np.float32(0.01), np.float32(0.01), 0),
+                  (np.float32(0.002), np.float32(0.002), 0, np.nextafter(np.float32(0.02), np.float32(0)), np.float32(0.02), 4000)]
+    factors = np.array([1.25, 0.6, 0.8, 0.3], dtype=np.float32)
+    weights = factors[1::2].copy()
+    deltas = np.empty((2, n), dtype=np.float32)
+    for j in range(2):
+        loops.weighted_delta(inputs[j], inputs[2], *bounds[j], stored[j], factors[2 * j], factors[2 * j + 1], deltas[j])
+    scale, divisor = np.float32(0.7), np.float32(0.9)
+    expected = np.empty(n, dtype=np.float32)
+    if consensus == "sum":
+        votes, divisors = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
+        loops.consensus_into(deltas, n, weights, False, True, scale, inputs[2], votes, divisors, expected)
+    else:
+        loops.sum_into(deltas, n, True, divisor, scale, inputs[2], expected)
+    got = np.empty(n, dtype=np.float32)
+    loops.pair_delta_merge_into(*inputs, *bounds, *stored, factors, consensus == "sum", True, divisor, scale, got)
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    rounded = torch.empty(n, dtype=torch.bfloat16)  # into a bf16 output: the same values rounded once
+    loops.pair_delta_merge_into(*inputs, *bounds, *stored, factors, consensus == "sum", True, divisor, scale,
+                                rounded.view(torch.int16).numpy().view(np.uint16))
+    assert torch.equal(rounded.view(torch.int16), torch.from_numpy(expected).to(torch.bfloat16).view(torch.int16))
+
 def test_weighted_delta_keeps_ties_before_the_split_only():
     # every magnitude equals the threshold: positions before the split are kept, from it on dropped; the
     # drop bound removes the largest; a stored mask removes what it says; the rest is scaled, then weighted
@@ -246,8 +291,8 @@ def test_bfloat16_rounding_is_torchs_bit_for_bit():
     assert out[:2].isnan().all()
 
 
-@pytest.mark.parametrize("method,params", [CASES[0], CASES[3], CASES[5], CASES[9], CASES[13], CASES[14]],
-                         ids=["ties", "breadcrumbs", "dare_ties", "ties-pair", "dare_ties-pair", "della-pair"])
+@pytest.mark.parametrize("method,params", [CASES[0], CASES[3], CASES[5], CASES[9], CASES[13], CASES[14], CASES[15]],
+                         ids=["ties", "breadcrumbs", "dare_ties", "ties-pair", "dare_ties-pair", "della-pair", "breadcrumbs-pair"])
 def test_a_bfloat16_output_is_the_float32_result_rounded_once(method, params, torch_path):
     # two models: the pair loop rounds each result as it stores it (`narrow`), three: a float32 chunk is rounded
     models, base = _family(torch.bfloat16)
@@ -381,6 +426,8 @@ for name in ("ties", "breadcrumbs", "dare_linear", "della", "sce"):
     get_method(name).func(models, base=base, **kwargs)
 get_method("ties").func(models + models[:1], base=base, weight=[0.5] * 3, density=[0.5] * 3, compute_dtype=torch.float32)  # general election
 get_method("sce").func(models + models[:1], base=base, select_topk=0.5, compute_dtype=torch.float32)  # three: the general merge
+get_method("dare_linear").func(models + models[:1], base=base, weight=[0.5] * 3, density=[0.5] * 3,
+                               compute_dtype=torch.float32, generator=torch.Generator().manual_seed(1))  # three: sum_into
 # della on a 3-D tensor: the keep test on magnitudes already computed
 get_method("della").func([m.view(70, 10, 640) for m in models], base=base.view(70, 10, 640), weight=[0.5, 0.5],
                          density=[0.5, 0.5], compute_dtype=torch.float32, generator=torch.Generator().manual_seed(1))

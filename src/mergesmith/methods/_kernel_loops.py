@@ -287,12 +287,14 @@ def pair_consensus_into(deltas, n, weights, weigh, normalize, floor, scale, base
 
 
 @jit
-def pair_delta_consensus_into(model0, model1, base, bounds0, bounds1, stored0, stored1, factors, normalize, scale, out):
-    """`weighted_delta` of two models then `consensus_into` on them, in one pass that keeps the deltas in
-    registers: the same float operations (bit-identical output) without writing two float32 deltas and
-    reading them back (1B, two models: 2.0 against 1.5 ns an output entry, inputs from memory). bounds0/1:
-    each model's (keep_ge, keep_gt, keep_split, drop_ge, drop_gt, drop_split); factors: (rescale0, weight0,
-    rescale1, weight1). `out`: float32, or a bf16 output's bit patterns (`narrow`)."""
+def pair_delta_merge_into(model0, model1, base, bounds0, bounds1, stored0, stored1, factors, elect, normalize, divisor,
+                          scale, out):
+    """`weighted_delta` of two models, then `consensus_into` on them (elect) or `sum_into` (not elect: divided
+    by `divisor` when normalize), in one pass that keeps the deltas in registers: the same float operations
+    (bit-identical output) without writing two float32 deltas and reading them back (1B, two models, TIES:
+    2.0 against 1.5 ns an output entry, inputs from memory). bounds0/1: each model's (keep_ge, keep_gt,
+    keep_split, drop_ge, drop_gt, drop_split); factors: (rescale0, weight0, rescale1, weight1). `out`:
+    float32, or a bf16 output's bit patterns (`narrow`)."""
     r0, w0, r1, w1 = factors[0], factors[1], factors[2], factors[3]
     every0, every1 = stored0.size == 0, stored1.size == 0
     zero = np.float32(0)
@@ -302,14 +304,20 @@ def pair_delta_consensus_into(model0, model1, base, bounds0, bounds1, stored0, s
         keeps1 = every1 or stored1[i] != 0
         d0 = kept_delta(widen(model0[i]) - x, i, bounds0, keeps0, r0, w0)
         d1 = kept_delta(widen(model1[i]) - x, i, bounds1, keeps1, r1, w1)
-        out[i] = narrow(pair_agreeing(d0, d1, w0, w1, False, normalize, zero) * scale + x, out)
+        if elect:
+            total = pair_agreeing(d0, d1, w0, w1, False, normalize, zero)
+        else:
+            total = d0 + d1
+            if normalize:
+                total = total / divisor
+        out[i] = narrow(total * scale + x, out)
 
 
 @jit
 def consensus_into(deltas, n, weights, by_count, normalize, scale, base, votes, divisor, out):
     """TIES' elect and disjoint merge of the weighted deltas (rows of `deltas`, first n columns):
     out = base + scale * (Σ agreeing deltas) / (Σ agreeing weights, 0 -> 1, when normalize).
-    `votes` and `divisor` are scratch of length >= n. (Two models elected by sum: `pair_delta_consensus_into`.)"""
+    `votes` and `divisor` are scratch of length >= n. (Two models elected by sum: `pair_delta_merge_into`.)"""
     zero, one = np.float32(0), np.float32(1)
     elect_into(deltas, n, by_count, votes)
     agreeing_sums_into(deltas, n, weights, votes, False, out, divisor)
@@ -342,7 +350,8 @@ def cut_mask(x, y, ge, gt, split, out):
 
 @jit
 def sum_into(deltas, n, divide, divisor, scale, base, out):
-    """out = base + scale * (Σ weighted deltas) / divisor (when divide): task arithmetic's combination."""
+    """out = base + scale * (Σ weighted deltas) / divisor (when divide): task arithmetic's combination.
+    (Two models: `pair_delta_merge_into`.)"""
     sum_rows(deltas, n, out)
     if divide:
         for i in range(n):

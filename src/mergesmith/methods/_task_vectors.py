@@ -183,14 +183,15 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
                     total: float, scale: float, flat_base: torch.Tensor, flat_out: torch.Tensor) -> Callable[[list[tuple[int, int]]], None]:
     """`merge_task_vectors`' chunk work on float32 CPU tensors with `_kernels`' loops: per chunk, one loop per
     model writes its masked, rescaled, weighted delta, and one loop combines them into the output (float32,
-    or bf16 through a float32 chunk rounded by `to_bfloat16`: `_kernels.OutputChunks`)."""
+    or bf16 through a float32 chunk rounded by `to_bfloat16`: `_kernels.OutputChunks`); two models (unless
+    elected by count) in one loop that writes the output directly (`pair_delta_merge_into`)."""
     loops = _kernels.loops()
     rules = [p.rule if p is not None else _sparsify.KeepRule() for p in plans]
     rescales = [np.float32(1) if p is None or p.scale is None else np.float32(float(p.scale)) for p in plans]
     ws = np.array(weights, dtype=np.float32)
     divide = normalize and abs(total) >= 1e-8
 
-    fused = consensus == "sum" and len(tvs) == 2  # `pair_delta_consensus_into`: no deltas in memory
+    fused = consensus != "count" and len(tvs) == 2  # `pair_delta_merge_into`: no deltas in memory
     factors = np.array([rescales[0], ws[0], rescales[1], ws[1]], dtype=np.float32) if fused else None
 
     def work(chunks: list[tuple[int, int]]) -> None:
@@ -203,9 +204,10 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
             base = _sparsify.loop_operand(flat_base[s:e])
             if fused:
                 bounds = [(*rule.keep.bounds(s), *rule.drop.bounds(s)) for rule in rules]
-                loops.pair_delta_consensus_into(*(_sparsify.loop_operand(tv.model[s:e]) for tv in tvs), base, *bounds,
-                                                *(rule.stored_array(s, e) for rule in rules), factors, normalize,
-                                                np.float32(scale), outputs.direct(s, e))
+                loops.pair_delta_merge_into(*(_sparsify.loop_operand(tv.model[s:e]) for tv in tvs), base, *bounds,
+                                            *(rule.stored_array(s, e) for rule in rules), factors, consensus == "sum",
+                                            normalize if consensus == "sum" else divide, np.float32(total),
+                                            np.float32(scale), outputs.direct(s, e))
                 continue
             for j, (tv, rule) in enumerate(zip(tvs, rules)):
                 loops.weighted_delta(_sparsify.loop_operand(tv.model[s:e]), base, *rule.keep.bounds(s),
