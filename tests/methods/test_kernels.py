@@ -210,10 +210,11 @@ def test_cut_bounds_give_the_cut_membership(cut, expected):
 
 
 
-@pytest.mark.parametrize("consensus", ["sum", None])
+@pytest.mark.parametrize("consensus", ["sum", "weighted", None])
 @pytest.mark.parametrize("masks", ["stored", "bounds"])
 def test_the_two_model_pass_equals_the_per_model_loops_bit_for_bit(consensus, masks):
-    # pair_delta_merge_into against weighted_delta on each model then the general consensus_into / sum_into,
+    # pair_delta_merge_into against weighted_delta on each model then the general consensus_into (TIES),
+    # weighted_consensus_into (SCE) or sum_into,
     # on bf16 inputs as stored (ties at the bounds, deltas of opposite signs, zeros), both ways of masking
     loops = _kernels.loops()
     g = torch.Generator().manual_seed(3)
@@ -232,22 +233,26 @@ def test_the_two_model_pass_equals_the_per_model_loops_bit_for_bit(consensus, ma
         bounds = [(np.nextafter(t, np.float32(0)), t, 2500, np.float32(0.01), np.float32(0.01), 0),
                   (np.float32(0.002), np.float32(0.002), 0, np.nextafter(np.float32(0.02), np.float32(0)), np.float32(0.02), 4000)]
     factors = np.array([1.25, 0.6, 0.8, 0.3], dtype=np.float32)
-    weights = factors[1::2].copy()
+    weights = factors[1::2].copy() if consensus != "weighted" else np.array([0.45, 0.55], dtype=np.float32)
     deltas = np.empty((2, n), dtype=np.float32)
     for j in range(2):
         loops.weighted_delta(inputs[j], inputs[2], *bounds[j], stored[j], factors[2 * j], factors[2 * j + 1], deltas[j])
     scale, divisor = np.float32(0.7), np.float32(0.9)
     expected = np.empty(n, dtype=np.float32)
+    votes, divisors = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
     if consensus == "sum":
-        votes, divisors = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
         loops.consensus_into(deltas, n, weights, False, True, scale, inputs[2], votes, divisors, expected)
+    elif consensus == "weighted":
+        scale, divisor = np.float32(1), np.float32(0.3)  # SCE: no scale; the divisor's floor, above some sums
+        loops.weighted_consensus_into(deltas, n, weights, False, divisor, inputs[2], votes, divisors, expected)
     else:
         loops.sum_into(deltas, n, True, divisor, scale, inputs[2], expected)
+    how = (consensus is not None, consensus == "weighted", True)
     got = np.empty(n, dtype=np.float32)
-    loops.pair_delta_merge_into(*inputs, *bounds, *stored, factors, consensus == "sum", True, divisor, scale, got)
+    loops.pair_delta_merge_into(*inputs, *bounds, *stored, factors, weights, how, divisor, scale, got)
     assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
     rounded = torch.empty(n, dtype=torch.bfloat16)  # into a bf16 output: the same values rounded once
-    loops.pair_delta_merge_into(*inputs, *bounds, *stored, factors, consensus == "sum", True, divisor, scale,
+    loops.pair_delta_merge_into(*inputs, *bounds, *stored, factors, weights, how, divisor, scale,
                                 rounded.view(torch.int16).numpy().view(np.uint16))
     assert torch.equal(rounded.view(torch.int16), torch.from_numpy(expected).to(torch.bfloat16).view(torch.int16))
 

@@ -47,7 +47,7 @@ CHUNK = 1 << 18  # entries per chunk of the merge pass
 LANES = 8  # DELLA's random streams, stepped together (`_sparsify.LaneWords`, `_kernel_loops.partner_keep`)
 
 LOOPS = (
-    "weighted_delta", "consensus_into", "pair_delta_merge_into", "pair_consensus_into", "sum_into", "window_count", "windows_gather", "windows_tally", "gather_flagged", "to_bfloat16", "partner_keep",
+    "weighted_delta", "consensus_into", "pair_delta_merge_into", "sum_into", "window_count", "windows_gather", "windows_tally", "gather_flagged", "to_bfloat16", "partner_keep",
     "della_rows", "bernoulli_rows", "weighted_consensus_into", "cut_mask", "magnitudes_into", "scaled_magnitudes_into", "choose_scaled_into",
     "contribution_into", "contributor_tallies", "ram_combine_into", "pair_product_sums", "stock_into", "pair_combine_into", "pair_tallies", "pair_square_sums",
 )

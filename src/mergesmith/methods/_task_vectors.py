@@ -204,10 +204,11 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
             base = _sparsify.loop_operand(flat_base[s:e])
             if fused:
                 bounds = [(*rule.keep.bounds(s), *rule.drop.bounds(s)) for rule in rules]
+                elect = consensus == "sum"
+                how = (elect, False, normalize if elect else divide)
                 loops.pair_delta_merge_into(*(_sparsify.loop_operand(tv.model[s:e]) for tv in tvs), base, *bounds,
-                                            *(rule.stored_array(s, e) for rule in rules), factors, consensus == "sum",
-                                            normalize if consensus == "sum" else divide, np.float32(total),
-                                            np.float32(scale), outputs.direct(s, e))
+                                            *(rule.stored_array(s, e) for rule in rules), factors, ws, how,
+                                            np.float32(0 if elect else total), np.float32(scale), outputs.direct(s, e))
                 continue
             for j, (tv, rule) in enumerate(zip(tvs, rules)):
                 loops.weighted_delta(_sparsify.loop_operand(tv.model[s:e]), base, *rule.keep.bounds(s),

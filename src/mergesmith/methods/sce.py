@@ -271,9 +271,12 @@ def _compiled_energy(tvs, selection: _Selection, flat_base: torch.Tensor, chunks
 
 def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: bool, flat_base: torch.Tensor,
                     flat_out: torch.Tensor):
-    """The merge pass's chunk work on the compiled path (see `_kernels.weighted_consensus_into`)."""
+    """The merge pass's chunk work on the compiled path (see `_kernels.weighted_consensus_into`); two models
+    elected by sum in one pass from the inputs to the output (`_kernel_loops.pair_delta_merge_into`)."""
     ws = np.array(weights, dtype=np.float32)
     floor = np.float32(1e-6)
+    pair = len(tvs) == 2 and not by_count
+    ones, how = np.ones(4, dtype=np.float32), (True, True, True)  # unscaled deltas; elect, weigh
 
     def work(chunks):
         width = max(e - s for s, e in chunks)
@@ -283,10 +286,13 @@ def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: 
         loops = _kernels.loops()
         for s, e in chunks:
             m = e - s
-            rows, base = deltas.chunk(s, e)
-            if len(tvs) == 2 and not by_count:  # one pass, rounding as it stores
-                loops.pair_consensus_into(rows, m, ws, True, True, floor, np.float32(1), base, outputs.direct(s, e))
+            if pair:
+                first, second, base = pair_operands(tvs[0], tvs[1], s, e)
+                keep = selection.keep_array(s, first, second, deltas.keep_buf[:m])
+                loops.pair_delta_merge_into(first, second, base, *(deltas.everything,) * 2, keep, keep, ones, ws, how, floor,
+                                            np.float32(1), outputs.direct(s, e))
                 continue
+            rows, base = deltas.chunk(s, e)
             loops.weighted_consensus_into(rows, m, ws, by_count, floor, base, votes, divisor, outputs.target(s, e))
             outputs.done(s, e)
 
