@@ -234,9 +234,18 @@ def test_the_two_model_pass_equals_the_per_model_loops_bit_for_bit(consensus, ma
                   (np.float32(0.002), np.float32(0.002), 0, np.nextafter(np.float32(0.02), np.float32(0)), np.float32(0.02), 4000)]
     factors = np.array([1.25, 0.6, 0.8, 0.3], dtype=np.float32)
     weights = factors[1::2].copy() if consensus != "weighted" else np.array([0.45, 0.55], dtype=np.float32)
+    apart = _sparsify.ANY_DISTANCE  # SCE: also a cut on the models' distance, with a tie split
+    expected_masks = stored
+    if consensus == "weighted":
+        t = np.float32(0.006)
+        apart = (np.nextafter(t, np.float32(0)), t, 2000)
+        cut = np.empty(n, dtype=np.uint8)
+        loops.cut_mask(inputs[0], inputs[1], *apart, cut)
+        assert 0 < cut.mean() < 1
+        expected_masks = [cut & mask if mask.size else cut for mask in stored]
     deltas = np.empty((2, n), dtype=np.float32)
     for j in range(2):
-        loops.weighted_delta(inputs[j], inputs[2], *bounds[j], stored[j], factors[2 * j], factors[2 * j + 1], deltas[j])
+        loops.weighted_delta(inputs[j], inputs[2], *bounds[j], expected_masks[j], factors[2 * j], factors[2 * j + 1], deltas[j])
     scale, divisor = np.float32(0.7), np.float32(0.9)
     expected = np.empty(n, dtype=np.float32)
     votes, divisors = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
@@ -249,10 +258,10 @@ def test_the_two_model_pass_equals_the_per_model_loops_bit_for_bit(consensus, ma
         loops.sum_into(deltas, n, True, divisor, scale, inputs[2], expected)
     how = (consensus is not None, consensus == "weighted", True)
     got = np.empty(n, dtype=np.float32)
-    loops.pair_delta_merge_into(*inputs, *bounds, *stored, factors, weights, how, divisor, scale, got)
+    loops.pair_delta_merge_into(*inputs, *bounds, *stored, apart, factors, weights, how, divisor, scale, got)
     assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
     rounded = torch.empty(n, dtype=torch.bfloat16)  # into a bf16 output: the same values rounded once
-    loops.pair_delta_merge_into(*inputs, *bounds, *stored, factors, weights, how, divisor, scale,
+    loops.pair_delta_merge_into(*inputs, *bounds, *stored, apart, factors, weights, how, divisor, scale,
                                 rounded.view(torch.int16).numpy().view(np.uint16))
     assert torch.equal(rounded.view(torch.int16), torch.from_numpy(expected).to(torch.bfloat16).view(torch.int16))
 
@@ -431,6 +440,7 @@ for name in ("ties", "breadcrumbs", "dare_linear", "della", "sce"):
     get_method(name).func(models, base=base, **kwargs)
 get_method("ties").func(models + models[:1], base=base, weight=[0.5] * 3, density=[0.5] * 3, compute_dtype=torch.float32)  # general election
 get_method("sce").func(models + models[:1], base=base, select_topk=0.5, compute_dtype=torch.float32)  # three: the general merge
+get_method("sce").func(models, base=base, select_topk=0.5, consensus_method="count", compute_dtype=torch.float32)  # cut_mask
 get_method("dare_linear").func(models + models[:1], base=base, weight=[0.5] * 3, density=[0.5] * 3,
                                compute_dtype=torch.float32, generator=torch.Generator().manual_seed(1))  # three: sum_into
 # della on a 3-D tensor: the keep test on magnitudes already computed

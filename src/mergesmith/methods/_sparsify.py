@@ -331,6 +331,7 @@ _MINUS_INF, _PLUS_INF = np.float32(-np.inf), np.float32(np.inf)
 _NO_SPLIT = 1 << 62
 ALL = Cut(None, everything=True)
 NONE = Cut(None)
+ANY_DISTANCE = ALL.bounds(0)  # bounds that every distance passes (`_kernel_loops.far_apart`)
 
 
 class KeepRule:

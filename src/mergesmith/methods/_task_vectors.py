@@ -207,7 +207,7 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
                 elect = consensus == "sum"
                 how = (elect, False, normalize if elect else divide)
                 loops.pair_delta_merge_into(*(_sparsify.loop_operand(tv.model[s:e]) for tv in tvs), base, *bounds,
-                                            *(rule.stored_array(s, e) for rule in rules), factors, ws, how,
+                                            *(rule.stored_array(s, e) for rule in rules), _sparsify.ANY_DISTANCE, factors, ws, how,
                                             np.float32(0 if elect else total), np.float32(scale), outputs.direct(s, e))
                 continue
             for j, (tv, rule) in enumerate(zip(tvs, rules)):

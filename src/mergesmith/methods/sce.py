@@ -27,7 +27,7 @@ from mergesmith.methods import _kernels
 from mergesmith.methods._consensus import CONSENSUS_METHODS, accumulation_dtype, disjoint_into, elect_sign_into
 from mergesmith.methods._parallel import in_parts
 from mergesmith.methods._sparsify import (
-    ALL, NONE, Cut, StoredValues, TaskVector, check_tie_order, loop_operand, chunk_size, pair_operands, select_top_fraction,
+    ALL, ANY_DISTANCE, NONE, Cut, StoredValues, TaskVector, check_tie_order, loop_operand, chunk_size, pair_operands, select_top_fraction,
     selection_dtype, spans, top_fraction_count, variance_across,
 )
 from mergesmith.methods._task_vectors import CONSENSUS
@@ -97,6 +97,13 @@ class _Selection:
         if self.stored is not None:
             return self.stored[s : s + buf.size].numpy()
         return _EVERYTHING
+
+    def pair_terms(self, s: int, e: int) -> tuple[np.ndarray, tuple]:
+        """The selection of [s, e) as the two-model loops take it (`_kernel_loops.pair_delta_merge_into`): a
+        uint8 mask (empty: none) and bounds on the models' distance, which the loops test as they go."""
+        if self.cut is not None:
+            return _EVERYTHING, self.cut.bounds(s)
+        return (_EVERYTHING if self.stored is None else self.stored[s:e].numpy()), ANY_DISTANCE
 
 
 _EVERYTHING = np.empty(0, dtype=np.uint8)
@@ -252,9 +259,8 @@ def _compiled_energy(tvs, selection: _Selection, flat_base: torch.Tensor, chunks
         chunk_sums = np.empty(2, dtype=np.float32)
         for s, e in share:
             if len(tvs) == 2:  # one loop: the selection's deltas squared and summed (1.2 against 2.4 ns an entry)
-                first, second, base = pair_operands(tvs[0], tvs[1], s, e)
-                keep = selection.keep_array(s, first, second, deltas.keep_buf[: e - s])
-                _kernels.loops().pair_square_sums(first, second, base, keep, deltas.deltas[:, : e - s], chunk_sums)
+                _kernels.loops().pair_square_sums(*pair_operands(tvs[0], tvs[1], s, e), *selection.pair_terms(s, e),
+                                                  deltas.deltas[:, : e - s], chunk_sums)
                 sums[index[(s, e)]] = chunk_sums
                 continue
             rows, _ = deltas.chunk(s, e)
@@ -287,10 +293,9 @@ def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: 
         for s, e in chunks:
             m = e - s
             if pair:
-                first, second, base = pair_operands(tvs[0], tvs[1], s, e)
-                keep = selection.keep_array(s, first, second, deltas.keep_buf[:m])
-                loops.pair_delta_merge_into(first, second, base, *(deltas.everything,) * 2, keep, keep, ones, ws, how, floor,
-                                            np.float32(1), outputs.direct(s, e))
+                keep, apart = selection.pair_terms(s, e)
+                loops.pair_delta_merge_into(*pair_operands(tvs[0], tvs[1], s, e), *(deltas.everything,) * 2, keep, keep, apart,
+                                            ones, ws, how, floor, np.float32(1), outputs.direct(s, e))
                 continue
             rows, base = deltas.chunk(s, e)
             loops.weighted_consensus_into(rows, m, ws, by_count, floor, base, votes, divisor, outputs.target(s, e))
