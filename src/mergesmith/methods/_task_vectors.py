@@ -193,6 +193,8 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
 
     fused = consensus != "count" and len(tvs) == 2  # `pair_delta_merge_into`: no deltas in memory
     factors = np.array([rescales[0], ws[0], rescales[1], ws[1]], dtype=np.float32) if fused else None
+    elect = consensus == "sum"
+    how = (elect, False, normalize if elect else divide)  # the pass's flags: elect, weigh (SCE's only), normalize
 
     def work(chunks: list[tuple[int, int]]) -> None:
         width = max(e - s for s, e in chunks)
@@ -204,8 +206,6 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
             base = _sparsify.loop_operand(flat_base[s:e])
             if fused:
                 bounds = [(*rule.keep.bounds(s), *rule.drop.bounds(s)) for rule in rules]
-                elect = consensus == "sum"
-                how = (elect, False, normalize if elect else divide)
                 loops.pair_delta_merge_into(*(_sparsify.loop_operand(tv.model[s:e]) for tv in tvs), base, *bounds,
                                             *(rule.stored_array(s, e) for rule in rules), _sparsify.ANY_DISTANCE, factors, ws, how,
                                             np.float32(0 if elect else total), np.float32(scale), outputs.direct(s, e))
