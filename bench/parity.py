@@ -10,7 +10,7 @@ then run, from the repository root:
                            [--compute-dtype bfloat16] [--tie-order mergekit]
 
 For every method both tools merge a tiny Llama family (a base and three fine-tunes = base + low-rank and
-sparse deltas) and the script prints, per method, the largest absolute difference over all tensors and
+sparse deltas; `--fine-tunes 2` merges two, which takes the two-model loops) and the script prints, per method, the largest absolute difference over all tensors and
 that difference in bf16 ulps at the tensor's largest magnitude (≤ 1 means "equal to bf16 rounding").
 """
 
@@ -74,14 +74,15 @@ def make_family(folder: Path, seed: int = 0, layers: int = 4, hidden: int = 64, 
     return {name: folder / name for name in ("base", "ft1", "ft2", "ft3")}
 
 
-def config_for(method: str, family: dict[str, Path], dtype: str) -> dict:
-    """A config exercising the method's main parameters, identical for both tools."""
+def config_for(method: str, family: dict[str, Path], dtype: str, fine_tunes: int = 3) -> dict:
+    """A config exercising the method's main parameters, identical for both tools, on up to `fine_tunes`
+    fine-tunes (two take the compiled two-model passes)."""
     from mergesmith.methods.registry import get_method
 
     spec = get_method(method)
     per_model = {p.name: SAMPLE.get(p.name, 0.5) for p in spec.model_params if p.required or p.name in ("weight", "density")}
     global_params = {p.name: SAMPLE[p.name] for p in spec.global_params if p.required and p.name in SAMPLE}
-    count = min(spec.max_models or 3, 3)
+    count = min(spec.max_models or fine_tunes, fine_tunes)
     models = [family[f"ft{i}"] for i in range(1, count + 1)]
     config: dict = {"merge_method": method, "dtype": dtype}
     if spec.base in ("required", "optional") and method not in ("karcher",):
@@ -141,6 +142,7 @@ def main() -> int:
     parser.add_argument("--methods", default="", help="comma-separated; default: every method both tools have")
     parser.add_argument("--compute-dtype", default="float32", help="mergesmith's --compute-dtype (bfloat16 mimics mergekit on bf16 models)")
     parser.add_argument("--tie-order", default="position", help="mergesmith's --tie-order (mergekit: its sort order for tied magnitudes)")
+    parser.add_argument("--fine-tunes", type=int, default=3, choices=(2, 3), help="fine-tunes per merge (2: the two-model loops)")
     args = parser.parse_args()
 
     from mergesmith.methods.registry import method_names
@@ -155,7 +157,7 @@ def main() -> int:
     work = CACHE / "runs"
     rows = []
     for method in methods:
-        config = config_for(method, family, args.dtype)
+        config = config_for(method, family, args.dtype, args.fine_tunes)
         cfg_path = work / f"{method}.yml"
         cfg_path.parent.mkdir(parents=True, exist_ok=True)
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
