@@ -265,6 +265,23 @@ def test_the_two_model_pass_equals_the_per_model_loops_bit_for_bit(consensus, ma
                                 rounded.view(torch.int16).numpy().view(np.uint16))
     assert torch.equal(rounded.view(torch.int16), torch.from_numpy(expected).to(torch.bfloat16).view(torch.int16))
 
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_two_model_task_arithmetic_takes_the_one_pass_in_mergekits_order(normalize, monkeypatch):
+    # plain task arithmetic of two models runs `pair_delta_merge_into`: each weighted delta rounded, then the
+    # two added, divided, scaled and added to the base, one rounding each (mergekit's (weights * deltas).sum(0))
+    models, base = _family(torch.float32)
+    used = []
+    compiled_merge = _task_vectors._compiled_merge
+    monkeypatch.setattr(_task_vectors, "_compiled_merge", lambda *a, **k: used.append(1) or compiled_merge(*a, **k))
+    got = get_method("task_arithmetic").func(models[:2], base=base, weight=[0.6, 0.3], normalize=normalize, lambda_=0.8,
+                                             compute_dtype=torch.float32)
+    assert used
+    mixed = (models[0] - base) * 0.6 + (models[1] - base) * 0.3
+    if normalize:
+        mixed = mixed / torch.tensor(0.6 + 0.3, dtype=torch.float32)
+    assert torch.equal(got, mixed * 0.8 + base)
+
 def test_weighted_delta_keeps_ties_before_the_split_only():
     # every magnitude equals the threshold: positions before the split are kept, from it on dropped; the
     # drop bound removes the largest; a stored mask removes what it says; the rest is scaled, then weighted

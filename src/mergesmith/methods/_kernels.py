@@ -12,7 +12,8 @@ very masks of the numpy path without its passes.
 RAM and RAM+ (count and merge passes) and Arcee Fusion (selection and output passes) use them too.
 
 What stays in PyTorch: every other dtype (16-bit compute for mergekit's arithmetic, float64), other devices,
-plain task arithmetic (no mask, no election: torch is as fast for its three operations a model), Arcee
+plain task arithmetic of three or more models (no mask, no election: torch is as fast for its three
+operations a model; two models take the one-pass loop, in mergekit's order of roundings), Arcee
 Fusion's importances (softmaxes and logs: the loops have no vectorised exp or log that rounds as torch's
 do), and any machine without numba (`available()` is then False and the callers take their torch path).
 Inputs stored as bf16 are read by the loops as they are (uint16 bit patterns, widened exactly entry by entry:

@@ -109,7 +109,8 @@ def merge_task_vectors(
     flat_base = base.reshape(-1)
     tvs = [_sparsify.TaskVector(t, base, dtype) for t in tensors]
     plans = _build_plans(sparsify, tvs, size, concurrent_plans)
-    masked = consensus is not None or any(p is not None for p in plans)  # plain task arithmetic: torch is as fast
+    # plain task arithmetic: torch is as fast as a loop per model, but not as the two-model pass
+    masked = consensus is not None or any(p is not None for p in plans) or len(tvs) == 2
     compiled = masked and n > 0 and all(tv.compiled() for tv in tvs)
     out = torch.empty(base.shape, dtype=_kernels.result_dtype(dtype, output_dtype, compiled), device=base.device)
     flat_out = out.view(-1)
