@@ -317,12 +317,12 @@ def pair_delta_merge_into(model0, model1, base, bounds0, bounds1, stored0, store
     bounds0/1: each model's (keep_ge, keep_gt, keep_split, drop_ge, drop_gt, drop_split); apart (with weigh
     only: SCE's selection): bounds on the models' distance, (ge, gt, split) as `cut_mask` takes them, both
     deltas masked where the distance is not above its bound ((-inf, -inf, 0) selects every entry; a test the
-    other modes skip: 0.13 ns an entry); factors: (rescale0,
-    weight0, rescale1, weight1), the deltas' factors; weights: the election's (w0, w1); how: (elect, weigh,
-    normalize): elect by the sign of the sum and merge the agreeing deltas (weigh: SCE's weighted merge over
-    the agreeing weights floored at `divisor`), else sum them (divided by `divisor` when normalize). `out`:
-    float32, or a bf16 output's bit patterns (`narrow`). One copy of the loop per combination, each with its
-    flags constant (a loop testing them per entry: TIES 1.75 against 1.2 ns an entry)."""
+    other modes skip: 0.13 ns an entry); factors: (rescale0, weight0, rescale1, weight1), the deltas' factors;
+    weights: the election's (w0, w1); how: (elect, weigh, normalize): elect by the sign of the sum and merge
+    the agreeing deltas (weigh: SCE's weighted merge over the agreeing weights floored at `divisor`), else sum
+    them (divided by `divisor` when normalize). `out`: float32, or a bf16 output's bit patterns (`narrow`).
+    One copy of the loop per combination, each with its flags constant (a loop testing them per entry: TIES
+    1.75 against 1.1 ns an entry)."""
     elect, weigh, normalize = how
     m0, m1, b, k0, k1, s0, s1, a, f, w = model0, model1, base, bounds0, bounds1, stored0, stored1, apart, factors, weights
     if elect and weigh:
@@ -621,8 +621,8 @@ def _decide(bits, firsts, partner_bits, low, high, keep):
 @jit
 def _row_buffers(c):
     """`_keep_row`'s scratch for rows of c entries, made once per call: the draws' two halves (whole steps of
-    the lanes), the partners' columns and their magnitudes' bits. (Testing a long row a piece at a time, so that this
-    stays in L1, gained at most 8% on rows of 8192.)"""
+    the lanes), the partners' columns and their magnitudes' bits. (Testing a long row a piece at a time, so
+    that this stays in L1, gained at most 8% on rows of 8192.)"""
     steps = (c + LANES - 1) // LANES
     return np.empty((2, steps * LANES), dtype=np.int32), np.empty(c, dtype=np.int32), np.empty(c, dtype=np.int32)
 

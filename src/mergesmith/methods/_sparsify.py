@@ -332,6 +332,7 @@ _NO_SPLIT = 1 << 62
 ALL = Cut(None, everything=True)
 NONE = Cut(None)
 ANY_DISTANCE = ALL.bounds(0)  # bounds that every distance passes (`_kernel_loops.far_apart`)
+KEEP_ALL_BOUNDS = ALL.bounds(0) + NONE.bounds(0)  # a keep rule's bounds that keep every entry (`weighted_delta`)
 
 
 class KeepRule:

@@ -109,9 +109,10 @@ def merge_task_vectors(
     flat_base = base.reshape(-1)
     tvs = [_sparsify.TaskVector(t, base, dtype) for t in tensors]
     plans = _build_plans(sparsify, tvs, size, concurrent_plans)
-    # plain task arithmetic: torch is as fast as a loop per model, but not as the two-model pass
-    masked = consensus is not None or any(p is not None for p in plans) or len(tvs) == 2
-    compiled = masked and n > 0 and all(tv.compiled() for tv in tvs)
+    # plain task arithmetic of three or more models stays on torch: as fast as a loop per model (two models
+    # take the one-pass loop, which is faster)
+    worth_loops = consensus is not None or any(p is not None for p in plans) or len(tvs) == 2
+    compiled = worth_loops and n > 0 and all(tv.compiled() for tv in tvs)
     out = torch.empty(base.shape, dtype=_kernels.result_dtype(dtype, output_dtype, compiled), device=base.device)
     flat_out = out.view(-1)
     if n == 0:
@@ -192,25 +193,31 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
     ws = np.array(weights, dtype=np.float32)
     divide = normalize and abs(total) >= 1e-8
 
-    fused = consensus != "count" and len(tvs) == 2  # `pair_delta_merge_into`: no deltas in memory
-    factors = np.array([rescales[0], ws[0], rescales[1], ws[1]], dtype=np.float32) if fused else None
-    elect = consensus == "sum"
-    how = (elect, False, normalize if elect else divide)  # the pass's flags: elect, weigh (SCE's only), normalize
+    if consensus != "count" and len(tvs) == 2:  # one loop from the inputs to the output, no deltas in memory
+        factors = np.array([rescales[0], ws[0], rescales[1], ws[1]], dtype=np.float32)
+        elect = consensus == "sum"
+        how = (elect, False, normalize if elect else divide)  # the pass's flags: elect, weigh (SCE's only), normalize
+        divisor = np.float32(0 if elect else total)
+
+        def pair_work(chunks: list[tuple[int, int]]) -> None:
+            outputs = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks))
+            for s, e in chunks:
+                bounds = [(*rule.keep.bounds(s), *rule.drop.bounds(s)) for rule in rules]
+                stored = [rule.stored_array(s, e) for rule in rules]
+                loops.pair_delta_merge_into(*_sparsify.pair_operands(tvs[0], tvs[1], s, e), *bounds, *stored,
+                                            _sparsify.ANY_DISTANCE, factors, ws, how, divisor, np.float32(scale),
+                                            outputs.direct(s, e))
+
+        return pair_work
 
     def work(chunks: list[tuple[int, int]]) -> None:
         width = max(e - s for s, e in chunks)
-        deltas = np.empty((0 if fused else len(tvs), width), dtype=np.float32)
+        deltas = np.empty((len(tvs), width), dtype=np.float32)
         votes, divisor = np.empty(width, dtype=np.float32), np.empty(width, dtype=np.float32)
         outputs = _kernels.OutputChunks(flat_out, width)
         for s, e in chunks:
             m = e - s
             base = _sparsify.loop_operand(flat_base[s:e])
-            if fused:
-                bounds = [(*rule.keep.bounds(s), *rule.drop.bounds(s)) for rule in rules]
-                loops.pair_delta_merge_into(*(_sparsify.loop_operand(tv.model[s:e]) for tv in tvs), base, *bounds,
-                                            *(rule.stored_array(s, e) for rule in rules), _sparsify.ANY_DISTANCE, factors, ws, how,
-                                            np.float32(0 if elect else total), np.float32(scale), outputs.direct(s, e))
-                continue
             for j, (tv, rule) in enumerate(zip(tvs, rules)):
                 loops.weighted_delta(_sparsify.loop_operand(tv.model[s:e]), base, *rule.keep.bounds(s),
                                      *rule.drop.bounds(s), rule.stored_array(s, e), rescales[j], ws[j], deltas[j, :m])

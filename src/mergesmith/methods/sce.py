@@ -27,7 +27,7 @@ from mergesmith.methods import _kernels
 from mergesmith.methods._consensus import CONSENSUS_METHODS, accumulation_dtype, disjoint_into, elect_sign_into
 from mergesmith.methods._parallel import in_parts
 from mergesmith.methods._sparsify import (
-    ALL, ANY_DISTANCE, NONE, Cut, StoredValues, TaskVector, check_tie_order, loop_operand, chunk_size, pair_operands, select_top_fraction,
+    ANY_DISTANCE, KEEP_ALL_BOUNDS, Cut, StoredValues, TaskVector, check_tie_order, loop_operand, chunk_size, pair_operands, select_top_fraction,
     selection_dtype, spans, top_fraction_count, variance_across,
 )
 from mergesmith.methods._task_vectors import CONSENSUS
@@ -233,7 +233,6 @@ class _CompiledDeltas:
         self.tvs, self.selection, self.flat_base = tvs, selection, flat_base
         self.deltas = np.empty((len(tvs), width), dtype=np.float32)
         self.keep_buf = np.empty(width, dtype=np.uint8)
-        self.everything = ALL.bounds(0) + NONE.bounds(0)
         self.one = np.float32(1)
 
     def chunk(self, s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
@@ -243,7 +242,7 @@ class _CompiledDeltas:
         models = [loop_operand(tv.model[s:e]) for tv in self.tvs]
         keep = self.selection.keep_array(s, models[0], models[-1], self.keep_buf[:m])
         for j, model in enumerate(models):
-            _kernels.loops().weighted_delta(model, base, *self.everything, keep, self.one, self.one, self.deltas[j, :m])
+            _kernels.loops().weighted_delta(model, base, *KEEP_ALL_BOUNDS, keep, self.one, self.one, self.deltas[j, :m])
         return self.deltas, base
 
 
@@ -281,8 +280,18 @@ def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: 
     elected by sum in one pass from the inputs to the output (`_kernel_loops.pair_delta_merge_into`)."""
     ws = np.array(weights, dtype=np.float32)
     floor = np.float32(1e-6)
-    pair = len(tvs) == 2 and not by_count
-    ones, how = np.ones(4, dtype=np.float32), (True, True, True)  # unscaled deltas; elect, weigh
+    if len(tvs) == 2 and not by_count:
+        ones, how = np.ones(4, dtype=np.float32), (True, True, True)  # unscaled deltas; elect, weigh
+
+        def pair_work(chunks):
+            outputs = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks))
+            for s, e in chunks:
+                keep, apart = selection.pair_terms(s, e)
+                _kernels.loops().pair_delta_merge_into(*pair_operands(tvs[0], tvs[1], s, e), *(KEEP_ALL_BOUNDS,) * 2,
+                                                       keep, keep, apart, ones, ws, how, floor, np.float32(1),
+                                                       outputs.direct(s, e))
+
+        return pair_work
 
     def work(chunks):
         width = max(e - s for s, e in chunks)
@@ -292,11 +301,6 @@ def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: 
         loops = _kernels.loops()
         for s, e in chunks:
             m = e - s
-            if pair:
-                keep, apart = selection.pair_terms(s, e)
-                loops.pair_delta_merge_into(*pair_operands(tvs[0], tvs[1], s, e), *(deltas.everything,) * 2, keep, keep, apart,
-                                            ones, ws, how, floor, np.float32(1), outputs.direct(s, e))
-                continue
             rows, base = deltas.chunk(s, e)
             loops.weighted_consensus_into(rows, m, ws, by_count, floor, base, votes, divisor, outputs.target(s, e))
             outputs.done(s, e)
