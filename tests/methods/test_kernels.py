@@ -638,21 +638,71 @@ def test_ram_loops_equal_the_torch_path(name, count, params, dtype, torch_path, 
     assert not torch.equal(compiled, base.float())
 
 
+def _float64_divergences(other, base):
+    """KL(softmax(other) + 1e-8 || softmax(base) + 1e-8) per row, in float64 numpy: the formula itself."""
+    def softmax(x):
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    p = softmax(other.double().numpy()) + 1e-8
+    q = softmax(base.double().numpy()) + 1e-8
+    return (p * np.log(p / q)).sum(axis=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_arcee_fusion_row_divergences_are_the_float64_formula(dtype, torch_path):
+    # near-uniform softmaxes (weights ~0.02, deltas ~0.002): the compiled loop's per-row sums and the torch
+    # path's float64 both land within 1e-6 of the float64 formula, where the formula in float32 (mergekit's)
+    # is several percent off. Rows that leave the loop's series domain take its entry-by-entry float64 path:
+    # a large delta, a wide spread, a -inf, a NaN, identical rows, a row too long for the first-order eps terms
+    from mergesmith.methods.arcee_fusion import row_divergences
+
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(64, 3000, generator=g) * 0.02
+    other = base + torch.randn(base.shape, generator=g) * 0.002
+    other[1, 5] += 1.0
+    other[2] *= 60
+    other[3, 7] = base[3, 7] = float("-inf")
+    other[4, 9] = float("nan")
+    other[5] = base[5]
+    base, other = base.to(dtype), other.to(dtype)
+    expected = _float64_divergences(other, base)
+    compiled = row_divergences(other, base, torch.float64).view(-1).numpy()
+    with torch_path:
+        reference = row_divergences(other, base, torch.float64).view(-1).numpy()
+    assert np.isnan(compiled[4]) and np.isnan(reference[4]) and compiled[5] == reference[5] == 0
+    finite = ~np.isnan(expected)
+    assert finite.sum() == 63 and (expected[finite] > 0).sum() == 62
+    for got in (compiled, reference):
+        np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-6, atol=1e-18)
+    p32 = torch.softmax(other.float(), -1) + 1e-8
+    q32 = torch.softmax(base.float(), -1) + 1e-8
+    float32_formula = (p32 * torch.log(p32 / q32)).sum(-1).double().numpy()
+    assert np.nanmax(np.abs(float32_formula - expected)[6:] / expected[6:]) > 0.01
+
+    long_base = torch.randn(2, 150_000, generator=g) * 0.02  # softmax entries ~7e-6 < 1000 eps
+    long_other = (long_base + torch.randn(long_base.shape, generator=g) * 0.002).to(dtype)
+    got = row_divergences(long_other, long_base.to(dtype), torch.float64).view(-1).numpy()
+    np.testing.assert_allclose(got, _float64_divergences(long_other, long_base.to(dtype)), rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_arcee_fusion_importances_from_the_loop_equal_torchs_bit_for_bit(dtype, torch_path):
     # |other - base| * KL(row) as one compiled loop on the inputs as stored, against torch's subtract, abs
-    # and multiply on float32 copies: the same float operations, so the same bits (zero rows too; NaN where
-    # torch has NaN, its payload aside: x86 passes on either operand's NaN, and the two pick differently)
-    from mergesmith.methods.arcee_fusion import importance_scores
+    # and multiply on float32 copies, for the same divergences: the same float operations, so the same bits
+    # (zero rows too; NaN where torch has NaN, its payload aside: x86 passes on either operand's NaN, and the
+    # two pick differently)
+    from mergesmith.methods.arcee_fusion import RowImportances, _stored_importances, row_divergences
 
     g = torch.Generator().manual_seed(8)
     base = (torch.randn(300, 257, generator=g) * 0.02).to(dtype)
     other = (base.float() + torch.randn(base.shape, generator=g) * 0.002).to(dtype)
     other[5, 3] = float("nan")
     other[9] = base[9]  # KL 0
-    compiled = importance_scores(other, base, torch.float32)
+    kl = row_divergences(other, base, torch.float32)
+    compiled = _stored_importances(RowImportances(other, base, kl))
     with torch_path:
-        reference = importance_scores(other, base, torch.float32)
+        reference = _stored_importances(RowImportances(other, base, kl))
     nan = reference.isnan()
     assert torch.equal(compiled.isnan(), nan) and nan[5].all() and not nan[6].any()
     assert torch.equal(compiled[~nan].view(torch.int32), reference[~nan].view(torch.int32))
@@ -671,6 +721,8 @@ def test_arcee_fusion_loops_equal_the_torch_path(dtype, nan_row, torch_path, mon
     other = (base.float() + torch.randn(base.shape, generator=g) * 0.002).to(dtype)
     if nan_row:
         other[7, :300] = float("nan")
+    kl = module.row_divergences(other, base, torch.float32)  # the same divergences for both paths (see above)
+    monkeypatch.setattr(module, "row_divergences", lambda *a: kl)
     fuse = get_method("arcee_fusion").func
     used, scans = [], []
     choose, scan = module._choose_compiled, _sparsify._scan_in_parts
@@ -709,7 +761,7 @@ def test_arcee_fusion_quartiles_of_importances_never_stored_are_those_of_the_sto
     assert 0 < (fused != base.float()).float().mean() < 0.5
 
 
-def test_arcee_fusion_nan_importance_in_a_finite_row_falls_back_to_the_stored_order(torch_path):
+def test_arcee_fusion_nan_importance_in_a_finite_row_falls_back_to_the_stored_order(torch_path, monkeypatch):
     # -inf in both models at one place: that row's KL is finite, its importance there NaN (inf - inf). The
     # scan cannot order NaN; having met one it falls back to np.partition on the stored importances (NaN
     # last), as the torch path does, and the base is kept there
@@ -723,6 +775,7 @@ def test_arcee_fusion_nan_importance_in_a_finite_row_falls_back_to_the_stored_or
     assert importances.selectable()  # every KL finite: the scan runs, meets the NaN, and falls back
     module.importance_quartiles(importances)
     assert importances.nan_seen
+    monkeypatch.setattr(module, "row_divergences", lambda *a, kl=importances.kl.view(-1, 1): kl)  # both paths
     fuse = get_method("arcee_fusion").func
     compiled = fuse([other], base=base, compute_dtype=torch.float32)
     with torch_path:

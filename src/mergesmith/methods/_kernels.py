@@ -9,13 +9,13 @@ three windows are counted and flagged together in a single pass (`windows_tally`
 and DELLA's keep masks are drawn by loops that run numpy's SFC64 generator themselves, so they make the
 very masks of the numpy path without its passes.
 
-RAM and RAM+ (count and merge passes) and Arcee Fusion (selection and output passes) use them too.
+RAM and RAM+ (count and merge passes) and Arcee Fusion (row divergences, selection and output passes) use
+them too; the divergences' loop (`_divergence_loops`) is the one that does not repeat torch's roundings.
 
 What stays in PyTorch: every other dtype (16-bit compute for mergekit's arithmetic, float64), other devices,
 plain task arithmetic of three or more models (no mask, no election: torch is as fast for its three
 operations a model; two models take the one-pass loop, in mergekit's order of roundings), Arcee
-Fusion's importances (softmaxes and logs: the loops have no vectorised exp or log that rounds as torch's
-do), and any machine without numba (`available()` is then False and the callers take their torch path).
+and any machine without numba (`available()` is then False and the callers take their torch path).
 Inputs stored as bf16 are read by the loops as they are (uint16 bit patterns, widened exactly entry by entry:
 `_kernel_loops.widen`), which saves the float32 copy of every input chunk that torch made before.
 A bf16 output is rounded from the float32 result chunk by chunk (`to_bfloat16`, bit for bit torch's rounding),
@@ -51,6 +51,7 @@ LOOPS = (
     "weighted_delta", "consensus_into", "pair_delta_merge_into", "sum_into", "window_count", "windows_gather", "windows_tally", "gather_flagged", "to_bfloat16", "partner_keep",
     "della_rows", "bernoulli_rows", "weighted_consensus_into", "cut_mask", "magnitudes_into", "scaled_magnitudes_into", "choose_scaled_into",
     "contribution_into", "contributor_tallies", "ram_combine_into", "pair_product_sums", "stock_into", "pair_combine_into", "pair_tallies", "pair_square_sums",
+    "row_divergences_into",
 )
 
 _LOCK = threading.Lock()
@@ -122,6 +123,7 @@ def loops() -> SimpleNamespace:
 
 
 def _compile() -> SimpleNamespace:
-    from mergesmith.methods import _kernel_loops as compiled
+    from mergesmith.methods import _divergence_loops, _kernel_loops
 
-    return SimpleNamespace(**{name: getattr(compiled, name) for name in LOOPS})
+    modules = (_kernel_loops, _divergence_loops)
+    return SimpleNamespace(**{name: getattr(next(m for m in modules if hasattr(m, name)), name) for name in LOOPS})
