@@ -784,6 +784,19 @@ def test_arcee_fusion_nan_importance_in_a_finite_row_falls_back_to_the_stored_or
     assert compiled[3, 4] == float("-inf") and not compiled.isnan().any()
 
 
+@pytest.mark.parametrize("share", [0.001, 0.3])  # listed by set bits; by the branch-free pass (over 1 in DENSE_FLAGS)
+def test_list_flagged_lists_the_flagged_positions_in_order(share):
+    from mergesmith.methods._kernel_loops import DENSE_FLAGS, list_flagged
+
+    n = 100_003
+    flags = np.zeros(-(-n // 8) * 8, dtype=np.uint8)
+    flags[:n] = np.random.default_rng(4).random(n) < share
+    hits = np.full(n, -1, dtype=np.int32)
+    found = list_flagged(flags, n, hits)
+    assert (flags[:n].sum() * DENSE_FLAGS > n) == (share > 0.01)
+    assert found == flags.sum() and np.array_equal(hits[:found], np.flatnonzero(flags[:n]))
+
+
 def test_widen_is_torchs_bfloat16_conversion_for_every_bit_pattern():
     from numba import njit
 

@@ -39,6 +39,7 @@ jit = njit(nogil=True, cache=True, boundscheck=False, error_model="numpy", fastm
 inline = njit(nogil=True, inline="always", error_model="numpy", fastmath={"contract"})
 
 SERIES_LIMIT = np.float32(0.125)  # |u| up to which exp(u) − 1 is the series below (error < 1e-10 of it)
+SMALLEST_GROWTH = math.exp(-0.125)  # the least 1 + m = exp(u) within it
 EXP_FLOOR = np.float32(-80.0)  # b down to which exp(b) is a normal float32
 FIRST_ORDER_LIMIT = 1e-3  # ε / softmax entry up to which the ε terms to first order are exact enough
 LN2_HI, LN2_LO = np.float32(0.693145751953125), np.float32(1.428606765330187045e-06)
@@ -128,26 +129,31 @@ def row_divergence(x, y, eps):
     where the formula gives NaN."""
     n = x.size
     top_x, top_y = row_max(x), row_max(y)
-    outside = np.int32(0)
-    low_e = low_ex = np.int32(0x7FFFFFFF)  # bit patterns of the smallest e and e·(1 + m): positive floats order as ints
+    top_u = np.int32(0)  # bit pattern of the largest |u| (NaN above inf): non-negative floats order as ints
+    low_e = np.int32(0x7FFFFFFF)  # bit pattern of the smallest e (exp(EXP_FLOOR) where b is below it)
     sum_e = sum_em = sum_emu = sum_u = sum_m = 0.0
     for c in range(n):
         b = widen(y[c]) - top_y
         u = (widen(x[c]) - top_x) - b
         e = exp_nonpositive(max(b, EXP_FLOOR))
         higher = u * u * (HALF + u * (np.float32(1 / 6) + u * (np.float32(1 / 24) + u * (np.float32(1 / 120) + u * np.float32(1 / 720)))))
+        top_u = max(top_u, np.int32(bits_of(u) & np.int32(0x7FFFFFFF)))
         low_e = min(low_e, bits_of(e))
-        low_ex = min(low_ex, bits_of(e * (ONE + (u + higher))))
-        outside = np.int32(outside + np.int32(not ((b >= EXP_FLOOR) & (abs(u) <= SERIES_LIMIT))))
         e64, u64 = np.float64(e), np.float64(u)
         m64 = u64 + np.float64(higher)
+        em = e64 * m64
         sum_e = lane_add(sum_e, e64)
-        sum_em = lane_add(sum_em, e64 * m64)
-        sum_emu = lane_add(sum_emu, e64 * (1.0 + m64) * u64)
+        sum_em = lane_add(sum_em, em)
+        sum_emu = lane_add(sum_emu, (e64 + em) * u64)
         sum_u = lane_add(sum_u, u64)
         sum_m = lane_add(sum_m, m64)
-    total, smallest = sum_e + sum_em, eps / FIRST_ORDER_LIMIT
-    if outside or np.float64(float_of(low_e)) < smallest * sum_e or np.float64(float_of(low_ex)) < smallest * total:
+    total = sum_e + sum_em
+    # inside the domain: every |u| <= 1/8 (then 1 + m >= exp(-1/8)), every softmax entry >= eps / FIRST_ORDER_LIMIT
+    # (the smallest e with the smallest 1 + m bounds them). A b below EXP_FLOOR fails it, its e being exp(EXP_FLOOR)
+    # ~1.8e-35 against sum_e >= 1: the 1e-30 keeps that so with eps 0.
+    smallest = eps / FIRST_ORDER_LIMIT + 1e-30
+    low = np.float64(float_of(low_e))
+    if top_u > bits_of(SERIES_LIMIT) or low < smallest * sum_e or low * SMALLEST_GROWTH < smallest * total:
         kl = exact_divergence(x, y, eps)
     else:
         log_r = math.log1p(sum_em / sum_e)
