@@ -90,3 +90,19 @@ def test_quartiles_of_tensors_past_mergekits_sample_size_are_exact_at_any_size()
     expected = torch.from_numpy(np.partition(values.numpy(), ranks)[ranks])
     got = quartiles(values)
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+def test_sixteen_bit_compute_keeps_mergekits_divergence_formula():
+    # --compute-dtype bfloat16 is mergekit's arithmetic: the divergences are its formula evaluated in bf16
+    # (softmax, + 1e-8, divide, log, multiply, sum), not the accurate float64 ones of float32 compute
+    from mergesmith.methods.arcee_fusion import row_divergences
+
+    g = torch.Generator().manual_seed(6)
+    base = (torch.randn(40, 300, generator=g) * 0.02).to(torch.bfloat16)
+    other = (base.float() + torch.randn(base.shape, generator=g) * 0.002).to(torch.bfloat16)
+    p = torch.softmax(other, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    mergekits = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    assert torch.equal(row_divergences(other, base, torch.bfloat16), mergekits)
+    accurate = row_divergences(other, base, torch.float32)
+    assert not torch.equal(accurate.to(torch.bfloat16), mergekits)

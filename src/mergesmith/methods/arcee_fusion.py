@@ -11,12 +11,13 @@ the quartiles are order statistics: the element of rank ⌊q·(n−1)⌋ (0-base
 with importance ≥ threshold take the other model's value; the rest keep the base.
 
 Differences from mergekit:
-- The divergences are accurate: within ~10⁻⁷ of the float64 formula (`_divergence_loops` on CPU for float32
-  and bf16 inputs, float64 torch otherwise). mergekit evaluates the formula in the tensor's dtype, and for
-  the near-uniform softmaxes of weight rows float32 rounding is as large as the divergence (up to 34% off
-  on the bench's 1B bf16 models), so its importances carry that error from row to row and it fuses a
-  slightly different set of entries: the entries near the fence, where the error moves the importance
-  across it (see the README's parity table for how many).
+- The divergences are accurate: within ~10⁻⁶ of the float64 formula (`_divergence_loops` on CPU for
+  float32 and bf16 inputs, float64 torch otherwise), unless the compute dtype is 16-bit (mergekit's
+  arithmetic, `--compute-dtype bfloat16`: then its formula in that dtype). mergekit evaluates the formula
+  in the tensor's dtype, and for the near-uniform softmaxes of weight rows float32 rounding is of the size
+  of the divergence (on the bench's 1B models up to 25% off, median 2-3%), so its importances carry that
+  error from row to row and it fuses a slightly different set of entries: those near the fence, where the
+  error moves the importance across it (see the README's parity table for how many).
 - mergekit estimates the quartiles of tensors with more than 10⁶ elements from 10⁶ values drawn with
   replacement by an *unseeded* generator, so its output for large tensors changes from run to run. We use
   the exact order statistics at every size: reproducible, and no sampling error.
@@ -58,25 +59,38 @@ def _row_blocks(rows: int, cols: int, per_block: int = ROW_BLOCK) -> list[tuple[
 
 def row_divergences(other_rows: torch.Tensor, base_rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """KL(softmax(other) + ε ‖ softmax(base) + ε) of each row of two 2-D tensors, as a (rows, 1) tensor in
-    `dtype`, accurate to ~10⁻⁷ whatever `dtype` is: the compiled loop on CPU float32 or bf16 inputs, else
-    float64 torch in blocks of rows (see the module's docstring for why not the dtype's own rounding)."""
+    `dtype`. For float32 and float64 accurate to ~10⁻⁶: the compiled loop on CPU float32 or bf16 inputs,
+    else float64 torch in blocks of rows (see the module's docstring for why not float32's own rounding).
+    A 16-bit `dtype` is mergekit's arithmetic (`--compute-dtype bfloat16`): its formula in that dtype."""
+    if dtype.itemsize < 4:
+        return _divergences_in(other_rows, base_rows, dtype)
     kl = torch.empty((other_rows.shape[0], 1), dtype=torch.float64, device=base_rows.device)
-    compiled = (base_rows.device.type == "cpu" and all(t.dtype in _KERNEL_INPUTS for t in (other_rows, base_rows))
-                and _kernels.available())
+    if base_rows.device.type == "cpu" and all(t.dtype in _KERNEL_INPUTS for t in (other_rows, base_rows)) and _kernels.available():
+        def compiled(share):
+            for r0, r1 in share:
+                _kernels.loops().row_divergences_into(loop_operand(other_rows[r0:r1]), loop_operand(base_rows[r0:r1]),
+                                                      PROB_EPS, kl[r0:r1].view(-1).numpy())
+
+        in_parts(_row_blocks(*other_rows.shape), compiled, base_rows.device)
+    else:
+        _divergences_in(other_rows, base_rows, torch.float64, out=kl)
+        kl.clamp_(min=0)  # rounding below the true value (>= 0: p and q have the same total); NaN stays
+    return kl.to(dtype)
+
+
+def _divergences_in(other_rows: torch.Tensor, base_rows: torch.Tensor, dtype: torch.dtype,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """The row divergences by the formula in `dtype` (mergekit's ops), in blocks of rows converted as used."""
+    kl = torch.empty((other_rows.shape[0], 1), dtype=dtype, device=base_rows.device) if out is None else out
 
     def blocks(share):
         for r0, r1 in share:
-            if compiled:
-                _kernels.loops().row_divergences_into(loop_operand(other_rows[r0:r1]), loop_operand(base_rows[r0:r1]), PROB_EPS,
-                                                      kl[r0:r1].view(-1).numpy())
-                continue
-            p = torch.softmax(other_rows[r0:r1].to(torch.float64), dim=-1).add_(PROB_EPS)
-            q = torch.softmax(base_rows[r0:r1].to(torch.float64), dim=-1).add_(PROB_EPS)
+            p = torch.softmax(other_rows[r0:r1].to(dtype), dim=-1).add_(PROB_EPS)
+            q = torch.softmax(base_rows[r0:r1].to(dtype), dim=-1).add_(PROB_EPS)
             torch.sum(torch.div(p, q, out=q).log_().mul_(p), dim=-1, keepdim=True, out=kl[r0:r1])
-            kl[r0:r1].clamp_(min=0)  # rounding below the true value (>= 0: p and q have the same total); NaN stays
 
     in_parts(_row_blocks(*other_rows.shape), blocks, base_rows.device)
-    return kl.to(dtype)
+    return kl
 
 
 def importance_scores(other: torch.Tensor, base: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
