@@ -465,12 +465,12 @@ def _select(tv: TaskVector, size: int, ks_of: Callable[[int | None], list[int]],
                 return _cut(torch.tensor(v, dtype=torch.float64), n_above + n_equal, n_above, k, lambda m: _nth_equal(tv, v, counts, m, chunks))
             return None
         window = torch.cat([v for v, _ in found[j]])
-        positions = torch.cat([p for _, p in found[j]])
         need = k - n_above
         if 1 <= need <= window.numel():
             threshold = kth_smallest(window, window.numel() - need + 1)
             n_ge, n_gt = (n_above + count for count in _counts_from(window, threshold))
-            return _cut(threshold, n_ge, n_gt, k, lambda m: _nth_at(window, positions, threshold, m))
+            # the positions are joined only for a cut among tied values (rare for continuous magnitudes)
+            return _cut(threshold, n_ge, n_gt, k, lambda m: _nth_at(window, torch.cat([p for _, p in found[j]]), threshold, m))
         return None
 
     cuts: list[Cut] = []
