@@ -582,8 +582,13 @@ def _scan_in_parts(tv: TaskVector, chunks: list[tuple[int, int]], windows: dict,
     sequential scan's (the positions gathered stay ascending). Returns the non-zero count. SCE's two-model
     cut is one selection a tensor: on one thread it left the other core idle (1B: ~3.5 s of 6.3)."""
     def share(part: list[tuple[int, int]]) -> tuple[int, dict, dict, dict]:
-        tallies = ({j: torch.zeros((), dtype=torch.float64) for j in above}, {j: [] for j in equal}, {j: [] for j in found})
         scratch = _GatherScratch(max(e - s for s, e in part))
+        if 2 <= len(windows) <= _TALLY_WINDOWS:
+            tally = _WindowsTally(windows, single, scratch)
+            for s, e in part:
+                tally.chunk(*tv.operands(s, e), s)
+            return tally.results()
+        tallies = ({j: torch.zeros((), dtype=torch.float64) for j in above}, {j: [] for j in equal}, {j: [] for j in found})
         return sum(_scan_compiled(*tv.operands(s, e), s, windows, single, *tallies, scratch) for s, e in part), *tallies
 
     nonzero = 0
@@ -613,13 +618,11 @@ class _GatherScratch:
 
 def _scan_compiled(model: np.ndarray, base: np.ndarray, start: int, windows: dict, single: dict, above: dict,
                    equal: dict, found: dict, scratch: _GatherScratch) -> int:
-    """`_select`'s work on one chunk with `_kernels`' loops: per window, count the magnitudes above it and
-    (single-value windows) equal to it; then gather those inside the other windows, with their positions,
-    in one pass for all of them (a lone window to gather is flagged by its count pass). Returns the chunk's
-    non-zero count."""
+    """`_select`'s work on one chunk with `_kernels`' loops, for one window or more than three (two or three:
+    `_WindowsTally`): per window, count the magnitudes above it and (single-value windows) equal to it; then
+    gather those inside the other windows, with their positions, in one pass for all of them (a lone window
+    to gather is flagged by its count pass). Returns the chunk's non-zero count."""
     loops = _kernels.loops()
-    if 2 <= len(windows) <= _TALLY_WINDOWS:
-        return _tally_and_gather(model, base, start, windows, single, above, equal, found, scratch)
     flags, hits, magnitudes = scratch.for_chunk(model.size)
     lone = len(windows) == 1 and not single  # flagged as it is counted
     nonzero = 0
@@ -666,28 +669,42 @@ def _gather(keys: list, counts: list[int], found: dict, gather: Callable) -> Non
         found[j].append((torch.from_numpy(values[w, :count]), torch.from_numpy(positions[w, :count])))
 
 
-def _tally_and_gather(model: np.ndarray, base: np.ndarray, start: int, windows: dict, single: dict, above: dict,
-                      equal: dict, found: dict, scratch: _GatherScratch) -> int:
-    """`_scan_compiled` for two or three windows: their counts and the gather's flags from one pass
-    (`windows_tally`), then the gather of the flagged entries."""
-    loops = _kernels.loops()
-    keys = list(windows)
-    padding = _TALLY_WINDOWS - len(keys)
-    bounds = [_loop_bounds(window) for window in windows.values()] + [(_PLUS_INF, _PLUS_INF)] * padding  # empty
-    lows, highs = (np.array(side, dtype=np.float32) for side in zip(*bounds))
-    gathers = np.array([j not in single for j in keys] + [False] * padding, dtype=np.uint8)
-    tallies = np.zeros(2 * _TALLY_WINDOWS + 1, dtype=np.int64)  # above each, inside each, non-zero
-    flags, hits, magnitudes = scratch.for_chunk(model.size)
-    loops.windows_tally(model, base, lows, highs, gathers, tallies, flags)
-    for w, j in enumerate(keys):
-        above[j] += int(tallies[w])
-        if j in single:
-            equal[j].append(torch.tensor(int(tallies[_TALLY_WINDOWS + w])))
-    ws = [w for w, j in enumerate(keys) if j not in single]
-    if ws:
-        _gather([keys[w] for w in ws], [int(tallies[_TALLY_WINDOWS + w]) for w in ws], found, lambda *rows: loops.gather_flagged(
-            model, base, lows[ws], highs[ws], start, *rows, flags, hits, magnitudes))
-    return int(tallies[6])
+class _WindowsTally:
+    """`_scan_compiled` for two or three windows over one thread's share of chunks: their counts and the
+    gather's flags from one pass a chunk (`windows_tally`), then the gather of the flagged entries. The
+    loops' bounds are made once a share and the counts kept in numpy until `results`: per chunk, the
+    bounds, the counts as torch tensors and their conversions had cost ~60 us of Python a chunk (held under
+    the GIL, against ~0.5 ms of loop work)."""
+
+    def __init__(self, windows: dict, single: dict, scratch: _GatherScratch):
+        self.keys, self.single, self.scratch = list(windows), single, scratch
+        padding = _TALLY_WINDOWS - len(self.keys)
+        bounds = [_loop_bounds(window) for window in windows.values()] + [(_PLUS_INF, _PLUS_INF)] * padding  # empty
+        self.lows, self.highs = (np.array(side, dtype=np.float32) for side in zip(*bounds))
+        self.gathers = np.array([j not in single for j in self.keys] + [False] * padding, dtype=np.uint8)
+        self.ws = [w for w, j in enumerate(self.keys) if j not in single]
+        self.gather_lows, self.gather_highs = self.lows[self.ws], self.highs[self.ws]
+        self.tallies = np.zeros(2 * _TALLY_WINDOWS + 1, dtype=np.int64)  # above each, inside each, non-zero
+        self.equal: dict = {j: [] for j in self.keys if j in single}
+        self.found: dict = {self.keys[w]: [] for w in self.ws}
+
+    def chunk(self, model: np.ndarray, base: np.ndarray, start: int) -> None:
+        inside_before = self.tallies[_TALLY_WINDOWS: 2 * _TALLY_WINDOWS].copy()
+        flags, hits, magnitudes = self.scratch.for_chunk(model.size)
+        loops = _kernels.loops()
+        loops.windows_tally(model, base, self.lows, self.highs, self.gathers, self.tallies, flags)
+        inside = (self.tallies[_TALLY_WINDOWS: 2 * _TALLY_WINDOWS] - inside_before).tolist()
+        for j in self.equal:
+            self.equal[j].append(inside[self.keys.index(j)])
+        if self.ws:
+            _gather([self.keys[w] for w in self.ws], [inside[w] for w in self.ws], self.found, lambda *rows: loops.gather_flagged(
+                model, base, self.gather_lows, self.gather_highs, start, *rows, flags, hits, magnitudes))
+
+    def results(self) -> tuple[int, dict, dict, dict]:
+        """(non-zero count, above, equal, found) of the share, as `_scan_in_parts` adds them up."""
+        above = {j: int(self.tallies[w]) for w, j in enumerate(self.keys)}
+        equal = {j: [torch.tensor(count) for count in counts] for j, counts in self.equal.items()}
+        return int(self.tallies[2 * _TALLY_WINDOWS]), above, equal, self.found
 
 
 def _counts_above_cpu(a: torch.Tensor, v: float) -> tuple[int, int]:
