@@ -588,8 +588,9 @@ def _scan_in_parts(tv: TaskVector, chunks: list[tuple[int, int]], windows: dict,
             for s, e in part:
                 tally.chunk(*tv.operands(s, e), s)
             return tally.results()
-        tallies = ({j: torch.zeros((), dtype=torch.float64) for j in above}, {j: [] for j in equal}, {j: [] for j in found})
-        return sum(_scan_compiled(*tv.operands(s, e), s, windows, single, *tallies, scratch) for s, e in part), *tallies
+        bounds = {j: _loop_bounds(window) for j, window in windows.items()}
+        tallies = ({j: 0 for j in above}, {j: [] for j in equal}, {j: [] for j in found})
+        return sum(_scan_compiled(*tv.operands(s, e), s, bounds, single, *tallies, scratch) for s, e in part), *tallies
 
     nonzero = 0
     for part_nonzero, part_above, part_equal, part_found in in_parts(chunks, share, tv.device):
@@ -621,14 +622,14 @@ def _scan_compiled(model: np.ndarray, base: np.ndarray, start: int, windows: dic
     """`_select`'s work on one chunk with `_kernels`' loops, for one window or more than three (two or three:
     `_WindowsTally`): per window, count the magnitudes above it and (single-value windows) equal to it; then
     gather those inside the other windows, with their positions, in one pass for all of them (a lone window
-    to gather is flagged by its count pass). Returns the chunk's non-zero count."""
+    to gather is flagged by its count pass). `windows`: each one's (lo, hi) as the loops read them
+    (`_loop_bounds`); `above` holds Python ints. Returns the chunk's non-zero count."""
     loops = _kernels.loops()
     flags, hits, magnitudes = scratch.for_chunk(model.size)
     lone = len(windows) == 1 and not single  # flagged as it is counted
     nonzero = 0
     bounds, counts = {}, {}
-    for j, window in windows.items():
-        low, high = _loop_bounds(window)
+    for j, (low, high) in windows.items():
         n_above, n_inside, nonzero = loops.window_count(model, base, low, high, flags if lone else _NO_FLAGS)
         above[j] += n_above
         if j in single:
