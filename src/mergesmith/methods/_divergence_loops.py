@@ -34,10 +34,11 @@ from numba.extending import intrinsic
 
 from mergesmith.methods._kernel_loops import widen
 
-# `contract` lets LLVM fuse multiplies and adds (FMA, one rounding instead of two: 3.1 against 3.3-4.0 ns an
-# entry); nothing else is reordered. The divergences need no bit-for-bit rounding order, only accuracy.
+# `contract` lets LLVM fuse multiplies and adds (FMA, one rounding instead of two; the loop before its split
+# took 3.1 ns an entry with it, 3.3-4.0 without); nothing else is reordered. The divergences need no
+# bit-for-bit rounding order, only accuracy.
 jit = njit(nogil=True, cache=True, boundscheck=False, error_model="numpy", fastmath={"contract"})
-inline = njit(nogil=True, inline="always", error_model="numpy", fastmath={"contract"})
+inline_jit = njit(nogil=True, inline="always", error_model="numpy", fastmath={"contract"})
 
 SERIES_LIMIT = np.float32(0.125)  # |u| up to which exp(u) − 1 is the series below (error < 1e-10 of it)
 SMALLEST_GROWTH = math.exp(-0.125)  # the least 1 + m = exp(u) within it
@@ -77,13 +78,13 @@ def float_of(typingctx, bits):
     return types.float32(bits), lambda context, builder, signature, args: builder.bitcast(args[0], ir.FloatType())
 
 
-@inline
+@inline_jit
 def order_key(bits):
     """An int32 ordered as the float32 of `bits` (negative floats have their magnitude bits flipped); its own inverse."""
     return np.int32(bits ^ np.int32(np.int32(bits >> np.int32(31)) & np.int32(0x7FFFFFFF)))
 
 
-@inline
+@inline_jit
 def row_max(x):
     """The largest entry of a row (float32, or bf16 bit patterns), by its integer order key: an integer max
     vectorises, a float one did not (1.5 ns an entry against 0.07). A positive NaN counts as the largest."""
@@ -93,7 +94,7 @@ def row_max(x):
     return float_of(order_key(top))
 
 
-@inline
+@inline_jit
 def exp_nonpositive(x):
     """exp(x) for EXP_FLOOR <= x <= 0 in float32, vectorisable (numba has no vector exp here): x = −k·ln 2 + r
     with |r| <= ln 2 / 2, a degree-6 series for exp(r) (error ~1e-7: only the weights of the sums) and 2^−k

@@ -129,8 +129,7 @@ class TaskVector:
 
     def compiled(self) -> bool:
         """Whether `_kernels`' loops can work on this task vector: float32 on CPU, inputs bf16 or float32."""
-        return (self.dtype == torch.float32 and self.device.type == "cpu"
-                and all(t.dtype in _KERNEL_INPUTS for t in (self.model, self.base)) and _kernels.available())
+        return self.dtype == torch.float32 and loops_read(self.model, self.base)
 
     def operands(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """(model[start:end], base[start:end]) as the compiled loops read them (`loop_operand`): views, no copy."""
@@ -138,6 +137,12 @@ class TaskVector:
 
 
 _KERNEL_INPUTS = (torch.float32, torch.bfloat16)
+
+
+def loops_read(*tensors: torch.Tensor) -> bool:
+    """Whether `_kernels`' loops can read these tensors as stored (`loop_operand`): CPU, float32 or bf16,
+    and the loops available."""
+    return all(t.device.type == "cpu" and t.dtype in _KERNEL_INPUTS for t in tensors) and _kernels.available()
 
 
 def loop_operand(chunk: torch.Tensor) -> np.ndarray:

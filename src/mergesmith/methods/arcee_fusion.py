@@ -36,7 +36,7 @@ import torch
 
 from mergesmith.methods import _kernels
 from mergesmith.methods._parallel import in_parts
-from mergesmith.methods._sparsify import _KERNEL_INPUTS, CHUNK, StoredValues, TaskVector, chunk_size, loop_operand, select_top, spans, zeros_operand
+from mergesmith.methods._sparsify import CHUNK, StoredValues, TaskVector, chunk_size, loop_operand, loops_read, select_top, spans, zeros_operand
 from mergesmith.methods.registry import merge_method
 
 PROB_EPS = 1e-8  # added to both softmaxes (mergekit's)
@@ -65,7 +65,7 @@ def row_divergences(other_rows: torch.Tensor, base_rows: torch.Tensor, dtype: to
     if dtype.itemsize < 4:
         return _divergences_in(other_rows, base_rows, dtype)
     kl = torch.empty((other_rows.shape[0], 1), dtype=torch.float64, device=base_rows.device)
-    if base_rows.device.type == "cpu" and all(t.dtype in _KERNEL_INPUTS for t in (other_rows, base_rows)) and _kernels.available():
+    if loops_read(other_rows, base_rows):
         def compiled(share):
             for r0, r1 in share:
                 _kernels.loops().row_divergences_into(loop_operand(other_rows[r0:r1]), loop_operand(base_rows[r0:r1]),
