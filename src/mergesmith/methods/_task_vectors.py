@@ -219,7 +219,7 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
             m = e - s
             base = _sparsify.loop_operand(flat_base[s:e])
             for j, (tv, rule) in enumerate(zip(tvs, rules)):
-                loops.weighted_delta(_sparsify.loop_operand(tv.model[s:e]), base, *rule.keep.bounds(s),
+                loops.weighted_delta(tv.operands(s, e)[0], base, *rule.keep.bounds(s),
                                      *rule.drop.bounds(s), rule.stored_array(s, e), rescales[j], ws[j], deltas[j, :m])
             out = outputs.target(s, e)
             if consensus is None:

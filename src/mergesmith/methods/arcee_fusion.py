@@ -66,10 +66,11 @@ def row_divergences(other_rows: torch.Tensor, base_rows: torch.Tensor, dtype: to
         return _divergences_in(other_rows, base_rows, dtype)
     kl = torch.empty((other_rows.shape[0], 1), dtype=torch.float64, device=base_rows.device)
     if loops_read(other_rows, base_rows):
+        other_np, base_np, kl_np = loop_operand(other_rows), loop_operand(base_rows), kl.view(-1).numpy()
+
         def compiled(share):
             for r0, r1 in share:
-                _kernels.loops().row_divergences_into(loop_operand(other_rows[r0:r1]), loop_operand(base_rows[r0:r1]),
-                                                      PROB_EPS, kl[r0:r1].view(-1).numpy())
+                _kernels.loops().row_divergences_into(other_np[r0:r1], base_np[r0:r1], PROB_EPS, kl_np[r0:r1])
 
         in_parts(_row_blocks(*other_rows.shape), compiled, base_rows.device)
     else:
@@ -150,9 +151,15 @@ class RowImportances(TaskVector):
     def nan_seen(self) -> bool:
         return any(self._nans)
 
+    def loop_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(other, base, KL) rows whole as the compiled loops read them, made on first use (`TaskVector.loop_inputs`)."""
+        if getattr(self, "_loop_rows", None) is None:
+            self._loop_rows = loop_operand(self.other), loop_operand(self.base_rows), self.kl.numpy()
+        return self._loop_rows
+
     def _into(self, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
-        o, b = loop_operand(self.other[r0:r1]), loop_operand(self.base_rows[r0:r1])
-        self._nans.append(_kernels.loops().scaled_magnitudes_into(o, b, self.kl[r0:r1].numpy(), out))
+        other, base, kl = self.loop_rows()
+        self._nans.append(_kernels.loops().scaled_magnitudes_into(other[r0:r1], base[r0:r1], kl[r0:r1], out))
         return out
 
     def operands(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
@@ -271,13 +278,13 @@ def _choose_compiled(importances: RowImportances, threshold: torch.Tensor, outpu
     flat_out = out.view(-1)
     limit = np.float32(threshold.item())
     loops, cols = _kernels.loops(), importances.cols
+    other, base, kl = importances.loop_rows()
 
     def work(blocks: list[tuple[int, int]]) -> None:
         outputs = _kernels.OutputChunks(flat_out, max(r1 - r0 for r0, r1 in blocks) * cols)
         for r0, r1 in blocks:
             s, e = r0 * cols, r1 * cols
-            other, base = loop_operand(importances.other[r0:r1]), loop_operand(importances.base_rows[r0:r1])
-            loops.choose_scaled_into(other, base, importances.kl[r0:r1].numpy(), limit, outputs.direct(s, e).reshape(-1, cols))
+            loops.choose_scaled_into(other[r0:r1], base[r0:r1], kl[r0:r1], limit, outputs.direct(s, e).reshape(-1, cols))
 
     in_parts(_row_blocks(importances.rows, cols, CHUNK), work, out.device)
     return out

@@ -239,7 +239,7 @@ class _CompiledDeltas:
         """(the rows for [s, e) in their first e - s columns, the base chunk as the loops read it)."""
         m = e - s
         base = loop_operand(self.flat_base[s:e])
-        models = [loop_operand(tv.model[s:e]) for tv in self.tvs]
+        models = [tv.operands(s, e)[0] for tv in self.tvs]
         keep = self.selection.keep_array(s, models[0], models[-1], self.keep_buf[:m])
         for j, model in enumerate(models):
             _kernels.loops().weighted_delta(model, base, *KEEP_ALL_BOUNDS, keep, self.one, self.one, self.deltas[j, :m])
