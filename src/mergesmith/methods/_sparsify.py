@@ -691,7 +691,7 @@ class _WindowsTally:
     the GIL, against ~0.5 ms of loop work)."""
 
     def __init__(self, windows: dict, single: dict, scratch: _GatherScratch):
-        self.keys, self.single, self.scratch = list(windows), single, scratch
+        self.keys, self.scratch = list(windows), scratch
         padding = _TALLY_WINDOWS - len(self.keys)
         bounds = [_loop_bounds(window) for window in windows.values()] + [(_PLUS_INF, _PLUS_INF)] * padding  # empty
         self.lows, self.highs = (np.array(side, dtype=np.float32) for side in zip(*bounds))
