@@ -83,11 +83,23 @@ def finetunes(seed, shape, n, scale=0.01):
     return base, [base + scale * r.normal(size=shape) for _ in range(n)]
 
 
-def words(generator, count):
-    """The documented random stream of one sparsification plan: a 63-bit seed drawn from the torch generator,
-    then numpy's SFC64 raw 64-bit outputs read as consecutive int32 words."""
+def words(generator, count, lanes=8, block=1 << 14):
+    """DARE's documented random stream for one plan of `count` entries: a 63-bit seed drawn from the torch
+    generator, `lanes` SFC64 generators seeded by numpy's SeedSequence(seed).spawn(lanes), read in blocks of
+    `block` entries (the last may be shorter). A block of m entries takes s = ceil(m / (2 * lanes)) draws of
+    every generator: its first lanes * s entries are the draws' lower 32 bits, draw j of generator k at
+    entry j * lanes + k, the rest their upper 32 bits in the same order. Returns int32 words."""
     seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
-    return np.random.SFC64(seed).random_raw((count + 1) // 2).view(np.int32)[:count]
+    gens = [np.random.SFC64(child) for child in np.random.SeedSequence(seed).spawn(lanes)]
+    out = []
+    for start in range(0, count, block):
+        m = min(block, count - start)
+        s = -(-m // (2 * lanes))
+        draws = np.stack([g.random_raw(s) for g in gens], axis=1)  # (s, lanes): entry order j * lanes + k
+        lower = (draws & 0xFFFFFFFF).astype(np.uint32).reshape(-1)
+        upper = (draws >> 32).astype(np.uint32).reshape(-1)
+        out.append(np.concatenate([lower, upper])[:m].view(np.int32))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
 
 
 def lane_words(generator, rows, cols, lanes=8):

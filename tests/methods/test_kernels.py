@@ -421,24 +421,30 @@ def test_partner_keep_prepares_the_same_in_torch_as_in_numpy():
         assert torch.equal(numpy_part.view(-1), torch_part.reshape(-1).to(numpy_part.dtype))
 
 
-def test_bernoulli_rows_draws_the_words_random_words_hands_out_and_sums_as_numpy():
-    words = _sparsify.RandomWords(None, torch.device("cpu"), prepare=_sparsify.Bernoulli(0.3), seed=5)
-    state, threshold = _sparsify.word_state(5), _sparsify.Bernoulli(0.3).threshold
+@pytest.mark.parametrize("counts", [(1 << 14, 2 << 14, 1001), (7,), (1 << 14, 5)])  # whole blocks, then the end
+def test_bernoulli_rows_draws_the_lane_words_in_blocks_and_sums_as_numpy(counts):
+    from mergesmith.methods._kernels import KEEP_BLOCK
+
+    words = _sparsify.LaneWords(5)
+    state, threshold = _sparsify.LaneWords(5).state, _sparsify.Bernoulli(0.3).threshold
+    draws = np.empty((2, KEEP_BLOCK // 2), dtype=np.int32)
     g = torch.Generator().manual_seed(3)
     kept = []
-    for count in (7, 1, 0, 1000, 33, 2, 4099):  # odd counts: half-used words carried over
+    for count in counts:
         base = torch.randn(count, generator=g).to(torch.bfloat16)
         model = (base.float() + torch.randn(count, generator=g) * 0.01).to(torch.bfloat16)
         got, mags, sums = np.empty(count, dtype=np.bool_), np.empty(count, dtype=np.float32), np.empty((1, 2), dtype=np.float32)
         with_sums = count % 2 == 1  # the keep test alone when there are no sums to fill
         _kernels.loops().bernoulli_rows(*_sparsify.TaskVector(model, base, torch.float32).operands(0, count), state, threshold,
-                                        mags, got, sums[: int(with_sums)])
-        assert np.array_equal(got, words.next(count).numpy())
+                                        draws, mags, got, sums[: int(with_sums)])
+        assert np.array_equal(got, words.block_words(count) < threshold)
         if with_sums:  # L1Norms.add's numpy sums, bit for bit
             magnitudes = (model.float() - base.float()).abs().numpy()
             assert sums[0, 0] == np.add.reduce(magnitudes) and sums[0, 1] == np.add.reduce(magnitudes * got)
         kept.append(got)
-    assert 0.25 < np.concatenate(kept).mean() < 0.35
+    assert np.array_equal(state, words.state)
+    if sum(counts) > 1000:
+        assert 0.28 < np.concatenate(kept).mean() < 0.32
 
 
 CACHE_PROBE = """

@@ -12,7 +12,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from mergesmith.methods._kernels import LANES
+from mergesmith.methods._kernels import KEEP_BLOCK, LANES
 
 # fastmath stays off: each float operation rounds as written, in this order. cache: compiled once per machine
 # (next to this file, or numba's user cache when that is read-only).
@@ -551,16 +551,8 @@ def to_bfloat16(values, out):
         out[i] = narrow(values[i], out)
 
 
-@jit
-def sfc64(s0, s1, s2, s3):
-    """numpy's sfc64_next: (the drawn 64-bit word, the next state)."""
-    drawn = s0 + s1 + s3
-    return (drawn, s1 ^ (s1 >> np.uint64(11)), s2 + (s2 << np.uint64(3)),
-            ((s2 << np.uint64(24)) | (s2 >> np.uint64(40))) + drawn, s3 + np.uint64(1))
-
-# A stream's state (`_sparsify.word_state`) is numpy SFC64's four words, then a flag and the upper half of
-# a word drawn but half used. Its int32 words are each drawn word's lower half, then its upper half: the
-# words, and so DARE's keeps (`bernoulli_keep`), are those `_sparsify.RandomWords` hands out.
+# numpy's sfc64_next, for reference: drawn = s0 + s1 + s3; the next state is (s1 ^ (s1 >> 11), s2 + (s2 << 3),
+# rotl(s2, 24) + drawn, s3 + 1). `sfc64_lanes` runs it for LANES streams at once.
 
 
 @intrinsic
@@ -592,7 +584,7 @@ def sfc64_lanes(typingctx, state, firsts, seconds, steps):
         slots = [cgutils.alloca_once_value(builder, builder.load(r, align=8)) for r in rows]
         with cgutils.for_range(builder, args[3]) as loop:
             s0, s1, s2, s3 = (builder.load(slot) for slot in slots)
-            drawn = builder.add(builder.add(s0, s1), s3)  # numpy's sfc64_next, lane by lane (see `sfc64`)
+            drawn = builder.add(builder.add(s0, s1), s3)  # numpy's sfc64_next, lane by lane (see above)
             rotated = builder.or_(builder.shl(s2, const(24)), builder.lshr(s2, const(40)))
             after = (builder.xor(s1, builder.lshr(s1, const(11))), builder.add(s2, builder.shl(s2, const(3))),
                      builder.add(rotated, drawn), builder.add(s3, const(1)))
@@ -856,12 +848,12 @@ def pair_combine_into(model0, model1, base, c0, c1, out):
 
 
 @jit
-def bernoulli_rows(model, base, state, threshold, mags, keep, sums):
+def bernoulli_rows(model, base, state, threshold, draws, mags, keep, sums):
     """DARE's keep test (`bernoulli_keep`) of a chunk of the inputs as stored, with the chunk's L1 sums when
     `sums` is not empty: sums[0] = (sum of |d|, sum of the kept |d|), each in numpy's order (`pairwise_sum`,
     as `_sparsify.L1Norms.add` sums the chunk; `mags`: the chunk's float32 scratch). numpy's sum, product
     and sum cost 0.9 ns an entry on a Xeon after the keep test; here about 0.3, magnitudes included."""
-    bernoulli_keep(state, threshold, keep)
+    bernoulli_keep(state, threshold, draws, keep)
     if sums.size == 0:
         return
     n = keep.size
@@ -874,18 +866,23 @@ def bernoulli_rows(model, base, state, threshold, mags, keep, sums):
 
 
 @jit
-def bernoulli_keep(state, threshold, out):
-    """out[i] = (the next int32 word from `state` < threshold): DARE's independent keeps."""
-    s0, s1, s2, s3, pending, half = state[0], state[1], state[2], state[3], state[4], state[5]
-    low32 = np.uint64(0xFFFFFFFF)
-    n, j = out.size, 0
-    if pending and n:
-        out[0], j, pending = np.int32(np.uint32(half)) < threshold, 1, np.uint64(0)
-    for k in range((n - j) // 2):
-        drawn, s0, s1, s2, s3 = sfc64(s0, s1, s2, s3)
-        out[j + 2 * k] = np.int32(np.uint32(drawn & low32)) < threshold
-        out[j + 2 * k + 1] = np.int32(np.uint32(drawn >> np.uint64(32))) < threshold
-    if (n - j) % 2:
-        drawn, s0, s1, s2, s3 = sfc64(s0, s1, s2, s3)
-        out[n - 1], half, pending = np.int32(np.uint32(drawn & low32)) < threshold, drawn >> np.uint64(32), np.uint64(1)
-    state[0], state[1], state[2], state[3], state[4], state[5] = s0, s1, s2, s3, pending, half
+def bernoulli_keep(state, threshold, draws, out):
+    """out[i] = (entry i's word < threshold): DARE's independent keeps, from the LANES SFC64 streams of
+    `state` ((4, LANES) uint64, `_sparsify.lane_state`) stepped together (`sfc64_lanes`). Words come in
+    blocks of KEEP_BLOCK entries (a tensor's last block may be shorter): a block of m entries takes
+    s = ceil(m / (2 * LANES)) steps, its first LANES * s entries the lower halves of the draws in step then
+    lane order, the rest their upper halves (`_sparsify.LaneWords.block_words`: the same words with numpy).
+    `out` starts at a block and holds whole blocks but for the tensor's last. `draws`: (2, KEEP_BLOCK // 2)
+    int32 scratch. One serial stream, as before round sixteen, took 0.83 ns an entry; this ~0.4."""
+    n = out.size
+    firsts, seconds = draws[0], draws[1]
+    for start in range(0, n, KEEP_BLOCK):
+        m = min(KEEP_BLOCK, n - start)
+        steps = (m + 2 * LANES - 1) // (2 * LANES)
+        sfc64_lanes(state, firsts, seconds, steps)
+        lower = min(m, LANES * steps)
+        block = out[start : start + m]
+        for i in range(lower):
+            block[i] = firsts[i] < threshold
+        for i in range(m - lower):
+            block[lower + i] = seconds[i] < threshold

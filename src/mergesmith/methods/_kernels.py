@@ -46,6 +46,7 @@ import torch
 
 CHUNK = 1 << 18  # entries per chunk of the merge pass
 LANES = 8  # DELLA's random streams, stepped together (`_sparsify.LaneWords`, `_kernel_loops.partner_keep`)
+KEEP_BLOCK = 1 << 14  # DARE's keep words come in blocks of this many entries (`_sparsify.LaneWords.block_words`)
 
 LOOPS = (
     "weighted_delta", "consensus_into", "pair_delta_merge_into", "sum_into", "window_count", "windows_gather", "windows_tally", "gather_flagged", "to_bfloat16", "partner_keep",

@@ -31,11 +31,12 @@ argsort produces. We also keep exactly k, and break ties by position: among equa
 element (in flattened order) counts as the larger. On continuous data ties do not occur and the kept sets
 are identical; on quantized (e.g. bfloat16) deltas the kept count is still exact.
 
-Randomness (DARE, DELLA): each plan draws uniform int32 words from its own stream (`RandomWords`; DELLA's
-is eight SFC64 streams stepped together, `LaneWords`), seeded from the caller's `torch.Generator`, so the
-same seed gives the same masks on any compute dtype. The keep probabilities are exact to 2^-32 (DELLA's
+Randomness (DARE, DELLA): each plan draws uniform int32 words from its own eight SFC64 streams stepped
+together (`LaneWords`: DELLA by rows, DARE in blocks), seeded from the caller's `torch.Generator`, so the
+same seed gives the same masks on any compute dtype (a generator on another device draws with torch there:
+`RandomWords`). The keep probabilities are exact to 2^-32 (DELLA's
 to 2^-31, and its partner picks to (c - 1) / 2^32). mergekit's stream (`torch.bernoulli` on the global
-Mersenne twister) is not reproduced: it costs 2 ns an entry against 0.7, and a whole merge never matched
+Mersenne twister) is not reproduced: it costs 2 ns an entry against ~0.4, and a whole merge never matched
 it anyway (the executor seeds each tensor from the seed and the tensor's name; mergekit draws one global
 stream in its task order).
 """
@@ -44,7 +45,6 @@ from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import numpy as np
@@ -916,62 +916,18 @@ def outliers_plan(tv: TaskVector, density: float, gamma: float, *, rescale: bool
 
 
 class RandomWords:
-    """Uniform random int32 words, consumed chunk after chunk, reproducible from a torch.Generator.
+    """Uniform random int32 words from a generator on another device than the CPU (CUDA), drawn there by
+    torch chunk after chunk (`next`), so that a seeded device generator fixes them. CPU generators seed the
+    SFC64 lanes instead (`LaneWords`). `next(count)` returns `prepare(words)` for the next `count` words (a
+    flat int32 tensor on `device`); without `prepare`, the words."""
 
-    On a CPU generator the words come from numpy's SFC64 bit generator, seeded with one 63-bit draw from the
-    torch generator (so `torch.manual_seed` or a seeded Generator fixes them): about 0.7 ns a word against
-    2 ns for torch's Mersenne twister. The next chunk's words are drawn, and passed through `prepare`, on a
-    helper thread while the caller works on this chunk (numpy releases the GIL). The
-    stream does not depend on the chunking or the prefetch: words are taken from it in order. Other
-    generator devices use torch's own generator there. Words are moved to `device` (a CPU generator works
-    for CUDA tensors).
-
-    `next(count)` returns `prepare(words)` for the next `count` words (a flat int32 tensor on `device`);
-    without `prepare`, the words."""
-
-    def __init__(self, generator: torch.Generator | None, device: torch.device,
-                 prepare: Callable[[torch.Tensor], object] | None = None, seed: int | None = None):
+    def __init__(self, generator: torch.Generator, device: torch.device, prepare: Callable[[torch.Tensor], object] | None = None):
         self.device, self.generator = device, generator
         self.prepare = prepare or (lambda words: words)
-        self.gen_device = generator.device if generator is not None else torch.device("cpu")
-        self._bits = None
-        if draws_on_cpu(generator):
-            # `seed`: drawn ahead by `stream_seed` (plans built concurrently must not race for the generator)
-            self._bits = np.random.SFC64(stream_seed(generator) if seed is None else seed)
-            self._pending = np.empty(0, dtype=np.int32)
-            self._future: Future | None = None
-
-    def _draw(self, count: int) -> np.ndarray:
-        return self._bits.random_raw((count + 1) // 2).view(np.int32)
-
-    def _draw_prepared(self, count: int) -> tuple[np.ndarray, int, object]:
-        words = self._draw(count)
-        return words, count, self.prepare(torch.from_numpy(words[:count]).to(self.device))
 
     def next(self, count: int) -> object:
-        if self._bits is None:
-            words = torch.randint(-(2**31), 2**31, (count,), dtype=torch.int32, device=self.gen_device, generator=self.generator)
-            return self.prepare(words.to(self.device))
-        have, prepared = self._pending, None
-        if self._future is not None:
-            ready, drawn_for, prepared = self._future.result()
-            self._future = None
-            if have.size or drawn_for != count:
-                prepared = None  # prepared for other words than these: prepare again below
-            have = np.concatenate([have, ready]) if have.size else ready
-        if have.size < count:
-            have = np.concatenate([have, self._draw(count - have.size)])
-        words, self._pending = have[:count], have[count:]
-        self._future = _helper().submit(self._draw_prepared, count)  # the next chunk is usually as long as this one
-        return self.prepare(torch.from_numpy(words).to(self.device)) if prepared is None else prepared
-
-
-def word_state(seed: int) -> np.ndarray:
-    """The state of `RandomWords`' stream from `seed` for DARE's compiled loop (`bernoulli_rows`):
-    numpy SFC64's four state words, then a flag and the upper half of a word drawn but half used (none yet)."""
-    state = np.zeros(6, dtype=np.uint64)
-    state[:4] = np.random.SFC64(seed).state["state"]["state"]
-    return state
+        words = torch.randint(-(2**31), 2**31, (count,), dtype=torch.int32, device=self.generator.device, generator=self.generator)
+        return self.prepare(words.to(self.device))
 
 
 def lane_state(seed: int) -> np.ndarray:
@@ -993,48 +949,50 @@ class LaneWords:
     def __init__(self, seed: int):
         self.state = lane_state(seed)
 
-    def next_rows(self, rows: int, cols: int) -> torch.Tensor:
-        """The 2 * rows * cols int32 words of the next `rows` rows of `cols` entries (flat, an entry's two
-        words together), advancing `state`."""
-        lanes, steps = _kernels.LANES, -(-cols // _kernels.LANES)
-        draws = np.empty((lanes, rows * steps), dtype=np.uint64)
-        for k in range(lanes):
+    def _draws(self, steps: int) -> np.ndarray:
+        """The next `steps` draws of every lane, (LANES, steps) uint64, advancing `state`."""
+        draws = np.empty((_kernels.LANES, steps), dtype=np.uint64)
+        for k in range(_kernels.LANES):
             bits = np.random.SFC64()
             bits.state = {"bit_generator": "SFC64", "state": {"state": self.state[:, k].copy()},
                           "has_uint32": 0, "uinteger": 0}
-            draws[k] = bits.random_raw(rows * steps)
+            draws[k] = bits.random_raw(steps)
             self.state[:, k] = bits.state["state"]["state"]
+        return draws
+
+    def next_rows(self, rows: int, cols: int) -> torch.Tensor:
+        """DELLA's words: the 2 * rows * cols int32 words of the next `rows` rows of `cols` entries (flat, an
+        entry's two words together), advancing `state`."""
+        lanes, steps = _kernels.LANES, -(-cols // _kernels.LANES)
+        draws = self._draws(rows * steps)
         by_entry = draws.reshape(lanes, rows, steps).transpose(1, 2, 0).reshape(rows, steps * lanes)[:, :cols]
         return torch.from_numpy(np.ascontiguousarray(by_entry).view(np.int32).reshape(-1))
 
-
-def _compiled_words(tv: TaskVector, generator: torch.Generator | None, seed: int | None) -> np.ndarray | None:
-    """The stream state (`word_state`) for a compiled keep loop when one can draw this plan's words (float32
-    on CPU, a CPU generator), drawing the stream seed unless it was drawn ahead; else None (`RandomWords`)."""
-    if not (tv.compiled() and draws_on_cpu(generator)):
-        return None
-    return word_state(stream_seed(generator) if seed is None else seed)
+    def block_words(self, count: int) -> np.ndarray:
+        """DARE's words: one int32 word for each of the next `count` entries, in blocks of
+        `_kernels.KEEP_BLOCK` entries (`count` a whole number of blocks but at the tensor's end): a block of m
+        entries takes s = ceil(m / (2 * LANES)) steps of every lane, its first LANES * s entries the draws'
+        lower halves in step then lane order, the rest their upper halves; what the compiled loop draws
+        (`_kernel_loops.bernoulli_keep`). Both halves of every draw serve an entry, and the loop's stores
+        run in order."""
+        lanes, words = _kernels.LANES, np.empty(count, dtype=np.int32)
+        for start in range(0, count, _kernels.KEEP_BLOCK):
+            m = min(_kernels.KEEP_BLOCK, count - start)
+            steps = -(-m // (2 * lanes))
+            halves = self._draws(steps).T.copy().view(np.int32).reshape(steps * lanes, 2)  # (lower, upper) a draw
+            words[start : start + m] = np.concatenate([halves[:, 0], halves[:, 1]])[:m]
+        return words
 
 
 def stream_seed(generator: torch.Generator | None) -> int:
-    """The 63-bit seed of one `RandomWords` stream, drawn from a CPU generator (or torch's global one)."""
+    """The 63-bit seed of one plan's random lanes (`LaneWords`), drawn from a CPU generator (or torch's global one)."""
     return int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
 
 
 def draws_on_cpu(generator: torch.Generator | None) -> bool:
-    """Whether `RandomWords` seeds a numpy stream from this generator (else it draws from it chunk by chunk)."""
+    """Whether a plan seeds its SFC64 lanes from this generator (`LaneWords`; else `RandomWords` draws from it
+    on its device, chunk by chunk)."""
     return generator is None or generator.device.type == "cpu"
-
-
-_HELPER: ThreadPoolExecutor | None = None
-
-
-def _helper() -> ThreadPoolExecutor:
-    """One helper thread for drawing random words ahead (created on first use)."""
-    global _HELPER
-    if _HELPER is None:
-        _HELPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergesmith-random")
-    return _HELPER
 
 
 def _int32_threshold(probability: float) -> int:
@@ -1058,9 +1016,8 @@ def _stored_plan(tv: TaskVector, rescale: bool, chunks: list[tuple[int, int]],
 
 
 class Bernoulli:
-    """Independent keeps with probability `density` (to 2^-32): a word below `_int32_threshold(density)`.
-    The comparison is made where the words are drawn (numpy on the helper thread, on CPU), so the main
-    thread only copies the finished mask."""
+    """Independent keeps with probability `density` (to 2^-32): a word below `_int32_threshold(density)`
+    (`threshold`, which the compiled loop compares with too)."""
 
     def __init__(self, density: float):
         self.threshold = _int32_threshold(density)
@@ -1073,27 +1030,37 @@ class Bernoulli:
 
 def _bernoulli_plan(tv: TaskVector, density: float, rescale: bool, generator: torch.Generator | None, size: int,
                     seed: int | None = None) -> Plan:
-    """Independent keeps; on the compiled path one loop draws the words and compares them (0.7 ns an entry,
-    against 0.9-1 ns for numpy on the helper thread, one helper for every plan built at once), and sums the
-    chunk's L1 norms while it is in cache (`_kernel_loops.bernoulli_rows`)."""
-    chunks = spans(tv.numel(), size)
-    state = _compiled_words(tv, generator, seed)
-    if state is not None:
-        threshold, keep_rows = Bernoulli(density).threshold, _kernels.loops().bernoulli_rows
-        mags = tv.buffer(size, torch.float32).numpy()
-        sums = np.empty((1, 2), dtype=np.float32)
+    """Independent keeps. On a CPU generator the words come from the SFC64 lanes in blocks
+    (`LaneWords.block_words`), the chunks holding whole blocks; on the compiled path one loop draws them,
+    compares them (~0.4 ns an entry) and sums the chunk's L1 norms while it is in cache
+    (`_kernel_loops.bernoulli_rows`)."""
+    block = _kernels.KEEP_BLOCK
+    chunks = spans(tv.numel(), max(block, size - size % block))
+    bernoulli = Bernoulli(density)
+    if draws_on_cpu(generator):
+        lanes = LaneWords(stream_seed(generator) if seed is None else seed)
+        if tv.compiled():
+            keep_rows = _kernels.loops().bernoulli_rows
+            mags = tv.buffer(max(e - s for s, e in chunks) if chunks else 1, torch.float32).numpy()
+            draws, sums = np.empty((2, block // 2), dtype=np.int32), np.empty((1, 2), dtype=np.float32)
 
-        def fill(s, e, out, norms):
-            keep_rows(*tv.operands(s, e), state, threshold, mags[: e - s], out.numpy(), sums[: 1 if norms is not None else 0])
-            if norms is not None:
-                norms.add_sums(sums[:, 0], sums[:, 1])
+            def fill(s, e, out, norms):
+                keep_rows(*tv.operands(s, e), lanes.state, bernoulli.threshold, draws, mags[: e - s], out.numpy(),
+                          sums[: 1 if norms is not None else 0])
+                if norms is not None:
+                    norms.add_sums(sums[:, 0], sums[:, 1])
 
-        return _stored_plan(tv, rescale, chunks, fill)
-    keeps = RandomWords(generator, tv.device, prepare=Bernoulli(density), seed=seed)
-    buf, abuf = tv.buffer(size), tv.buffer(size, selection_dtype(tv.dtype))
+            return _stored_plan(tv, rescale, chunks, fill)
+
+        def next_keeps(count: int) -> torch.Tensor:
+            return bernoulli(torch.from_numpy(lanes.block_words(count))).to(tv.device)
+    else:
+        next_keeps = RandomWords(generator, tv.device, prepare=bernoulli).next
+    width = max((e - s for s, e in chunks), default=1)
+    buf, abuf = tv.buffer(width), tv.buffer(width, selection_dtype(tv.dtype))
 
     def fill_from_words(s, e, out, norms):
-        out.copy_(keeps.next(e - s))
+        out.copy_(next_keeps(e - s))
         if norms is not None:
             norms.add(tv.magnitudes(s, e, buf[: e - s], abuf[: e - s]), out)
 
@@ -1235,7 +1202,7 @@ def della_plan(tv: TaskVector, shape: torch.Size, density: float, epsilon: float
         def keep_block(mags, out):
             return keep(mags, keep.prepare(lanes.next_rows(*mags.shape).to(tv.device)), out)
     else:
-        words = RandomWords(generator, tv.device, prepare=keep.prepare, seed=seed)
+        words = RandomWords(generator, tv.device, prepare=keep.prepare)
 
         def keep_block(mags, out):
             return keep(mags, words.next(2 * mags.numel()), out)

@@ -6,7 +6,7 @@
 
 `rescale` follows mergekit, not the paper's exact 1/density: the kept entries are scaled so the task
 vector's L1 norm is unchanged, which is 1/density in expectation. The keep mask is drawn with the seeded
-`generator` (see `_sparsify.RandomWords`); the same seed gives the same output, on any thread count.
+`generator` (see `_sparsify.LaneWords.block_words`); the same seed gives the same output, on any thread count.
 """
 
 from __future__ import annotations
