@@ -36,7 +36,7 @@ together (`LaneWords`: DELLA by rows, DARE in blocks), seeded from the caller's 
 same seed gives the same masks on any compute dtype (a generator on another device draws with torch there:
 `RandomWords`). The keep probabilities are exact to 2^-32 (DELLA's
 to 2^-31, and its partner picks to (c - 1) / 2^32). mergekit's stream (`torch.bernoulli` on the global
-Mersenne twister) is not reproduced: it costs 2 ns an entry against ~0.4, and a whole merge never matched
+Mersenne twister) is not reproduced: it costs 2 ns an entry against 0.24, and a whole merge never matched
 it anyway (the executor seeds each tensor from the seed and the tensor's name; mergekit draws one global
 stream in its task order).
 """
@@ -1032,7 +1032,7 @@ def _bernoulli_plan(tv: TaskVector, density: float, rescale: bool, generator: to
                     seed: int | None = None) -> Plan:
     """Independent keeps. On a CPU generator the words come from the SFC64 lanes in blocks
     (`LaneWords.block_words`), the chunks holding whole blocks; on the compiled path one loop draws them,
-    compares them (~0.4 ns an entry) and sums the chunk's L1 norms while it is in cache
+    compares them (0.24 ns an entry in cache) and sums the chunk's L1 norms while it is in cache
     (`_kernel_loops.bernoulli_rows`)."""
     block = _kernels.KEEP_BLOCK
     chunks = spans(tv.numel(), max(block, size - size % block))
