@@ -127,11 +127,14 @@ def _compiled_pair_gram(flats: Sequence[torch.Tensor], base: torch.Tensor | None
     """`gram`'s upper triangle for two vectors (task vectors against `base`, when given) with
     `_kernel_loops.pair_product_sums`, the chunks shared between the CPU's threads and their sums added in
     chunk order afterwards (as `_pair_dots` adds them)."""
+    first, second = loop_operand(flats[0]), loop_operand(flats[1])
+    below_all = None if base is None else loop_operand(base)
+
     def share(part):
         found = []
         for s, e in part:
-            below = zeros_operand(e - s) if base is None else loop_operand(base[s:e])  # no base: minus zeros, exact
-            sums = pair_block_sums(loop_operand(flats[0][s:e]), loop_operand(flats[1][s:e]), below)
+            below = zeros_operand(e - s) if below_all is None else below_all[s:e]  # no base: minus zeros, exact
+            sums = pair_block_sums(first[s:e], second[s:e], below)
             found.append([total(sums[:, k]) for k in range(3)])
         return found
 
@@ -220,10 +223,11 @@ def combine_task_vectors(
 def _compiled_pair_combine(flats: Sequence[torch.Tensor], base: torch.Tensor, coefficients: list, flat_out: torch.Tensor, chunk: int) -> None:
     """`combine_task_vectors`' chunks for two task vectors with `_kernel_loops.pair_combine_into`, shared
     between the CPU's threads."""
+    first, second, below = loop_operand(flats[0]), loop_operand(flats[1]), loop_operand(base)
+
     def share(part):
         outputs = _kernels.OutputChunks(flat_out, chunk)
         for s, e in part:
-            _kernels.loops().pair_combine_into(loop_operand(flats[0][s:e]), loop_operand(flats[1][s:e]), loop_operand(base[s:e]),
-                                              *coefficients, outputs.direct(s, e))
+            _kernels.loops().pair_combine_into(first[s:e], second[s:e], below[s:e], *coefficients, outputs.direct(s, e))
 
     in_parts(spans(base.numel(), chunk), share, base.device)

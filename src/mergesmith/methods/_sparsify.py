@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from mergesmith.methods import _kernels
+from mergesmith.methods._kernels import loop_operand
 from mergesmith.methods._parallel import in_parts
 from mergesmith.methods.registry import MethodInputError
 
@@ -151,15 +152,6 @@ def loops_read(*tensors: torch.Tensor) -> bool:
     """Whether `_kernels`' loops can read these tensors as stored (`loop_operand`): CPU, float32 or bf16,
     and the loops available."""
     return all(t.device.type == "cpu" and t.dtype in _KERNEL_INPUTS for t in tensors) and _kernels.available()
-
-
-def loop_operand(chunk: torch.Tensor) -> np.ndarray:
-    """A flat CPU chunk of a float32 or bf16 input as the compiled loops read it, a numpy view: float32 as is,
-    bf16 as its bit patterns (uint16), which the loops widen entry by entry (`_kernel_loops.widen`, exact).
-    A float32 copy made by torch first cost a pass per input and chunk (0.16 ns an entry on two inputs)."""
-    if chunk.dtype == torch.bfloat16:
-        return chunk.view(torch.int16).numpy().view(np.uint16)
-    return chunk.numpy()
 
 
 def pair_operands(first: TaskVector, second: TaskVector, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -125,7 +125,7 @@ def merge_task_vectors(
     total = in_dtype(sum(ws), dtype) if wide else float(sum(ws))
     if compiled:
         work = _compiled_merge(tvs, plans, ws, consensus=consensus, normalize=normalize, total=total, scale=scale,
-                               flat_base=flat_base, flat_out=flat_out)
+                               flat_out=flat_out)
         in_parts(_sparsify.spans(n, _kernels.CHUNK), work, base.device)
         return out
 
@@ -182,7 +182,7 @@ def merge_task_vectors(
 
 
 def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: str | None, normalize: bool,
-                    total: float, scale: float, flat_base: torch.Tensor, flat_out: torch.Tensor) -> Callable[[list[tuple[int, int]]], None]:
+                    total: float, scale: float, flat_out: torch.Tensor) -> Callable[[list[tuple[int, int]]], None]:
     """`merge_task_vectors`' chunk work on float32 CPU tensors with `_kernels`' loops: per chunk, one loop per
     model writes its masked, rescaled, weighted delta, and one loop combines them into the output (float32,
     or bf16 through a float32 chunk rounded by `to_bfloat16`: `_kernels.OutputChunks`); two models (unless
@@ -217,7 +217,7 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
         outputs = _kernels.OutputChunks(flat_out, width)
         for s, e in chunks:
             m = e - s
-            base = _sparsify.loop_operand(flat_base[s:e])
+            base = tvs[0].operands(s, e)[1]
             for j, (tv, rule) in enumerate(zip(tvs, rules)):
                 loops.weighted_delta(tv.operands(s, e)[0], base, *rule.keep.bounds(s),
                                      *rule.drop.bounds(s), rule.stored_array(s, e), rescales[j], ws[j], deltas[j, :m])

@@ -36,7 +36,7 @@ import torch
 
 from mergesmith.methods import _kernels
 from mergesmith.methods._parallel import in_parts
-from mergesmith.methods._sparsify import CHUNK, StoredValues, TaskVector, chunk_size, loop_operand, loops_read, select_top, spans, zeros_operand
+from mergesmith.methods._sparsify import CHUNK, StoredValues, TaskVector, chunk_size, loop_operand, loops_read, select_top, zeros_operand
 from mergesmith.methods.registry import merge_method
 
 PROB_EPS = 1e-8  # added to both softmaxes (mergekit's)

@@ -27,7 +27,7 @@ from mergesmith.methods import _kernels
 from mergesmith.methods._consensus import CONSENSUS_METHODS, accumulation_dtype, disjoint_into, elect_sign_into
 from mergesmith.methods._parallel import in_parts
 from mergesmith.methods._sparsify import (
-    ANY_DISTANCE, KEEP_ALL_BOUNDS, Cut, StoredValues, TaskVector, check_tie_order, loop_operand, chunk_size, pair_operands, select_top_fraction,
+    ANY_DISTANCE, KEEP_ALL_BOUNDS, Cut, StoredValues, TaskVector, check_tie_order, chunk_size, pair_operands, select_top_fraction,
     selection_dtype, spans, top_fraction_count, variance_across,
 )
 from mergesmith.methods._task_vectors import CONSENSUS
@@ -192,7 +192,7 @@ def sce(
     compiled = n > 0 and all(tv.compiled() for tv in tvs)
     energy = torch.zeros(len(tvs), dtype=torch.float64, device=device)
     if compiled:
-        energy += torch.from_numpy(_compiled_energy(tvs, selection, flat_base, spans(n, size)))
+        energy += torch.from_numpy(_compiled_energy(tvs, selection, spans(n, size)))
     else:
         for _, _, ds in _task_vector_chunks(tvs, selection, spans(n, size)):
             for i, d in enumerate(ds):
@@ -218,7 +218,7 @@ def sce(
             mixed.div_(div.clamp_(min=1e-6)).add_(flat_base[s:e])
 
     if compiled:
-        merge = _compiled_merge(tvs, selection, weights, consensus_method == "count", flat_base, flat_out)
+        merge = _compiled_merge(tvs, selection, weights, consensus_method == "count", flat_out)
         in_parts(spans(n, _kernels.CHUNK), merge, device)
     elif n:
         in_parts(spans(n, size), merge_chunks, device)
@@ -229,8 +229,8 @@ class _CompiledDeltas:
     """Per chunk, the selected task vectors of every model as rows of a float32 array, made by `_kernels`'
     loops (the compiled path's `_task_vector_chunks`); buffers of its own, so one per thread."""
 
-    def __init__(self, tvs, selection: _Selection, flat_base: torch.Tensor, width: int):
-        self.tvs, self.selection, self.flat_base = tvs, selection, flat_base
+    def __init__(self, tvs, selection: _Selection, width: int):
+        self.tvs, self.selection = tvs, selection
         self.deltas = np.empty((len(tvs), width), dtype=np.float32)
         self.keep_buf = np.empty(width, dtype=np.uint8)
         self.one = np.float32(1)
@@ -238,7 +238,7 @@ class _CompiledDeltas:
     def chunk(self, s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
         """(the rows for [s, e) in their first e - s columns, the base chunk as the loops read it)."""
         m = e - s
-        base = loop_operand(self.flat_base[s:e])
+        base = self.tvs[0].operands(s, e)[1]
         models = [tv.operands(s, e)[0] for tv in self.tvs]
         keep = self.selection.keep_array(s, models[0], models[-1], self.keep_buf[:m])
         for j, model in enumerate(models):
@@ -246,7 +246,7 @@ class _CompiledDeltas:
         return self.deltas, base
 
 
-def _compiled_energy(tvs, selection: _Selection, flat_base: torch.Tensor, chunks: list[tuple[int, int]]) -> np.ndarray:
+def _compiled_energy(tvs, selection: _Selection, chunks: list[tuple[int, int]]) -> np.ndarray:
     """Σ δᵢ² per model (float64), as the torch path adds it: each chunk's squares by numpy's pairwise sum in
     float32, the chunk sums in float64 in chunk order. The chunks are shared between threads, their sums
     kept per chunk and added in order afterwards, so the total does not depend on the thread count."""
@@ -254,7 +254,7 @@ def _compiled_energy(tvs, selection: _Selection, flat_base: torch.Tensor, chunks
     index = {chunk: i for i, chunk in enumerate(chunks)}
 
     def work(share):
-        deltas = _CompiledDeltas(tvs, selection, flat_base, max(e - s for s, e in share))
+        deltas = _CompiledDeltas(tvs, selection, max(e - s for s, e in share))
         chunk_sums = np.empty(2, dtype=np.float32)
         for s, e in share:
             if len(tvs) == 2:  # one loop: the selection's deltas squared and summed (1.2 against 2.4 ns an entry)
@@ -274,8 +274,7 @@ def _compiled_energy(tvs, selection: _Selection, flat_base: torch.Tensor, chunks
     return total
 
 
-def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: bool, flat_base: torch.Tensor,
-                    flat_out: torch.Tensor):
+def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: bool, flat_out: torch.Tensor):
     """The merge pass's chunk work on the compiled path (see `_kernels.weighted_consensus_into`); two models
     elected by sum in one pass from the inputs to the output (`_kernel_loops.pair_delta_merge_into`)."""
     ws = np.array(weights, dtype=np.float32)
@@ -295,7 +294,7 @@ def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: 
 
     def work(chunks):
         width = max(e - s for s, e in chunks)
-        deltas = _CompiledDeltas(tvs, selection, flat_base, width)
+        deltas = _CompiledDeltas(tvs, selection, width)
         votes, divisor = np.empty(width, dtype=np.float32), np.empty(width, dtype=np.float32)
         outputs = _kernels.OutputChunks(flat_out, width)
         loops = _kernels.loops()
