@@ -150,7 +150,7 @@ def test_windows_gather_keeps_everything_inside_narrow_open_and_several_windows(
         capacity = max(x.size for x in inside) + 1
         values, positions = np.empty((len(windows), capacity), np.float32), np.empty((len(windows), capacity), np.int64)
         counts = np.zeros(len(windows), np.int64)
-        loops.windows_gather(model, base, lows, highs, 100, values, positions, counts,
+        loops.windows_gather(model, base, lows, highs, 100, values, positions, counts, sum(x.size for x in inside),
                              np.empty(5008, np.uint8), np.empty(5003, np.int32), np.empty(5003, np.float32))
         for w, expected in enumerate(inside):
             assert counts[w] == expected.size
@@ -797,10 +797,12 @@ def test_list_flagged_lists_the_flagged_positions_in_order(share):
     n = 100_003
     flags = np.zeros(-(-n // 8) * 8, dtype=np.uint8)
     flags[:n] = np.random.default_rng(4).random(n) < share
-    hits = np.full(n, -1, dtype=np.int32)
-    found = list_flagged(flags, n, hits)
-    assert (flags[:n].sum() * DENSE_FLAGS > n) == (share > 0.01)
-    assert found == flags.sum() and np.array_equal(hits[:found], np.flatnonzero(flags[:n]))
+    flagged = int(flags[:n].sum())
+    assert (flagged * DENSE_FLAGS > n) == (share > 0.01)
+    for estimate in (flagged, 0, n):  # the count only picks the listing: either lists the same positions
+        hits = np.full(n, -1, dtype=np.int32)
+        found = list_flagged(flags, n, estimate, hits)
+        assert found == flagged and np.array_equal(hits[:found], np.flatnonzero(flags[:n]))
 
 
 def test_widen_is_torchs_bfloat16_conversion_for_every_bit_pattern():

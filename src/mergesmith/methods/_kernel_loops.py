@@ -430,7 +430,7 @@ def trailing_zeros(typingctx, x):
 
 
 @jit
-def windows_gather(model, base, lows, highs, offset, values, positions, counts, flags, hits, magnitudes):
+def windows_gather(model, base, lows, highs, offset, values, positions, counts, flagged, flags, hits, magnitudes):
     """The selection windows' gather, all windows of a chunk in one go: row w of values and positions gets
     the magnitudes in [lows[w], highs[w]] (a side may be infinite) and their positions (+ offset), in order,
     counts[w] how many (each row one entry longer than its count: writes are made before the test decides).
@@ -455,7 +455,7 @@ def windows_gather(model, base, lows, highs, offset, values, positions, counts, 
             for i in range(n):
                 a = abs(widen(model[i]) - widen(base[i]))
                 flags[i] |= (a >= lo) & (a <= hi)
-    gather_flagged(model, base, lows, highs, offset, values, positions, counts, flags, hits, magnitudes)
+    gather_flagged(model, base, lows, highs, offset, values, positions, counts, flagged, flags, hits, magnitudes)
 
 
 # Flagged share above which `list_flagged` lists every entry branch-free: a set bit costs ~16 ns of mispredicted
@@ -465,13 +465,11 @@ DENSE_FLAGS = 40
 
 
 @jit
-def list_flagged(flags, n, hits):
-    """hits[:found] = the positions i < n with flags[i] != 0, ascending; returns found. Sparse flags are
-    listed by the set bits of eight flags a word; dense ones by a branch-free pass over every entry (it
-    writes hits[found] for every i: `hits` holds n)."""
-    flagged = np.int32(0)  # int32 counter (chunks below 2^31 entries): see `window_count`
-    for i in range(n):
-        flagged = np.int32(flagged + np.int32(flags[i] != 0))
+def list_flagged(flags, n, flagged, hits):
+    """hits[:found] = the positions i < n with flags[i] != 0, ascending; returns found. `flagged`: how many
+    there are, as the counting pass found them (more where windows overlap): it only picks the listing.
+    Sparse flags are listed by the set bits of eight flags a word; dense ones by a branch-free pass over
+    every entry (it writes hits[found] for every i: `hits` holds n)."""
     found = 0
     if flagged * DENSE_FLAGS > n:
         for i in range(n):
@@ -489,10 +487,11 @@ def list_flagged(flags, n, hits):
 
 
 @jit
-def gather_flagged(model, base, lows, highs, offset, values, positions, counts, flags, hits, magnitudes):
-    """`windows_gather` after its flag passes: list the flagged positions and gather each window's entries."""
+def gather_flagged(model, base, lows, highs, offset, values, positions, counts, flagged, flags, hits, magnitudes):
+    """`windows_gather` after its flag passes: list the flagged positions and gather each window's entries
+    (`flagged`: the windows' counts added up, see `list_flagged`)."""
     k = lows.size
-    found = list_flagged(flags, model.size, hits)
+    found = list_flagged(flags, model.size, flagged, hits)
     for t in range(found):
         i = hits[t]
         magnitudes[t] = abs(widen(model[i]) - widen(base[i]))

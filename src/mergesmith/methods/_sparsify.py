@@ -665,12 +665,13 @@ _TALLY_WINDOWS = 3  # the windows `windows_tally` tests in its one pass (unused 
 
 
 def _gather(keys: list, counts: list[int], found: dict, gather: Callable) -> None:
-    """Append to found[j] the values and positions `gather(values, positions, gathered)` writes for the
-    windows `keys` (row w of each for keys[w], whose count is counts[w]: known from the counting pass)."""
+    """Append to found[j] the values and positions `gather(values, positions, gathered, flagged)` writes for
+    the windows `keys` (row w of each for keys[w], whose count is counts[w]: known from the counting pass;
+    `flagged`, their sum, lets the loop pick how it lists the flagged entries)."""
     capacity = max(counts) + 1  # a row is written one entry past its count before the test
     values, positions = np.empty((len(keys), capacity), dtype=np.float32), np.empty((len(keys), capacity), dtype=np.int64)
     if capacity > 1:
-        gather(values, positions, np.zeros(len(keys), dtype=np.int64))
+        gather(values, positions, np.zeros(len(keys), dtype=np.int64), sum(counts))
     for w, (j, count) in enumerate(zip(keys, counts)):
         found[j].append((torch.from_numpy(values[w, :count]), torch.from_numpy(positions[w, :count])))
 
