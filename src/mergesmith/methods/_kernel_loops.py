@@ -437,8 +437,9 @@ def windows_gather(model, base, lows, highs, offset, values, positions, counts, 
 
     A loop whose writes sit behind a branch does not vectorise and mispredicts (~0.7 ns an entry a window);
     here vectorised passes flag the entries inside any window (`flags`, uint8 scratch of the chunk's length
-    rounded up to 8), the flagged positions are listed eight flags a word, set bit by set bit (`hits`, int32
-    scratch of the chunk's length), their magnitudes computed once (`magnitudes`, float32 scratch as long),
+    rounded up to 8), the flagged positions are listed (`list_flagged`, into `hits`, int32 scratch of the
+    chunk's length; `flagged`: the windows' counts added up), their magnitudes computed once (`magnitudes`,
+    float32 scratch as long),
     and only those are gathered, a window at a time, without branches: 0.2 ns an entry for one window, 0.7
     for Arcee Fusion's three. (All windows per hit kept the counts in memory, each hit waiting on the last
     one's stores: Arcee Fusion's gather 2.0 ns an entry of the chunk, against 1.2 a window at a time.)"""
