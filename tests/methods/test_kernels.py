@@ -364,19 +364,50 @@ def test_partner_keep_draws_the_words_lane_words_hands_out(cols):
     assert 0.25 < torch.stack(kept).float().mean() < 0.65
 
 
-def test_pairwise_sum_adds_in_numpys_order():
+@pytest.mark.parametrize("cols", [333, 48, 7, 2])  # a tail after whole steps, whole steps only, no whole step
+def test_della_keep_test_is_the_same_with_vector_gathers_and_scalar_loads(cols):
+    # the gather path (one vector pass a step) and the scalar path (partners, loads, tests in passes) are chosen
+    # by machine (`_kernels.vector_gathers`): same masks, same kept magnitudes, same advanced lanes
+    loops = _kernels.loops()
+    g = torch.Generator().manual_seed(12)
+    rows = 10
+    base = (torch.randn(rows * cols, generator=g) * 0.02).to(torch.bfloat16)
+    model = (base.float() + torch.randn(rows * cols, generator=g) * 0.003).to(torch.bfloat16)
+    model[5] = base[5]  # a zero magnitude, and ties from the bf16 rounding
+    keep = _sparsify.PartnerKeep(cols, 0.5, 0.2, torch.float32)
+    operands = _sparsify.TaskVector(model, base, torch.float32).operands(0, rows * cols)
+    results = []
+    for gather in (True, False):
+        state, out, sums = _sparsify.lane_state(3), np.empty((rows, cols), dtype=np.bool_), np.empty((rows, 2), dtype=np.float32)
+        loops.della_rows(*operands, state, keep.low, keep.high, gather, out, sums)
+        again = np.empty((rows, cols), dtype=np.bool_)
+        loops.partner_keep((model.float() - base.float()).abs().numpy().view(np.int32).reshape(rows, cols), _sparsify.lane_state(3),
+                           keep.low, keep.high, gather, again)
+        assert np.array_equal(out, again)
+        results.append((out, sums, state))
+    (mask, sums, state), (mask_s, sums_s, state_s) = results
+    assert np.array_equal(mask, mask_s) and np.array_equal(sums, sums_s) and np.array_equal(state, state_s)
+    assert 0.2 < mask.mean() < 0.8
+
+
+def test_planned_sum_adds_in_numpys_order():
     # DELLA's compiled row sums must equal numpy's bit for bit (the rescale factor, and so the merge, would
-    # move by an ulp between the paths): every way a run splits (below 8, blocks of 8 up to 128, halvings)
+    # move by an ulp between the paths): every way a run splits (below 8, blocks of 8 up to 128, halvings,
+    # leaves summed four at a time or one by one), from an unaligned start
     from mergesmith.methods import _kernel_loops
 
     rng = np.random.default_rng(5)
-    for n in [*range(0, 300), 511, 1000, 2048, 4097, 11008, 262144]:
+    for n in [*range(0, 300), 511, 1000, 2000, 2048, 4097, 5632, 11008, 262144]:
         x = (np.abs(rng.standard_normal(n + 3)) * rng.uniform(1e-3, 1e4, n + 3)).astype(np.float32)
-        assert np.float32(_kernel_loops.pairwise_sum(x, 3, n, *_kernel_loops.sum_stack())) == np.add.reduce(x[3:]), n
+        leaves, adds = _kernel_loops.sum_plan(n)
+        assert leaves[0, 0] == 0 and (leaves[0, 1:] == np.cumsum(leaves[1])[:-1]).all() and leaves[:, -1].sum() == n, n
+        assert (leaves[1] <= 128).all() and adds.shape[1] == leaves.shape[1] - 1, n
+        total = _kernel_loops.planned_sum(x[3:], leaves, adds, _kernel_loops.sum_scratch(leaves))
+        assert np.float32(total) == np.add.reduce(x[3:]), n
     assert np.add.reduce(x[3:]) != np.cumsum(x[3:])[-1]  # the order matters: one sum in sequence differs
 
 
-@pytest.mark.parametrize("cols", [333, 7])
+@pytest.mark.parametrize("cols", [333, 7, 48])
 def test_della_rows_test_and_sum_what_the_separate_passes_do(cols):
     # one loop (magnitudes, keep test, row sums) against the magnitudes pass, partner_keep and numpy's row sums
     g = torch.Generator().manual_seed(6)
@@ -388,7 +419,7 @@ def test_della_rows_test_and_sum_what_the_separate_passes_do(cols):
     keep = _sparsify.PartnerKeep(cols, 0.5, 0.15, torch.float32)
     got = torch.empty(rows * cols, dtype=torch.bool)
     state = _sparsify.lane_state(9)
-    sums = keep.compiled_rows(tv, 0, rows * cols, state, got, torch.empty(rows * cols))
+    sums = keep.compiled_rows(tv, 0, rows * cols, state, got)
 
     mags = tv.magnitudes(0, rows * cols, tv.buffer(rows * cols), tv.buffer(rows * cols)).view(rows, cols)
     expected = keep.compiled_into(mags, _sparsify.lane_state(9), torch.empty(rows, cols, dtype=torch.bool))

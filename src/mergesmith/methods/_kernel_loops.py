@@ -618,7 +618,7 @@ def _partners(seconds, c, partner):
 
 @jit
 def _fetch(values, index, out):
-    """out[j] = values[index[j]]: scalar loads (a vector gather was slower: 2.3 ns an entry on a Xeon)."""
+    """out[j] = values[index[j]]: scalar loads, for machines where vector gathers are slow (`_kernels.vector_gathers`)."""
     for j in range(out.size):
         out[j] = values[index[j]]
 
@@ -633,46 +633,133 @@ def _decide(bits, firsts, partner_bits, low, high, keep):
         keep[j] = (u < lo) | ((u < hi) & (np.int32(partner_bits[j] - (first & np.int32(1))) < bits[j]))
 
 
+def _splat(builder, value, vector):
+    """`value` in every element of an LLVM vector of type `vector`."""
+    one = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), vector.count), [0] * vector.count))
+
+
+GATHER_WIDTH = 16  # entries a step of `partner_test_blocks`
+
+
+@intrinsic
+def partner_test_blocks(typingctx, bits, firsts, seconds, low, high, keep, kept, blocks):
+    """DELLA's keep test of the first `blocks` * GATHER_WIDTH entries of a row in one pass: per step, the
+    partners' columns (`_partners`), their magnitudes by one vector gather (LLVM's masked.gather), the test
+    (`_decide`) into the bool `keep`, and kept = magnitude * keep (float32, for the row's L1 sum). As vector
+    IR because numba's loops never gather: they load the partners one at a time (`_fetch`), and the three
+    passes stored and reloaded the partners and their bits. 1.7 -> 1.1 ns an entry for the test on a Xeon
+    (Emerald Rapids) with the row in cache."""
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    w = GATHER_WIDTH
+    v8, v32, v64, flags = (ir.VectorType(t, w) for t in (ir.IntType(8), i32, i64, ir.IntType(1)))
+    floats = ir.VectorType(ir.FloatType(), w)
+
+    def codegen(context, builder, signature, args):
+        row = context.make_array(signature.args[0])(context, builder, args[0])
+        bits_at, firsts_at, seconds_at, keep_at, kept_at = (
+            context.make_array(signature.args[k])(context, builder, args[k]).data if k else row.data for k in (0, 1, 2, 5, 6)
+        )
+        pointers = ir.VectorType(i32.as_pointer(), w)
+        gather = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(v32, [pointers, i32, flags, v32]), f"llvm.masked.gather.v{w}i32.v{w}p0i32"
+        )
+        others = _splat(builder, builder.sub(builder.extract_value(row.shape, 0), ir.Constant(i64, 1)), v64)  # c - 1
+        row_start = _splat(builder, builder.ptrtoint(bits_at, i64), v64)
+        lo, hi = (_splat(builder, builder.trunc(args[k], i32), v32) for k in (3, 4))
+        one = ir.Constant(v32, [1] * w)
+        columns = cgutils.alloca_once_value(builder, ir.Constant(v32, list(range(w))))
+
+        def at(pointer, offset, vector):
+            return builder.bitcast(builder.gep(pointer, [offset]), vector.as_pointer())
+
+        with cgutils.for_range(builder, args[7]) as loop:
+            offset = builder.mul(loop.index, ir.Constant(loop.index.type, w))
+            column = builder.load(columns)
+            upper = builder.load(at(seconds_at, offset, v32), align=4)
+            pick = builder.trunc(builder.lshr(builder.mul(builder.zext(upper, v64), others), ir.Constant(v64, [32] * w)), v32)
+            partner = builder.add(pick, builder.zext(builder.icmp_signed(">=", pick, column), v32))
+            # the partners' addresses (llvmlite's gep takes no vector of indices)
+            addresses = builder.inttoptr(builder.add(row_start, builder.shl(builder.zext(partner, v64), ir.Constant(v64, [2] * w))), pointers)
+            partner_bits = builder.call(gather, [addresses, ir.Constant(i32, 4), ir.Constant(flags, [1] * w), ir.Constant(v32, ir.Undefined)])
+            first, own = builder.load(at(firsts_at, offset, v32), align=4), builder.load(at(bits_at, offset, v32), align=4)
+            u = builder.ashr(first, one)
+            smaller = builder.icmp_signed("<", builder.sub(partner_bits, builder.and_(first, one)), own)
+            keeps = builder.or_(builder.icmp_signed("<", u, lo), builder.and_(builder.icmp_signed("<", u, hi), smaller))
+            builder.store(builder.zext(keeps, v8), at(keep_at, offset, v8), align=1)
+            builder.store(builder.fmul(builder.bitcast(own, floats), builder.uitofp(keeps, floats)), at(kept_at, offset, floats), align=4)
+            builder.store(builder.add(column, ir.Constant(v32, [w] * w)), columns)
+        return context.get_dummy_value()
+
+    words = types.int32[::1]
+    if (bits == words and firsts == words and seconds == words and keep == types.boolean[::1] and kept == types.float32[::1]
+            and isinstance(blocks, types.Integer)):
+        return types.void(bits, firsts, seconds, low, high, keep, kept, blocks), codegen
+    return None
+
+
 @jit
 def _row_buffers(c):
     """`_keep_row`'s scratch for rows of c entries, made once per call: the draws' two halves (whole steps of
-    the lanes), the partners' columns and their magnitudes' bits. (Testing a long row a piece at a time, so
-    that this stays in L1, gained at most 8% on rows of 8192.)"""
+    the lanes), the partners' columns and their magnitudes' bits (the scalar path's), the kept magnitudes.
+    (Testing a long row a piece at a time, so that this stays in L1, gained at most 8% on rows of 8192.)"""
     steps = (c + LANES - 1) // LANES
-    return np.empty((2, steps * LANES), dtype=np.int32), np.empty(c, dtype=np.int32), np.empty(c, dtype=np.int32)
+    draws = np.empty((2, steps * LANES), dtype=np.int32)
+    return draws, np.empty(c, dtype=np.int32), np.empty(c, dtype=np.int32), np.empty(c, dtype=np.float32)
 
 
 @jit
-def _keep_row(bits, state, low, high, keep, draws, partner, partner_bits):
-    """DELLA's keep test of one row (int32 bit patterns of its magnitudes `bits`) into the bool `keep`: its
-    draws (all lanes at once), the partners, their magnitudes, the tests."""
+def _keep_row(bits, state, low, high, gather, keep, kept, draws, partner, partner_bits):
+    """DELLA's keep test of one row (int32 bit patterns of its magnitudes `bits`) into the bool `keep`, and
+    its kept magnitudes into `kept`: its draws (all lanes at once), then the test by vector gathers
+    (`partner_test_blocks`, the row's last c % GATHER_WIDTH entries one by one) when `gather`, else in
+    passes: the partners, their magnitudes by scalar loads, the tests."""
+    c = bits.size
     firsts, seconds = draws[0], draws[1]
     sfc64_lanes(state, firsts, seconds, firsts.size // LANES)
-    _partners(seconds, bits.size, partner)
-    _fetch(bits, partner, partner_bits)
-    _decide(bits, firsts, partner_bits, low, high, keep)
+    done = 0  # entries whose kept magnitude is written
+    if gather:
+        done = c - c % GATHER_WIDTH
+        partner_test_blocks(bits, firsts, seconds, low, high, keep, kept, done // GATHER_WIDTH)
+        lo, hi = np.int32(low), np.int32(high)
+        others = np.uint64(np.uint32(c - 1))
+        for j in range(done, c):
+            pick = np.int32((np.uint64(np.uint32(seconds[j])) * others) >> np.uint64(32))
+            first = firsts[j]
+            u = np.int32(first >> np.int32(1))
+            partner_bits_j = bits[pick + np.int32(pick >= np.int32(j))]
+            keep[j] = (u < lo) | ((u < hi) & (np.int32(partner_bits_j - (first & np.int32(1))) < bits[j]))
+    else:
+        _partners(seconds, c, partner)
+        _fetch(bits, partner, partner_bits)
+        _decide(bits, firsts, partner_bits, low, high, keep)
+    magnitudes, kept_rest, keep_rest = bits[done:].view(np.float32), kept[done:], keep[done:]  # slices: no offset index
+    for j in range(kept_rest.size):
+        kept_rest[j] = magnitudes[j] * np.float32(keep_rest[j])
 
 
 @jit
-def partner_keep(bits, state, low, high, out):
+def partner_keep(bits, state, low, high, gather, out):
     """DELLA's keep test (see `_sparsify.PartnerKeep`) of the (r, c) magnitudes whose int32 bit patterns are
     `bits`, into the bool `out` (r, c). Entry (i, j) uses one 64-bit draw (lower half its first word, upper
     half its second) from stream j % LANES of `state` ((4, LANES), advanced), each row taking
     ceil(c / LANES) draws of every stream (`_sparsify.LaneWords` hands out the same). Row by row
-    (`_keep_row`): 1.5-2.2 ns an entry on a Xeon against 3.9-6.6 for one loop drawing from one serial
-    stream, whose chain of dependent steps, and the load and test interleaved with it, kept the loop scalar."""
+    (`_keep_row`; `gather`: `_kernels.vector_gathers()`): 1.1-1.7 ns an entry on a Xeon against 3.9-6.6 for
+    one loop drawing from one serial stream, whose chain of dependent steps, and the load and test
+    interleaved with it, kept the loop scalar."""
     r, c = bits.shape
-    draws, partner, partner_bits = _row_buffers(c)
+    draws, partner, partner_bits, kept = _row_buffers(c)
     for i in range(r):
-        _keep_row(bits[i], state, low, high, out[i], draws, partner, partner_bits)
+        _keep_row(bits[i], state, low, high, gather, out[i], kept, draws, partner, partner_bits)
 
 
 @intrinsic
 def eight_accumulators(typingctx, x, start, blocks):
     """numpy's eight-accumulator sum of the `blocks` * 8 float32 entries of `x` from `start` (accumulator k
     adds entries k, k + 8, ... in order, then ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))), with the
-    accumulators one vector register: 0.06 ns an entry against 0.44 for eight scalars (numba leaves LLVM's
-    SLP vectoriser off). The same additions in the same order: the same float32 result."""
+    accumulators one vector register (0.44 ns an entry for eight scalars: numba leaves LLVM's SLP vectoriser
+    off). The same additions in the same order: the same float32 result. Its adds form one chain of
+    dependent vector adds; `four_runs_eight_accumulators` runs four such chains side by side."""
     vector = ir.VectorType(ir.FloatType(), 8)
 
     def codegen(context, builder, signature, args):
@@ -713,79 +800,164 @@ def _block_sum(x, start, n):
     return total
 
 
-@jit
-def sum_stack():
-    """`pairwise_sum`'s scratch, made once per loop: for each level of halving a run's start and length
-    (int64), whether its left half's sum is known, and that sum."""
-    return np.empty((64, 3), dtype=np.int64), np.empty(64, dtype=np.float32)
+@intrinsic
+def four_runs_eight_accumulators(typingctx, x, starts, first, blocks, out):
+    """`eight_accumulators` of four runs of `blocks` * 8 entries at once: out[first + q] = the sum of the run
+    from starts[first + q], q < 4. One run's accumulator is a chain of dependent vector adds (about 0.25 ns an
+    entry on a Xeon); four independent chains keep the adder busy. Each run's additions, and so its sum, are
+    those of `eight_accumulators`."""
+    vector = ir.VectorType(ir.FloatType(), 8)
+
+    def codegen(context, builder, signature, args):
+        data, run_starts, sums = (context.make_array(signature.args[k])(context, builder, args[k]).data for k in (0, 1, 4))
+        firsts = [builder.gep(data, [builder.load(builder.gep(run_starts, [builder.add(args[2], ir.Constant(args[2].type, q))]))])
+                  for q in range(4)]
+
+        def load(pointer):
+            return builder.load(builder.bitcast(pointer, vector.as_pointer()), align=4)
+
+        accs = [cgutils.alloca_once_value(builder, load(f)) for f in firsts]
+        step = ir.Constant(args[3].type, 8)
+        with cgutils.for_range(builder, builder.sub(args[3], ir.Constant(args[3].type, 1))) as loop:
+            at = builder.mul(builder.add(loop.index, ir.Constant(loop.index.type, 1)), step)
+            for acc, f in zip(accs, firsts):
+                builder.store(builder.fadd(builder.load(acc), load(builder.gep(f, [at]))), acc)
+        for q, acc in enumerate(accs):
+            total = builder.load(acc)
+            lane = [builder.extract_element(total, ir.Constant(ir.IntType(32), k)) for k in range(8)]
+            pairs = [builder.fadd(lane[k], lane[k + 1]) for k in range(0, 8, 2)]
+            value = builder.fadd(builder.fadd(pairs[0], pairs[1]), builder.fadd(pairs[2], pairs[3]))
+            builder.store(value, builder.gep(sums, [builder.add(args[2], ir.Constant(args[2].type, q))]))
+        return context.get_dummy_value()
+
+    if (x == types.float32[::1] and starts == types.int64[::1] and out == types.float32[::1]
+            and isinstance(first, types.Integer) and isinstance(blocks, types.Integer)):
+        return types.void(x, starts, first, blocks, out), codegen
+    return None
 
 
 @jit
-def pairwise_sum(x, start, n, frames, left):
-    """The float32 sum of x[start:start + n] in numpy's order (`np.add.reduce` of a contiguous run: runs of
-    at most 128 by `_block_sum`, longer runs halved at a multiple of 8, left half plus right half), so that
-    a compiled row sum equals numpy's bit for bit. The halving is walked on an explicit stack (`sum_stack`):
-    numba's cache loaded a recursive version that crashed."""
-    if n <= 128:
-        return _block_sum(x, start, n)
-    top = 0
-    frames[0, 0], frames[0, 1], frames[0, 2] = start, n, 0
+def sum_plan(n):
+    """numpy's order of summing a contiguous run of n float32 (`np.add.reduce`): a run of at most 128 is a
+    leaf, summed by `_block_sum`; a longer one is halved at a multiple of 8 and summed as left half plus
+    right half. Returns (leaves, adds): leaves (2, L) int64, each leaf's start and length in order; adds
+    (3, L - 1) int64, the additions in an order that has each operand ready: value[adds[0, k]] =
+    value[adds[1, k]] + value[adds[2, k]], where values 0..L-1 are the leaves' sums and L.. the partial sums
+    (`planned_sum`; the last addition's is the total). Made once per run length, so that neither the walk
+    nor its branches are repeated row after row. The halving is walked on an explicit stack: numba's cache
+    loaded a recursive version that crashed."""
+    cap = n // 32 + 2  # runs longer than 128 are halved: each leaf is over 56 entries
+    leaves, adds = np.empty((2, cap), dtype=np.int64), np.empty((3, cap), dtype=np.int64)
+    path = np.empty((64, 3), dtype=np.int64)  # root to the current run: start, length, whether a right half
+    pending = np.empty(64, dtype=np.int64)  # the values of the left halves whose right halves are not done
+    path[0, 0], path[0, 1], path[0, 2] = 0, n, 0
+    top, count, made, waiting = 0, 0, 0, 0
     while True:
-        m = frames[top, 1]
+        m = path[top, 1]
         if m > 128:  # descend into the left half
             half = m // 2 - (m // 2) % 8
-            frames[top + 1, 0], frames[top + 1, 1], frames[top + 1, 2] = frames[top, 0], half, 0
+            path[top + 1, 0], path[top + 1, 1], path[top + 1, 2] = path[top, 0], half, 0
             top += 1
             continue
-        value = _block_sum(x, frames[top, 0], m)
-        top -= 1
-        while top >= 0 and frames[top, 2]:  # a right half: finish its parent, and so on up
-            value = left[top] + value
-            top -= 1
-        if top < 0:
-            return value
-        left[top], frames[top, 2] = value, 1  # a left half: go on with its parent's right half
-        half = frames[top, 1] // 2 - (frames[top, 1] // 2) % 8
-        frames[top + 1, 0], frames[top + 1, 1], frames[top + 1, 2] = frames[top, 0] + half, frames[top, 1] - half, 0
-        top += 1
+        leaves[0, count], leaves[1, count] = path[top, 0], m
+        value = count
+        count += 1
+        up = top
+        while up > 0 and path[up, 2]:  # each right half finishes its parent: left + right
+            waiting -= 1
+            adds[0, made], adds[1, made], adds[2, made] = cap + made, pending[waiting], value
+            value = cap + made
+            made += 1
+            up -= 1
+        if up == 0:
+            values = adds[:, :made].copy()
+            for k in range(made):  # number the partial sums from L
+                for q in range(3):
+                    if values[q, k] >= cap:
+                        values[q, k] += count - cap
+            return leaves[:, :count].copy(), values
+        pending[waiting] = value
+        waiting += 1
+        parent = up - 1  # `up` was a left half: go on with its parent's right half
+        half = path[parent, 1] // 2 - (path[parent, 1] // 2) % 8
+        path[up, 0], path[up, 1], path[up, 2] = path[parent, 0] + half, path[parent, 1] - half, 1
+        top = up
 
 
 @jit
-def della_rows(model, base, state, low, high, mags, keep, sums):
+def sum_scratch(leaves):
+    """`planned_sum`'s float32 scratch for a plan with these leaves: the leaves' sums and the partial sums."""
+    return np.empty(2 * leaves.shape[1], dtype=np.float32)
+
+
+@jit
+def planned_sum(x, leaves, adds, scratch):
+    """The float32 sum of x (float32, contiguous, of the length the plan `leaves, adds` was made for:
+    `sum_plan`) in numpy's order, so that a compiled sum equals numpy's bit for bit. The leaves are summed
+    first, four at a time where four in a row have as many blocks of 8 (`four_runs_eight_accumulators`;
+    the rows of 2048 or 5632 entries of a 1B model's weights all do), then added in the plan's order
+    (2048 entries: 0.17 -> 0.08 ns an entry against one leaf at a time, walking the halving each time)."""
+    count = leaves.shape[1]
+    starts, lengths = leaves[0], leaves[1]
+    k = 0
+    while k < count:
+        blocks = lengths[k] // 8
+        if k + 4 <= count and blocks > 0 and lengths[k + 1] // 8 == blocks and lengths[k + 2] // 8 == blocks and lengths[k + 3] // 8 == blocks:
+            four_runs_eight_accumulators(x, starts, k, blocks, scratch)
+            for q in range(k, k + 4):  # the entries after the last block, in sequence (`_block_sum`)
+                total = scratch[q]
+                for i in range(starts[q] + blocks * 8, starts[q] + lengths[q]):
+                    total += x[i]
+                scratch[q] = total
+            k += 4
+        else:
+            scratch[k] = _block_sum(x, starts[k], lengths[k])
+            k += 1
+    made = adds.shape[1]
+    targets, lefts, rights = adds[0], adds[1], adds[2]
+    for a in range(made):
+        scratch[targets[a]] = scratch[lefts[a]] + scratch[rights[a]]
+    return scratch[count + made - 1] if made else scratch[0]
+
+
+@jit
+def della_rows(model, base, state, low, high, gather, keep, sums):
     """`partner_keep` on the magnitudes |model - base| of the (r, c) rows of a chunk of the inputs as stored
-    (flat; `mags`: r * c float32 scratch), with each row's L1 sums: sums[i] = (sum of |d|, sum of the kept
-    |d|), each in numpy's order (`pairwise_sum`; `_sparsify.L1Norms.add_rows` computes the same with numpy),
-    while the row is in cache: numpy's sum, product and sum of the chunk cost about 1 ns an entry. The
-    magnitudes are computed for the whole chunk first: computing each row's just before its test made the
-    loop slower (5.1 against 2.3 ns an entry on a Xeon; cause not found)."""
+    (flat), with each row's L1 sums: sums[i] = (sum of |d|, sum of the kept |d|), each in numpy's order
+    (`planned_sum`; `_sparsify.L1Norms.add_rows` computes the same with numpy), while the row is in cache:
+    numpy's sum, product and sum of the chunk cost about 1 ns an entry. Each row's magnitudes are computed
+    just before its test, into a row's scratch that stays in L1 (a chunk's magnitudes first, then the rows:
+    2.2 against 2.1 ns an entry in cache; an earlier row-by-row version had been slower, 5.1 against 2.3,
+    most likely an offset index that stopped the loop's vectorisation)."""
     r, c = keep.shape
-    magnitudes_into(model, base, mags)
-    values, bits = mags.reshape(r, c), mags.view(np.int32).reshape(r, c)
-    kept = np.empty(c, dtype=np.float32)
-    draws, partner, partner_bits = _row_buffers(c)
-    frames, left = sum_stack()
+    draws, partner, partner_bits, kept = _row_buffers(c)
+    magnitudes = np.empty(c, dtype=np.float32)
+    bits = magnitudes.view(np.int32)
+    leaves, adds = sum_plan(c)
+    scratch = sum_scratch(leaves)
     for i in range(r):
-        row = keep[i]
-        _keep_row(bits[i], state, low, high, row, draws, partner, partner_bits)
-        magnitude = values[i]
-        for j in range(c):
-            kept[j] = magnitude[j] * np.float32(row[j])
-        sums[i, 0] = pairwise_sum(magnitude, 0, c, frames, left)
-        sums[i, 1] = pairwise_sum(kept, 0, c, frames, left)
+        magnitudes_into(model[i * c : (i + 1) * c], base[i * c : (i + 1) * c], magnitudes)
+        _keep_row(bits, state, low, high, gather, keep[i], kept, draws, partner, partner_bits)
+        sums[i, 0] = planned_sum(magnitudes, leaves, adds, scratch)
+        sums[i, 1] = planned_sum(kept, leaves, adds, scratch)
 
 
 @jit
 def pair_product_sums(model0, model1, base, block, sums):
     """Model Stock's inner products of two task vectors d0, d1 (model - base, float32) over a chunk, a block
     of `block` entries at a time (the last may be shorter): sums[b] = (Σ d0·d0, Σ d0·d1, Σ d1·d1) over block
-    b, each product rounded to float32 and summed in numpy's order (`pairwise_sum`), so these are the sums
+    b, each product rounded to float32 and summed in numpy's order (`planned_sum`), so these are the sums
     `model_stock`'s numpy path takes of the same blocks."""
     n = base.size
     products = np.empty((3, block), dtype=np.float32)
-    frames, left = sum_stack()
+    leaves, adds = sum_plan(block)
+    scratch = sum_scratch(leaves)
     for b in range((n + block - 1) // block):
         start = b * block
         m = min(block, n - start)
+        if m < block:  # the last block, shorter
+            leaves, adds = sum_plan(m)
+            scratch = sum_scratch(leaves)
         first, second, bases = model0[start : start + m], model1[start : start + m], base[start : start + m]
         p00, p01, p11 = products[0], products[1], products[2]
         for i in range(m):
@@ -793,14 +965,14 @@ def pair_product_sums(model0, model1, base, block, sums):
             d0, d1 = widen(first[i]) - x, widen(second[i]) - x
             p00[i], p01[i], p11[i] = d0 * d0, d0 * d1, d1 * d1
         for k in range(3):
-            sums[b, k] = pairwise_sum(products[k], 0, m, frames, left)
+            sums[b, k] = planned_sum(products[k][:m], leaves, adds, scratch)
 
 
 @jit
 def pair_square_sums(model0, model1, base, keep, apart, squares, sums):
     """SCE's energies of two task vectors d = model - base over a chunk: sums[j] = Σ d_j² over the entries
     selected (`keep` != 0 when not empty, and the models' distance above `apart`: see `pair_delta_merge_into`),
-    each square rounded to float32 into squares[j] and summed in numpy's order (`pairwise_sum`): the torch
+    each square rounded to float32 into squares[j] and summed in numpy's order (`planned_sum`): the torch
     path's masked deltas, `np.square` and `np.add.reduce`."""
     n = base.size
     zero = np.float32(0)
@@ -817,9 +989,10 @@ def pair_square_sums(model0, model1, base, keep, apart, squares, sums):
             selected = far_apart(y0, y1, i, apart) & (keep[i] != 0)
             d0, d1 = (y0 - x if selected else zero), (y1 - x if selected else zero)
             first[i], second[i] = d0 * d0, d1 * d1
-    frames, left = sum_stack()
-    sums[0] = pairwise_sum(first, 0, n, frames, left)
-    sums[1] = pairwise_sum(second, 0, n, frames, left)
+    leaves, adds = sum_plan(n)
+    scratch = sum_scratch(leaves)
+    sums[0] = planned_sum(first, leaves, adds, scratch)
+    sums[1] = planned_sum(second, leaves, adds, scratch)
 
 
 @jit
@@ -850,7 +1023,7 @@ def pair_combine_into(model0, model1, base, c0, c1, out):
 @jit
 def bernoulli_rows(model, base, state, threshold, draws, mags, keep, sums):
     """DARE's keep test (`bernoulli_keep`) of a chunk of the inputs as stored, with the chunk's L1 sums when
-    `sums` is not empty: sums[0] = (sum of |d|, sum of the kept |d|), each in numpy's order (`pairwise_sum`,
+    `sums` is not empty: sums[0] = (sum of |d|, sum of the kept |d|), each in numpy's order (`planned_sum`,
     as `_sparsify.L1Norms.add` sums the chunk; `mags`: the chunk's float32 scratch). numpy's sum, product
     and sum cost 0.9 ns an entry on a Xeon after the keep test; here about 0.3, magnitudes included."""
     bernoulli_keep(state, threshold, draws, keep)
@@ -858,11 +1031,12 @@ def bernoulli_rows(model, base, state, threshold, draws, mags, keep, sums):
         return
     n = keep.size
     magnitudes_into(model, base, mags)
-    frames, left = sum_stack()
-    sums[0, 0] = pairwise_sum(mags, 0, n, frames, left)
+    leaves, adds = sum_plan(n)
+    scratch = sum_scratch(leaves)
+    sums[0, 0] = planned_sum(mags, leaves, adds, scratch)
     for i in range(n):
         mags[i] = mags[i] * np.float32(keep[i])
-    sums[0, 1] = pairwise_sum(mags, 0, n, frames, left)
+    sums[0, 1] = planned_sum(mags, leaves, adds, scratch)
 
 
 @jit

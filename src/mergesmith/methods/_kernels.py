@@ -37,6 +37,7 @@ reuse its cache for a closure that calls another compiled function.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from types import SimpleNamespace
@@ -76,6 +77,25 @@ def available() -> bool:
             except ImportError:
                 _FAILED = True
     return _LOOPS is not None
+
+
+_GATHER_DATA_SAMPLING = "/sys/devices/system/cpu/vulnerabilities/gather_data_sampling"
+
+
+@functools.cache
+def vector_gathers() -> bool:
+    """Whether DELLA's keep test loads its partners' magnitudes with vector gathers
+    (`_kernel_loops.partner_test_blocks`): yes, unless Linux reports the Gather Data Sampling mitigation,
+    whose microcode makes gathers several times slower (Intel cores from Skylake to Ice Lake); those take
+    scalar loads. `MERGESMITH_GATHER=0` or `1` in the environment decides instead. Both give the same masks."""
+    forced = os.environ.get("MERGESMITH_GATHER")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open(_GATHER_DATA_SAMPLING, encoding="ascii") as status:
+            return not status.read().startswith("Mitigation")
+    except OSError:
+        return True
 
 
 def result_dtype(dtype: torch.dtype, output_dtype: torch.dtype | None, compiled: bool) -> torch.dtype:

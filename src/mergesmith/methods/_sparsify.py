@@ -1148,17 +1148,16 @@ class PartnerKeep:
         """`__call__` for float32 magnitudes on CPU, drawing the words from the lanes `state` (`lane_state`)."""
         r, c = mags.shape
         bits, keep = mags.view(torch.int32).numpy(), out.view(r, c).numpy()
-        _kernels.loops().partner_keep(bits, state, self.low, self.high, keep)
+        _kernels.loops().partner_keep(bits, state, self.low, self.high, _kernels.vector_gathers(), keep)
         return out
 
-    def compiled_rows(self, tv: TaskVector, start: int, end: int, state: np.ndarray, out: torch.Tensor,
-                      scratch: torch.Tensor) -> np.ndarray:
+    def compiled_rows(self, tv: TaskVector, start: int, end: int, state: np.ndarray, out: torch.Tensor) -> np.ndarray:
         """`compiled_into` on the rows of tv[start:end] (whole rows), computing the magnitudes from the inputs
-        as stored (into `scratch`, float32 of the chunk's size); returns the rows' L1 sums before and after
-        masking, (r, 2) float32 (`L1Norms.add_rows`)."""
+        as stored, a row at a time; returns the rows' L1 sums before and after masking, (r, 2) float32
+        (`L1Norms.add_rows`)."""
         keep = out.view(-1, self.cols).numpy()
         sums = np.empty((keep.shape[0], 2), dtype=np.float32)
-        _kernels.loops().della_rows(*tv.operands(start, end), state, self.low, self.high, scratch.numpy(), keep, sums)
+        _kernels.loops().della_rows(*tv.operands(start, end), state, self.low, self.high, _kernels.vector_gathers(), keep, sums)
         return sums
 
 
@@ -1214,15 +1213,14 @@ def della_plan(tv: TaskVector, shape: torch.Size, density: float, epsilon: float
 
         return _stored_plan(tv, rescale, [(0, n)], fill_whole)
     width = rows_per * cols
-    abuf = tv.buffer(width, sel)  # a chunk's magnitudes
     if compiled:  # magnitudes, test and row sums in one loop (`_kernel_loops.della_rows`)
 
         def fill_rows(s, e, out, norms):
-            sums = keep.compiled_rows(tv, s, e, lanes.state, out, abuf[: e - s])
+            sums = keep.compiled_rows(tv, s, e, lanes.state, out)
             if norms is not None:
                 norms.add_sums(sums[:, 0], sums[:, 1])
     else:
-        buf = tv.buffer(width)
+        abuf, buf = tv.buffer(width, sel), tv.buffer(width)
 
         def fill_rows(s, e, out, norms):
             mags = tv.magnitudes(s, e, buf[: e - s], abuf[: e - s]).view(-1, cols)
