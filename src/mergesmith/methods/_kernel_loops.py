@@ -639,6 +639,17 @@ def _splat(builder, value, vector):
     return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), vector.count), [0] * vector.count))
 
 
+def _vector_gep(builder, base, index, pointers):
+    """The addresses base + index[k] (a vector of pointers of type `pointers`): a getelementptr with a scalar
+    base and a vector of int32 indices, which x86 gathers take as they are (vpgatherdd: 16 int32 indices an
+    instruction, against 8 addresses of 64 bits). llvmlite's `gep` types its indices one by one and refuses a
+    vector, so the instruction is made with its element type given and its result type set."""
+    instruction = ir.instructions.GEPInstr(builder.block, base, [index], inbounds=True, name="", source_etype=base.type.pointee)
+    instruction.type = pointers
+    builder._insert(instruction)
+    return instruction
+
+
 GATHER_WIDTH = 16  # entries a step of `partner_test_blocks`
 
 
@@ -652,7 +663,7 @@ def partner_test_blocks(typingctx, bits, firsts, seconds, low, high, keep, kept,
     (Emerald Rapids) with the row in cache."""
     i32, i64 = ir.IntType(32), ir.IntType(64)
     w = GATHER_WIDTH
-    v8, v32, v64, flags = (ir.VectorType(t, w) for t in (ir.IntType(8), i32, i64, ir.IntType(1)))
+    v8, v32, flags = (ir.VectorType(t, w) for t in (ir.IntType(8), i32, ir.IntType(1)))
     floats = ir.VectorType(ir.FloatType(), w)
 
     def codegen(context, builder, signature, args):
@@ -664,8 +675,11 @@ def partner_test_blocks(typingctx, bits, firsts, seconds, low, high, keep, kept,
         gather = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(v32, [pointers, i32, flags, v32]), f"llvm.masked.gather.v{w}i32.v{w}p0i32"
         )
-        others = _splat(builder, builder.sub(builder.extract_value(row.shape, 0), ir.Constant(i64, 1)), v64)  # c - 1
-        row_start = _splat(builder, builder.ptrtoint(bits_at, i64), v64)
+        # c - 1 (< 2^31) as a zero-extended 32-bit value, so that LLVM multiplies 32 x 32 -> 64 (vpmuludq, not vpmullq)
+        halves = ir.VectorType(i64, w // 2)
+        others = _splat(builder, builder.zext(builder.trunc(builder.sub(builder.extract_value(row.shape, 0), ir.Constant(i64, 1)), i32), i64), halves)
+        low_words, high_words = ir.Constant(halves, [0xFFFFFFFF] * (w // 2)), ir.Constant(halves, [0xFFFFFFFF << 32] * (w // 2))
+        thirty_two = ir.Constant(halves, [32] * (w // 2))
         lo, hi = (_splat(builder, builder.trunc(args[k], i32), v32) for k in (3, 4))
         one = ir.Constant(v32, [1] * w)
         columns = cgutils.alloca_once_value(builder, ir.Constant(v32, list(range(w))))
@@ -676,11 +690,15 @@ def partner_test_blocks(typingctx, bits, firsts, seconds, low, high, keep, kept,
         with cgutils.for_range(builder, args[7]) as loop:
             offset = builder.mul(loop.index, ir.Constant(loop.index.type, w))
             column = builder.load(columns)
-            upper = builder.load(at(seconds_at, offset, v32), align=4)
-            pick = builder.trunc(builder.lshr(builder.mul(builder.zext(upper, v64), others), ir.Constant(v64, [32] * w)), v32)
+            # pick = (upper * (c - 1)) >> 32 for unsigned 32-bit words, without widening to a vector of w int64 (whose
+            # conversions are shuffles): as w / 2 int64 pairs, the even words multiplied in place and the odd ones
+            # shifted down first, each product's upper half put back in its word's place
+            pairs = builder.bitcast(builder.load(at(seconds_at, offset, v32), align=4), halves)
+            even = builder.mul(builder.and_(pairs, low_words), others)
+            odd = builder.mul(builder.lshr(pairs, thirty_two), others)
+            pick = builder.bitcast(builder.or_(builder.lshr(even, thirty_two), builder.and_(odd, high_words)), v32)
             partner = builder.add(pick, builder.zext(builder.icmp_signed(">=", pick, column), v32))
-            # the partners' addresses (llvmlite's gep takes no vector of indices)
-            addresses = builder.inttoptr(builder.add(row_start, builder.shl(builder.zext(partner, v64), ir.Constant(v64, [2] * w))), pointers)
+            addresses = _vector_gep(builder, bits_at, partner, pointers)
             partner_bits = builder.call(gather, [addresses, ir.Constant(i32, 4), ir.Constant(flags, [1] * w), ir.Constant(v32, ir.Undefined)])
             first, own = builder.load(at(firsts_at, offset, v32), align=4), builder.load(at(bits_at, offset, v32), align=4)
             u = builder.ashr(first, one)
