@@ -823,16 +823,21 @@ def test_arcee_fusion_nan_importance_in_a_finite_row_falls_back_to_the_stored_or
 
 @pytest.mark.parametrize("share", [0.001, 0.3])  # listed by set bits; by the branch-free pass (over 1 in DENSE_FLAGS)
 def test_list_flagged_lists_the_flagged_positions_in_order(share):
-    from mergesmith.methods._kernel_loops import DENSE_FLAGS, list_flagged
+    # every way of listing (the machine picks compress stores or the scan; the scan picks by the count)
+    from mergesmith.methods._kernel_loops import DENSE_FLAGS, list_by_compress, list_by_scan, list_flagged
 
-    n = 100_003
+    n = 100_003  # not a whole number of compress steps
     flags = np.zeros(-(-n // 8) * 8, dtype=np.uint8)
     flags[:n] = np.random.default_rng(4).random(n) < share
+    flags[n - 1] = 1  # one in the last, partial step
     flagged = int(flags[:n].sum())
     assert (flagged * DENSE_FLAGS > n) == (share > 0.01)
+    listings = [lambda hits: list_by_compress(flags, n, hits)]
     for estimate in (flagged, 0, n):  # the count only picks the listing: either lists the same positions
+        listings += [lambda hits, e=estimate: list_by_scan(flags, n, e, hits), lambda hits, e=estimate: list_flagged(flags, n, e, hits)]
+    for listing in listings:
         hits = np.full(n, -1, dtype=np.int32)
-        found = list_flagged(flags, n, estimate, hits)
+        found = listing(hits)
         assert found == flagged and np.array_equal(hits[:found], np.flatnonzero(flags[:n]))
 
 

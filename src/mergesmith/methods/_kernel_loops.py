@@ -513,12 +513,83 @@ def windows_gather(model, base, lows, highs, offset, values, positions, counts, 
 DENSE_FLAGS = 40
 
 
+def _host_has_avx512() -> bool:
+    """Whether numba compiles for a CPU with AVX-512 (its compress instructions), as numba picks the target:
+    the host's CPU unless NUMBA_CPU_NAME names another."""
+    from numba.core import config
+    from llvmlite import binding
+
+    if config.CPU_NAME:
+        return False
+    return bool(binding.get_host_cpu_features().get("avx512f", False))
+
+
+# `list_flagged` lists by vector compress stores (`compress_flagged`) where they are single instructions; LLVM
+# makes a masked compress store a branch a lane elsewhere. A global: numba compiles it in as a constant.
+VECTOR_COMPRESS = _host_has_avx512()
+COMPRESS_WIDTH = 16  # flags a step of `compress_flagged`
+
+
+@intrinsic
+def compress_flagged(typingctx, flags, blocks, hits):
+    """hits[:found] = the positions i < blocks * COMPRESS_WIDTH with flags[i] != 0 (uint8), ascending;
+    returns found. Per step the flags' mask picks the positions out of a vector of them (LLVM's
+    masked.compressstore: vpcompressd with AVX-512), whatever their density: 0.08-0.10 ns an entry on a
+    Xeon, against 0.11 (1% flagged) to 0.48 (5% or more) for `list_flagged`'s other ways."""
+    w = COMPRESS_WIDTH
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    bytes_, positions, mask = ir.VectorType(ir.IntType(8), w), ir.VectorType(i32, w), ir.VectorType(ir.IntType(1), w)
+
+    def codegen(context, builder, signature, args):
+        flags_at = context.make_array(signature.args[0])(context, builder, args[0]).data
+        hits_at = context.make_array(signature.args[2])(context, builder, args[2]).data
+        store = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [positions, i32.as_pointer(), mask]), f"llvm.masked.compressstore.v{w}i32"
+        )
+        bits = ir.IntType(w)
+        population = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{w}")
+        found = cgutils.alloca_once_value(builder, ir.Constant(i64, 0))
+        at = cgutils.alloca_once_value(builder, ir.Constant(positions, list(range(w))))
+        with cgutils.for_range(builder, args[1]) as loop:
+            step = builder.load(builder.bitcast(builder.gep(flags_at, [builder.mul(loop.index, ir.Constant(i64, w))]), bytes_.as_pointer()), align=1)
+            flagged = builder.icmp_unsigned("!=", step, ir.Constant(bytes_, [0] * w))
+            count = builder.load(found)
+            builder.call(store, [builder.load(at), builder.gep(hits_at, [count]), flagged])
+            builder.store(builder.add(count, builder.zext(builder.call(population, [builder.bitcast(flagged, bits)]), i64)), found)
+            builder.store(builder.add(builder.load(at), ir.Constant(positions, [w] * w)), at)
+        return builder.load(found)
+
+    if flags == types.uint8[::1] and hits == types.int32[::1] and isinstance(blocks, types.Integer):
+        return types.int64(flags, blocks, hits), codegen
+    return None
+
+
 @jit
 def list_flagged(flags, n, flagged, hits):
-    """hits[:found] = the positions i < n with flags[i] != 0, ascending; returns found. `flagged`: how many
-    there are, as the counting pass found them (more where windows overlap): it only picks the listing.
-    Sparse flags are listed by the set bits of eight flags a word; dense ones by a branch-free pass over
-    every entry (it writes hits[found] for every i: `hits` holds n)."""
+    """hits[:found] = the positions i < n with flags[i] != 0, ascending; returns found (`hits`: int32, holds
+    n). `flagged`: how many there are, as the counting pass found them (more where windows overlap): it only
+    picks the listing where there is no AVX-512 (`list_by_scan`)."""
+    if VECTOR_COMPRESS:
+        return list_by_compress(flags, n, hits)
+    return list_by_scan(flags, n, flagged, hits)
+
+
+@jit
+def list_by_compress(flags, n, hits):
+    """`list_flagged` by vector compress stores (`compress_flagged`), the last n % COMPRESS_WIDTH one by one."""
+    blocks = n // COMPRESS_WIDTH
+    found = compress_flagged(flags, blocks, hits)
+    for i in range(blocks * COMPRESS_WIDTH, n):
+        hits[found] = i
+        found += flags[i] != 0
+    return found
+
+
+@jit
+def list_by_scan(flags, n, flagged, hits):
+    """`list_flagged` without vector compress: sparse flags by the set bits of eight flags a word, dense ones
+    (`flagged` over n / DENSE_FLAGS) by a branch-free pass over every entry (it writes hits[found] for
+    every i)."""
     found = 0
     if flagged * DENSE_FLAGS > n:
         for i in range(n):
