@@ -355,13 +355,15 @@ def pair_delta_merge_into(model0, model1, base, bounds0, bounds1, stored0, store
     the agreeing deltas (weigh: SCE's weighted merge over the agreeing weights floored at `divisor`), else sum
     them (divided by `divisor` when normalize). `out`: float32, or a bf16 output's bit patterns (`narrow`).
     One copy of the loop per combination, each with its flags constant (a loop testing them per entry: TIES
-    1.75 against 1.1 ns an entry). DARE's and DELLA's masks are stored and their bounds pass everything: their
-    copies skip the bounds' tests (16 of a step's ~65 vector instructions)."""
+    1.75 against 1.1 ns an entry). SCE, DARE and DELLA have no magnitude cuts (bounds that pass everything):
+    their copies skip the bounds' tests (16 of a step's ~65 vector instructions)."""
     elect, weigh, normalize = how
     cuts = not (passes_every_magnitude(bounds0) and passes_every_magnitude(bounds1))
     m0, m1, b, k0, k1, s0, s1, a, f, w = model0, model1, base, bounds0, bounds1, stored0, stored1, apart, factors, weights
-    if elect and weigh:
+    if elect and weigh and cuts:
         _pair_delta_loop(m0, m1, b, k0, k1, s0, s1, a, f, w, True, True, True, True, divisor, scale, out)
+    elif elect and weigh:  # SCE
+        _pair_delta_loop(m0, m1, b, k0, k1, s0, s1, a, f, w, True, True, True, False, divisor, scale, out)
     elif elect and normalize and cuts:
         _pair_delta_loop(m0, m1, b, k0, k1, s0, s1, a, f, w, True, False, True, True, divisor, scale, out)
     elif elect and normalize:  # DARE-TIES, DELLA
