@@ -764,8 +764,11 @@ def _vector_gep(builder, base, index, pointers):
     """The addresses base + index[k] (a vector of pointers of type `pointers`): a getelementptr with a scalar
     base and a vector of int32 indices, which x86 gathers take as they are (vpgatherdd: 16 int32 indices an
     instruction, against 8 addresses of 64 bits). llvmlite's `gep` types its indices one by one and refuses a
-    vector, so the instruction is made with its element type given and its result type set."""
-    instruction = ir.instructions.GEPInstr(builder.block, base, [index], inbounds=True, name="", source_etype=base.type.pointee)
+    vector, so the instruction is made with a scalar index (every llvmlite takes that) and then given the
+    vector index and the vector result type."""
+    instruction = ir.instructions.GEPInstr(builder.block, base, [ir.Constant(ir.IntType(32), 0)], inbounds=True, name="")
+    instruction.indices = [index]
+    instruction.operands = [base, index]
     instruction.type = pointers
     builder._insert(instruction)
     return instruction
