@@ -390,11 +390,36 @@ def test_della_keep_test_is_the_same_with_vector_gathers_and_scalar_loads(cols):
     assert 0.2 < mask.mean() < 0.8
 
 
+# numpy 2.3 sums a long contiguous float32 run as one pairwise run; earlier versions in pieces of 8192 (`_sums`)
+NUMPY_SUMS_WHOLE = tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 3)
+
+
+def test_run_sums_takes_the_pairwise_order_on_any_numpy():
+    # long runs are halved as numpy's pairwise sum halves them, so every numpy version sums the same pieces;
+    # rows are summed as each row alone is
+    from mergesmith.methods._sums import PIECE, run_sums
+
+    rng = np.random.default_rng(9)
+    for n in (7, PIECE, PIECE + 8, 11008, 262144):
+        x = (np.abs(rng.standard_normal(n)) * rng.uniform(1e-3, 1e4, n)).astype(np.float32)
+        half = n // 2 - (n // 2) % 8
+        expected = np.add.reduce(x) if n <= PIECE else np.float32(run_sums(x[:half]) + run_sums(x[half:]))
+        assert run_sums(x) == expected, n
+        if NUMPY_SUMS_WHOLE:
+            assert run_sums(x) == np.add.reduce(x), n
+        rows = np.stack([x, x[::-1]])
+        assert np.array_equal(run_sums(rows), [run_sums(x), run_sums(x[::-1].copy())]), n
+    x = (np.abs(rng.standard_normal(3 * PIECE)) * 1e4).astype(np.float32)
+    pieces = np.float32(np.float32(np.add.reduce(x[:PIECE]) + np.add.reduce(x[PIECE : 2 * PIECE])) + np.add.reduce(x[2 * PIECE :]))
+    assert run_sums(x) != pieces  # not the order of summing 8192-entry pieces in sequence (numpy < 2.3's)
+
+
 def test_planned_sum_adds_in_numpys_order():
     # DELLA's compiled row sums must equal numpy's bit for bit (the rescale factor, and so the merge, would
     # move by an ulp between the paths): every way a run splits (below 8, blocks of 8 up to 128, halvings,
     # leaves summed four at a time or one by one), from an unaligned start
     from mergesmith.methods import _kernel_loops
+    from mergesmith.methods._sums import PIECE, run_sums
 
     rng = np.random.default_rng(5)
     for n in [*range(0, 300), 511, 1000, 2000, 2048, 4097, 5632, 11008, 262144]:
@@ -403,7 +428,9 @@ def test_planned_sum_adds_in_numpys_order():
         assert leaves[0, 0] == 0 and (leaves[0, 1:] == np.cumsum(leaves[1])[:-1]).all() and leaves[:, -1].sum() == n, n
         assert (leaves[1] <= 128).all() and adds.shape[1] == leaves.shape[1] - 1, n
         total = _kernel_loops.planned_sum(x[3:], leaves, adds, _kernel_loops.sum_scratch(leaves))
-        assert np.float32(total) == np.add.reduce(x[3:]), n
+        assert np.float32(total) == run_sums(x[3:]), n  # the numpy paths' sums
+        if NUMPY_SUMS_WHOLE or n <= PIECE:
+            assert np.float32(total) == np.add.reduce(x[3:]), n
     assert np.add.reduce(x[3:]) != np.cumsum(x[3:])[-1]  # the order matters: one sum in sequence differs
 
 

@@ -20,6 +20,7 @@ import torch
 
 from mergesmith.methods import _kernels
 from mergesmith.methods._parallel import in_parts
+from mergesmith.methods._sums import run_sums
 from mergesmith.methods._sparsify import TaskVector, loop_operand, spans, zeros_operand
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -37,9 +38,9 @@ def block_sums(products: np.ndarray, block: int = PRODUCT_BLOCK) -> np.ndarray:
     shorter), each in numpy's pairwise order: what `_kernel_loops.pair_product_sums` computes. The CPU's
     inner products are made of these, on both paths, so a compiled loop gives the bits numpy gives."""
     whole = products.size - products.size % block
-    sums = np.add.reduce(products[:whole].reshape(-1, block), axis=1)
+    sums = run_sums(products[:whole].reshape(-1, block))
     if whole < products.size:
-        sums = np.append(sums, np.add.reduce(products[whole:]))
+        sums = np.append(sums, run_sums(products[whole:]))
     return sums
 
 

@@ -53,6 +53,7 @@ import torch
 from mergesmith.methods import _kernels
 from mergesmith.methods._kernels import loop_operand
 from mergesmith.methods._parallel import in_parts
+from mergesmith.methods._sums import run_sums
 from mergesmith.methods.registry import MethodInputError
 
 # Below this many elements, plain kthvalue on everything is as fast as anything cleverer.
@@ -781,14 +782,15 @@ class L1Norms:
 
     def add(self, a: torch.Tensor, keep: torch.Tensor | None) -> None:
         """Add the chunk of magnitudes `a` and its masked part (`keep`: bool, or 0/1 of a's dtype; None keeps all).
-        On CPU `a` is overwritten: numpy's pairwise sums add in the same order whatever the thread count,
+        On CPU `a` is overwritten: numpy's pairwise sums (`_sums.run_sums`: the same order on every numpy
+        version, the compiled loops' order) add in the same order whatever the thread count,
         where torch's sum and dot split the chunk by thread (so the rescale factor, and DARE's output, moved
         by an ulp between machines with different core counts)."""
         if a.device.type == "cpu":
             x = a.numpy()
-            whole = float(np.add.reduce(x))
+            whole = float(run_sums(x))
             self.before += whole
-            self.after += whole if keep is None else float(np.add.reduce(np.multiply(x, keep.numpy(), out=x)))
+            self.after += whole if keep is None else float(run_sums(np.multiply(x, keep.numpy(), out=x)))
             return
         whole = a.sum()
         self.before += whole
@@ -800,8 +802,8 @@ class L1Norms:
         (`_kernel_loops.della_rows`) computes the same row sums while the rows are in cache."""
         if a.device.type == "cpu":
             x = a.numpy()
-            whole = np.add.reduce(x, axis=1)
-            self.add_sums(whole, np.add.reduce(np.multiply(x, keep.numpy(), out=x), axis=1))
+            whole = run_sums(x)
+            self.add_sums(whole, run_sums(np.multiply(x, keep.numpy(), out=x)))
             return
         self.before += a.sum(1).sum(dtype=torch.float64)
         self.after += (a * keep).sum(1).sum(dtype=torch.float64)

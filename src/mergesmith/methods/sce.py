@@ -26,6 +26,7 @@ import torch
 from mergesmith.methods import _kernels
 from mergesmith.methods._consensus import CONSENSUS_METHODS, accumulation_dtype, disjoint_into, elect_sign_into
 from mergesmith.methods._parallel import in_parts
+from mergesmith.methods._sums import run_sums
 from mergesmith.methods._sparsify import (
     ANY_DISTANCE, KEEP_ALL_BOUNDS, Cut, StoredValues, TaskVector, check_tie_order, chunk_size, pair_operands, select_top_fraction,
     selection_dtype, spans, top_fraction_count, variance_across,
@@ -54,7 +55,7 @@ def _sum_of_squares(d: torch.Tensor) -> float | torch.Tensor:
     squares = d.square_() if wide else d.square_().float()
     if squares.device.type != "cpu":
         return squares.sum()
-    return float(np.add.reduce(squares.numpy()))
+    return float(run_sums(squares.numpy()))
 
 
 def _task_vector_chunks(tvs, selection, chunks):
@@ -265,7 +266,7 @@ def _compiled_energy(tvs, selection: _Selection, chunks: list[tuple[int, int]]) 
             rows, _ = deltas.chunk(s, e)
             for j in range(len(tvs)):
                 row = rows[j, : e - s]
-                sums[index[(s, e)], j] = float(np.add.reduce(np.square(row, out=row)))
+                sums[index[(s, e)], j] = float(run_sums(np.square(row, out=row)))
 
     in_parts(chunks, work, tvs[0].device)
     total = np.zeros(len(tvs), dtype=np.float64)
