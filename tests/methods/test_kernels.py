@@ -171,18 +171,20 @@ def test_windows_tally_counts_and_flags_as_one_window_at_a_time():
     rng = np.random.default_rng(4)
     model = rng.standard_normal(5003).astype(np.float32)
     model[[3, 4000]] = np.nan
+    model[[7, 8, 9]] = -np.inf
     base = np.zeros(5003, dtype=np.float32)
     a = np.abs(model)
     v = np.sort(a[~np.isnan(a)])
     for windows, gathers in [([(v[1000], v[1100]), (v[2500], v[2600])], [1, 1]),
                              ([(v[1000], v[1100]), (v[2500], v[2500]), (-np.inf, v[50])], [1, 0, 1]),
-                             ([(v[4900], np.inf), (v[10], v[4000]), (v[1050], v[3000])], [1, 1, 1])]:
+                             ([(v[4900], np.inf), (v[10], v[4000]), (v[1050], v[3000])], [1, 1, 1]),
+                             ([(v[1000], v[1100]), (v[2500], v[2600]), (np.inf, np.inf)], [1, 1, 0])]:  # a tie group at inf
         padded = windows + [(np.inf, np.inf)] * (3 - len(windows))
         lows = np.array([lo for lo, _ in padded], np.float32)
         highs = np.array([hi for _, hi in padded], np.float32)
         tallies = np.zeros(7, np.int64)
         flags = np.full(5008, 7, np.uint8)
-        loops.windows_tally(model, base, lows, highs, np.array(gathers + [0] * (3 - len(gathers)), np.uint8), tallies, flags)
+        loops.windows_tally(model, base, lows, highs, np.array(gathers + [0] * (3 - len(gathers)), np.uint8), len(windows), tallies, flags)
         flagged = np.zeros(5003, bool)
         for w, (lo, hi) in enumerate(windows):
             above, inside, nonzero = loops.window_count(model, base, lows[w], highs[w], np.zeros(0, np.uint8))

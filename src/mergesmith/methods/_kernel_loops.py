@@ -628,16 +628,16 @@ def gather_flagged(model, base, lows, highs, offset, values, positions, counts, 
 
 
 @jit
-def windows_tally(model, base, lows, highs, gathers, tallies, flags):
-    """One pass for three selection windows [lows[w], highs[w]] (pad with empty ones, [inf, inf]): tallies[w]
+def windows_tally(model, base, lows, highs, gathers, used, tallies, flags):
+    """One pass for `used` (2 or 3) selection windows [lows[w], highs[w]] of three (pad with [inf, inf]): tallies[w]
     += the magnitudes |model - base| above highs[w], tallies[3 + w] += those inside, tallies[6] += the non-zero
     ones; flags[i] = 1 where entry i is inside a window with gathers[w] != 0, else 0, for `gather_flagged`
     (flags past the chunk are zeroed). A NaN is in no window and above none. For several windows this reads
     the chunk once, where a count a window and a flag pass a window read it twice a window. Chunks of fewer
-    than 2^31 entries (int32 counters, as in `window_count`). With the third window padding (two windows:
-    most of TIES's and Breadcrumbs' chunks), a copy of the loop without it; its tallies stay as they were."""
-    infinity = np.float32(np.inf)
-    if lows[2] == infinity and highs[2] == infinity and gathers[2] == 0:
+    than 2^31 entries (int32 counters, as in `window_count`). With two windows (most of TIES's and
+    Breadcrumbs' chunks), a copy of the loop without the third; its tallies stay as they were. (The caller
+    says how many: a real window may be [inf, inf], a tie group of infinite magnitudes.)"""
+    if used == 2:
         _tally_loop(model, base, lows, highs, gathers, tallies, flags, False)
     else:
         _tally_loop(model, base, lows, highs, gathers, tallies, flags, True)

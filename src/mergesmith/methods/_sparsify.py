@@ -700,7 +700,7 @@ class _WindowsTally:
         inside_before = self.tallies[_TALLY_WINDOWS: 2 * _TALLY_WINDOWS].copy()
         flags, hits, magnitudes = self.scratch.for_chunk(model.size)
         loops = _kernels.loops()
-        loops.windows_tally(model, base, self.lows, self.highs, self.gathers, self.tallies, flags)
+        loops.windows_tally(model, base, self.lows, self.highs, self.gathers, len(self.keys), self.tallies, flags)
         inside = (self.tallies[_TALLY_WINDOWS: 2 * _TALLY_WINDOWS] - inside_before).tolist()
         for j in self.equal:
             self.equal[j].append(inside[self.keys.index(j)])
