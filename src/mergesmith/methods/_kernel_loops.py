@@ -580,8 +580,14 @@ def list_flagged(flags, n, flagged, hits):
 def list_by_compress(flags, n, hits):
     """`list_flagged` by vector compress stores (`compress_flagged`), the last n % COMPRESS_WIDTH one by one."""
     blocks = n // COMPRESS_WIDTH
-    found = compress_flagged(flags, blocks, hits)
-    for i in range(blocks * COMPRESS_WIDTH, n):
+    return _list_every(flags, blocks * COMPRESS_WIDTH, n, compress_flagged(flags, blocks, hits), hits)
+
+
+@jit
+def _list_every(flags, start, n, found, hits):
+    """Go on listing the flagged positions from `start` to n, `found` listed so far, by a branch-free pass
+    over every entry (it writes hits[found] for every i); returns the new count."""
+    for i in range(start, n):
         hits[found] = i
         found += flags[i] != 0
     return found
@@ -592,12 +598,9 @@ def list_by_scan(flags, n, flagged, hits):
     """`list_flagged` without vector compress: sparse flags by the set bits of eight flags a word, dense ones
     (`flagged` over n / DENSE_FLAGS) by a branch-free pass over every entry (it writes hits[found] for
     every i)."""
-    found = 0
     if flagged * DENSE_FLAGS > n:
-        for i in range(n):
-            hits[found] = i
-            found += flags[i] != 0
-        return found
+        return _list_every(flags, 0, n, 0, hits)
+    found = 0
     words = flags.view(np.uint64)
     for q in range(words.size):
         word = words[q]
