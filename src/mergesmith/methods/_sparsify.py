@@ -96,6 +96,8 @@ class TaskVector:
     the whole), never stored. The inputs may be stored in another float dtype (bf16 as read from disk): the
     model is converted before subtracting, since bf16 - bf16 would round the difference to bf16."""
 
+    _loop_inputs: tuple[np.ndarray, np.ndarray] | None = None  # `loop_inputs`, made on first use
+
     def __init__(self, model: torch.Tensor, base: torch.Tensor, dtype: torch.dtype | None = None):
         self.model, self.base = model.reshape(-1), base.reshape(-1)
         self.dtype = dtype or base.dtype
@@ -141,7 +143,7 @@ class TaskVector:
     def loop_inputs(self) -> tuple[np.ndarray, np.ndarray]:
         """(model, base) whole as the compiled loops read them, made on first use: slicing these costs ~0.3 us
         a chunk, converting each torch slice ~7 us (a few thousand chunks a merge, under the GIL)."""
-        if getattr(self, "_loop_inputs", None) is None:
+        if self._loop_inputs is None:
             self._loop_inputs = loop_operand(self.model), loop_operand(self.base)
         return self._loop_inputs
 

@@ -128,6 +128,7 @@ class RowImportances(TaskVector):
     below apply; otherwise `_stored_importances` computes them with torch."""
 
     _scratch = threading.local()
+    _loop_rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # `loop_rows`, made on first use
 
     def __init__(self, other_rows: torch.Tensor, base_rows: torch.Tensor, kl: torch.Tensor):
         self.other, self.base_rows, self.kl = other_rows, base_rows, kl.view(-1)
@@ -153,7 +154,7 @@ class RowImportances(TaskVector):
 
     def loop_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(other, base, KL) rows whole as the compiled loops read them, made on first use (`TaskVector.loop_inputs`)."""
-        if getattr(self, "_loop_rows", None) is None:
+        if self._loop_rows is None:
             self._loop_rows = loop_operand(self.other), loop_operand(self.base_rows), self.kl.numpy()
         return self._loop_rows
 
