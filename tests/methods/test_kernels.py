@@ -268,6 +268,33 @@ def test_the_two_model_pass_equals_the_per_model_loops_bit_for_bit(consensus, ma
     assert torch.equal(rounded.view(torch.int16), torch.from_numpy(expected).to(torch.bfloat16).view(torch.int16))
 
 
+@pytest.mark.parametrize("stored", [False, True])
+def test_pair_square_sums_are_numpys_sums_of_the_selected_squares(stored):
+    # SCE's energies of two models: the selected deltas (distance cut with its tie split inside a span of
+    # leaves, a stored mask) squared and summed, bit for bit as numpy sums the masked squares; a chunk of many
+    # spans with a ragged end
+    g = torch.Generator().manual_seed(8)
+    n = (1 << 18) + 77
+    base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
+    models = [(base.float() + torch.randn(n, generator=g) * 0.004).to(torch.bfloat16) for _ in range(2)]
+    inputs = [_sparsify.loop_operand(t) for t in (*models, base)]
+    distance = np.abs((models[0].float() - models[1].float()).numpy())
+    t = np.float32(np.median(distance))  # a distance many entries have: ties on both sides of the split
+    assert (distance[:100_001] == t).sum() > 100 and (distance[100_001:] == t).sum() > 100
+    apart = (np.nextafter(t, np.float32(0)), t, 100_001)
+    selected = np.empty(n, dtype=np.uint8)
+    _kernels.loops().cut_mask(inputs[0], inputs[1], *apart, selected)
+    keep = (torch.rand(n, generator=g) < 0.6).numpy().view(np.uint8) if stored else np.empty(0, np.uint8)
+    if stored:
+        selected &= keep
+    assert 0 < selected.mean() < 1
+    sums = np.empty(2, dtype=np.float32)
+    _kernels.loops().pair_square_sums(*inputs, keep, apart, sums)
+    for j in range(2):
+        delta = (models[j].float() - base.float()).numpy() * selected
+        assert sums[j] == np.add.reduce(np.square(delta))
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_two_model_task_arithmetic_takes_the_one_pass_in_mergekits_order(normalize, monkeypatch):
     # plain task arithmetic of two models runs `pair_delta_merge_into`: each weighted delta rounded, then the
@@ -481,7 +508,7 @@ def test_partner_keep_prepares_the_same_in_torch_as_in_numpy():
         assert torch.equal(numpy_part.view(-1), torch_part.reshape(-1).to(numpy_part.dtype))
 
 
-@pytest.mark.parametrize("counts", [(1 << 14, 2 << 14, 1001), (7,), (1 << 14, 5)])  # whole blocks, then the end
+@pytest.mark.parametrize("counts", [(1 << 14, 2 << 14, 1001), (7,), (1 << 14, 5), (1 << 14, (2 << 14) + 1001)])  # whole blocks, then the end
 def test_bernoulli_rows_draws_the_lane_words_in_blocks_and_sums_as_numpy(counts):
     from mergesmith.methods._kernels import KEEP_BLOCK
 
@@ -493,10 +520,10 @@ def test_bernoulli_rows_draws_the_lane_words_in_blocks_and_sums_as_numpy(counts)
     for count in counts:
         base = torch.randn(count, generator=g).to(torch.bfloat16)
         model = (base.float() + torch.randn(count, generator=g) * 0.01).to(torch.bfloat16)
-        got, mags, sums = np.empty(count, dtype=np.bool_), np.empty(count, dtype=np.float32), np.empty((1, 2), dtype=np.float32)
+        got, sums = np.empty(count, dtype=np.bool_), np.empty((1, 2), dtype=np.float32)
         with_sums = count % 2 == 1  # the keep test alone when there are no sums to fill
         _kernels.loops().bernoulli_rows(*_sparsify.TaskVector(model, base, torch.float32).operands(0, count), state, threshold,
-                                        draws, mags, got, sums[: int(with_sums)])
+                                        draws, got, sums[: int(with_sums)])
         assert np.array_equal(got, words.block_words(count) < threshold)
         if with_sums:  # L1Norms.add's numpy sums, bit for bit
             magnitudes = (model.float() - base.float()).abs().numpy()

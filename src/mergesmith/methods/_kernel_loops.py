@@ -960,24 +960,25 @@ def _block_sum(x, start, n):
 
 
 @intrinsic
-def four_runs_eight_accumulators(typingctx, x, starts, first, blocks, out):
+def four_runs_eight_accumulators(typingctx, x, starts, first, offset, blocks, out):
     """`eight_accumulators` of four runs of `blocks` * 8 entries at once: out[first + q] = the sum of the run
-    from starts[first + q], q < 4. One run's accumulator is a chain of dependent vector adds (about 0.25 ns an
-    entry on a Xeon); four independent chains keep the adder busy. Each run's additions, and so its sum, are
-    those of `eight_accumulators`."""
+    from x[starts[first + q] - offset], q < 4. One run's accumulator is a chain of dependent vector adds (about
+    0.25 ns an entry on a Xeon); four independent chains keep the adder busy. Each run's additions, and so its
+    sum, are those of `eight_accumulators`."""
     vector = ir.VectorType(ir.FloatType(), 8)
 
     def codegen(context, builder, signature, args):
-        data, run_starts, sums = (context.make_array(signature.args[k])(context, builder, args[k]).data for k in (0, 1, 4))
-        firsts = [builder.gep(data, [builder.load(builder.gep(run_starts, [builder.add(args[2], ir.Constant(args[2].type, q))]))])
+        data, run_starts, sums = (context.make_array(signature.args[k])(context, builder, args[k]).data for k in (0, 1, 5))
+        offset = context.cast(builder, args[3], signature.args[3], types.int64)
+        firsts = [builder.gep(data, [builder.sub(builder.load(builder.gep(run_starts, [builder.add(args[2], ir.Constant(args[2].type, q))])), offset)])
                   for q in range(4)]
 
         def load(pointer):
             return builder.load(builder.bitcast(pointer, vector.as_pointer()), align=4)
 
         accs = [cgutils.alloca_once_value(builder, load(f)) for f in firsts]
-        step = ir.Constant(args[3].type, 8)
-        with cgutils.for_range(builder, builder.sub(args[3], ir.Constant(args[3].type, 1))) as loop:
+        step = ir.Constant(args[4].type, 8)
+        with cgutils.for_range(builder, builder.sub(args[4], ir.Constant(args[4].type, 1))) as loop:
             at = builder.mul(builder.add(loop.index, ir.Constant(loop.index.type, 1)), step)
             for acc, f in zip(accs, firsts):
                 builder.store(builder.fadd(builder.load(acc), load(builder.gep(f, [at]))), acc)
@@ -990,8 +991,8 @@ def four_runs_eight_accumulators(typingctx, x, starts, first, blocks, out):
         return context.get_dummy_value()
 
     if (x == types.float32[::1] and starts == types.int64[::1] and out == types.float32[::1]
-            and isinstance(first, types.Integer) and isinstance(blocks, types.Integer)):
-        return types.void(x, starts, first, blocks, out), codegen
+            and isinstance(first, types.Integer) and isinstance(offset, types.Integer) and isinstance(blocks, types.Integer)):
+        return types.void(x, starts, first, offset, blocks, out), codegen
     return None
 
 
@@ -1050,33 +1051,60 @@ def sum_scratch(leaves):
 
 
 @jit
-def planned_sum(x, leaves, adds, scratch):
-    """The float32 sum of x (float32, contiguous, of the length the plan `leaves, adds` was made for:
-    `sum_plan`) in numpy's order, so that a compiled sum equals numpy's bit for bit. The leaves are summed
-    first, four at a time where four in a row have as many blocks of 8 (`four_runs_eight_accumulators`;
-    the rows of 2048 or 5632 entries of a 1B model's weights all do), then added in the plan's order
-    (2048 entries: 0.17 -> 0.08 ns an entry against one leaf at a time, walking the halving each time)."""
-    count = leaves.shape[1]
+def leaf_sums(x, leaves, k0, k1, offset, scratch):
+    """scratch[k] = numpy's sum of leaf k of a plan (`sum_plan`), k0 <= k < k1, the leaf's entries read from
+    x[start - offset:], so that x may hold only the span of entries these leaves cover. Four leaves at a time
+    where four in a row have as many blocks of 8 (`four_runs_eight_accumulators`; the rows of 2048 or 5632
+    entries of a 1B model's weights all do), else one (`_block_sum`)."""
     starts, lengths = leaves[0], leaves[1]
-    k = 0
-    while k < count:
+    k = k0
+    while k < k1:
         blocks = lengths[k] // 8
-        if k + 4 <= count and blocks > 0 and lengths[k + 1] // 8 == blocks and lengths[k + 2] // 8 == blocks and lengths[k + 3] // 8 == blocks:
-            four_runs_eight_accumulators(x, starts, k, blocks, scratch)
+        if k + 4 <= k1 and blocks > 0 and lengths[k + 1] // 8 == blocks and lengths[k + 2] // 8 == blocks and lengths[k + 3] // 8 == blocks:
+            four_runs_eight_accumulators(x, starts, k, offset, blocks, scratch)
             for q in range(k, k + 4):  # the entries after the last block, in sequence (`_block_sum`)
                 total = scratch[q]
-                for i in range(starts[q] + blocks * 8, starts[q] + lengths[q]):
+                for i in range(starts[q] - offset + blocks * 8, starts[q] - offset + lengths[q]):
                     total += x[i]
                 scratch[q] = total
             k += 4
         else:
-            scratch[k] = _block_sum(x, starts[k], lengths[k])
+            scratch[k] = _block_sum(x, starts[k] - offset, lengths[k])
             k += 1
+
+
+@jit
+def added_leaves(adds, count, scratch):
+    """The total of a plan whose `count` leaf sums are in scratch[:count]: its additions in order (`sum_plan`)."""
     made = adds.shape[1]
     targets, lefts, rights = adds[0], adds[1], adds[2]
     for a in range(made):
         scratch[targets[a]] = scratch[lefts[a]] + scratch[rights[a]]
     return scratch[count + made - 1] if made else scratch[0]
+
+
+@jit
+def planned_sum(x, leaves, adds, scratch):
+    """The float32 sum of x (float32, contiguous, of the length the plan `leaves, adds` was made for:
+    `sum_plan`) in numpy's order, so that a compiled sum equals numpy's bit for bit: the leaves first
+    (`leaf_sums`), then the plan's additions (2048 entries: 0.17 -> 0.08 ns an entry against one leaf at a
+    time, walking the halving each time)."""
+    count = leaves.shape[1]
+    leaf_sums(x, leaves, 0, count, 0, scratch)
+    return added_leaves(adds, count, scratch)
+
+
+SPAN_LEAVES = 16  # leaves of at most 128 entries: a span covers at most 2048
+
+
+@jit
+def leaf_span(leaves, k):
+    """(k1, start, end): the span of leaves k <= leaf < k1 of a plan, SPAN_LEAVES of them (fewer at the end),
+    and the entries [start, end) they cover. Loops that make the values they sum write a span into a scratch
+    that stays in L1 and sum it there (`leaf_sums`), rather than writing a whole chunk of values (2^18
+    float32 per model, past L2) and reading it back."""
+    k1 = min(k + SPAN_LEAVES, leaves.shape[1])
+    return k1, leaves[0, k], leaves[0, k1 - 1] + leaves[1, k1 - 1]
 
 
 @jit
@@ -1128,31 +1156,50 @@ def pair_product_sums(model0, model1, base, block, sums):
 
 
 @jit
-def pair_square_sums(model0, model1, base, keep, apart, squares, sums):
+def pair_square_sums(model0, model1, base, keep, apart, sums):
     """SCE's energies of two task vectors d = model - base over a chunk: sums[j] = Σ d_j² over the entries
     selected (`keep` != 0 when not empty, and the models' distance above `apart`: see `pair_delta_merge_into`),
-    each square rounded to float32 into squares[j] and summed in numpy's order (`planned_sum`): the torch
-    path's masked deltas, `np.square` and `np.add.reduce`."""
+    each square rounded to float32 and summed in numpy's order (`planned_sum`): the torch path's masked
+    deltas, `np.square` and `np.add.reduce`. The squares are made and summed a span of leaves at a time
+    (`leaf_span`): 0.91-1.05 ns an entry against 1.11-1.31 writing the chunk's squares first (one chunk of the
+    bench's 1B bf16 merge, alternating runs)."""
     n = base.size
+    leaves, adds = sum_plan(n)
+    count = leaves.shape[1]
+    first_sums, second_sums = sum_scratch(leaves), sum_scratch(leaves)
+    squares = np.empty((2, SPAN_LEAVES * 128), dtype=np.float32)
+    ge, gt, split = distance_bounds(apart, n)
+    k = 0
+    while k < count:
+        k1, start, end = leaf_span(leaves, k)
+        m = end - start
+        span_keep = keep[start:end] if keep.size else keep
+        _span_squares(model0[start:end], model1[start:end], base[start:end], span_keep, (ge, gt, np.int32(split - start)),
+                      squares[0, :m], squares[1, :m])
+        leaf_sums(squares[0], leaves, k, k1, start, first_sums)
+        leaf_sums(squares[1], leaves, k, k1, start, second_sums)
+        k = k1
+    sums[0] = added_leaves(adds, count, first_sums)
+    sums[1] = added_leaves(adds, count, second_sums)
+
+
+@jit
+def _span_squares(model0, model1, base, keep, apart, first, second):
+    """first, second = the squared deltas of the selected entries (see `pair_square_sums`), 0 elsewhere; `apart`'s
+    split relative to this span (int32, may be below 0)."""
     zero = np.float32(0)
-    first, second = squares[0], squares[1]
-    apart = distance_bounds(apart, n)
     if keep.size == 0:
-        for i in range(n):
+        for i in range(base.size):
             x, y0, y1 = widen(base[i]), widen(model0[i]), widen(model1[i])
             selected = far_apart(y0, y1, i, apart)
             d0, d1 = (y0 - x if selected else zero), (y1 - x if selected else zero)
             first[i], second[i] = d0 * d0, d1 * d1
     else:
-        for i in range(n):
+        for i in range(base.size):
             x, y0, y1 = widen(base[i]), widen(model0[i]), widen(model1[i])
             selected = far_apart(y0, y1, i, apart) & (keep[i] != 0)
             d0, d1 = (y0 - x if selected else zero), (y1 - x if selected else zero)
             first[i], second[i] = d0 * d0, d1 * d1
-    leaves, adds = sum_plan(n)
-    scratch = sum_scratch(leaves)
-    sums[0] = planned_sum(first, leaves, adds, scratch)
-    sums[1] = planned_sum(second, leaves, adds, scratch)
 
 
 @jit
@@ -1181,22 +1228,32 @@ def pair_combine_into(model0, model1, base, c0, c1, out):
 
 
 @jit
-def bernoulli_rows(model, base, state, threshold, draws, mags, keep, sums):
+def bernoulli_rows(model, base, state, threshold, draws, keep, sums):
     """DARE's keep test (`bernoulli_keep`) of a chunk of the inputs as stored, with the chunk's L1 sums when
     `sums` is not empty: sums[0] = (sum of |d|, sum of the kept |d|), each in numpy's order (`planned_sum`,
-    as `_sparsify.L1Norms.add` sums the chunk; `mags`: the chunk's float32 scratch). numpy's sum, product
-    and sum cost 0.9 ns an entry on a Xeon after the keep test; here about 0.3, magnitudes included."""
+    as `_sparsify.L1Norms.add` sums the chunk), the magnitudes made and summed a span of leaves at a time
+    (`leaf_span`; the sums' share 0.48-0.50 ns an entry against 0.56-0.59 writing the chunk's magnitudes
+    first, 2^18 bf16 entries on a Xeon, alternating runs). numpy's sum, product and sum cost 0.9 ns an entry
+    after the keep test."""
     bernoulli_keep(state, threshold, draws, keep)
     if sums.size == 0:
         return
-    n = keep.size
-    magnitudes_into(model, base, mags)
-    leaves, adds = sum_plan(n)
-    scratch = sum_scratch(leaves)
-    sums[0, 0] = planned_sum(mags, leaves, adds, scratch)
-    for i in range(n):
-        mags[i] = mags[i] * np.float32(keep[i])
-    sums[0, 1] = planned_sum(mags, leaves, adds, scratch)
+    leaves, adds = sum_plan(keep.size)
+    count = leaves.shape[1]
+    all_sums, kept_sums = sum_scratch(leaves), sum_scratch(leaves)
+    mags = np.empty(SPAN_LEAVES * 128, dtype=np.float32)
+    k = 0
+    while k < count:
+        k1, start, end = leaf_span(leaves, k)
+        span, kept = mags[: end - start], keep[start:end]
+        magnitudes_into(model[start:end], base[start:end], span)
+        leaf_sums(mags, leaves, k, k1, start, all_sums)
+        for i in range(span.size):
+            span[i] = span[i] * np.float32(kept[i])
+        leaf_sums(mags, leaves, k, k1, start, kept_sums)
+        k = k1
+    sums[0, 0] = added_leaves(adds, count, all_sums)
+    sums[0, 1] = added_leaves(adds, count, kept_sums)
 
 
 @jit

@@ -1038,11 +1038,10 @@ def _bernoulli_plan(tv: TaskVector, density: float, rescale: bool, generator: to
         lanes = LaneWords(stream_seed(generator) if seed is None else seed)
         if tv.compiled():
             keep_rows = _kernels.loops().bernoulli_rows
-            mags = tv.buffer(max(e - s for s, e in chunks) if chunks else 1, torch.float32).numpy()
             draws, sums = np.empty((2, block // 2), dtype=np.int32), np.empty((1, 2), dtype=np.float32)
 
             def fill(s, e, out, norms):
-                keep_rows(*tv.operands(s, e), lanes.state, bernoulli.threshold, draws, mags[: e - s], out.numpy(),
+                keep_rows(*tv.operands(s, e), lanes.state, bernoulli.threshold, draws, out.numpy(),
                           sums[: 1 if norms is not None else 0])
                 if norms is not None:
                     norms.add_sums(sums[:, 0], sums[:, 1])
