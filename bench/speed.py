@@ -448,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", choices=("warm", "cold"), default="warm", help="warm: inputs read once before timing; cold: drop the page cache before every run (needs root)")
     ap.add_argument("--no-value-check", action="store_true", help="skip the finite-values check of mergesmith outputs (names/shapes are always checked)")
     ap.add_argument("--keep-outputs", action="store_true", help="keep merged outputs in bench/cache/runs/")
+    ap.add_argument("--no-warm-up", action="store_true",
+                    help="time from the first run: skip the untimed merge of each method that lets numba compile and cache its loops first")
     ap.add_argument("--list-sizes", action="store_true", help="print the sizes with their parameter counts and exit")
     ap.add_argument("--configs-only", action="store_true",
                     help="write each method's config to bench/cache/runs/ (for timing two versions by hand) and time nothing")
@@ -525,6 +527,17 @@ def main(argv: list[str] | None = None) -> int:
                 startup.setdefault(tool, []).append(Run("startup", tool, wall, cpu, rss, 0, ok=rc == 0))
             log(f"[{size}] start-up {tool}: {wall:.2f} s wall")
 
+        # One untimed merge a method first: numba compiles the loops a method uses on their first call after an
+        # install or a source change and caches them on disk; untimed, that once-per-version cost would land
+        # in the first repeat of whichever methods use the loops first.
+        if not args.no_warm_up:
+            for method in methods:
+                out_dir = runs_dir / f"{method}-warm-up"
+                shutil.rmtree(out_dir, ignore_errors=True)
+                measure([*ours_cmd, "merge", str(configs[method][0]), str(out_dir), "--quiet"], runs_dir / f"{method}-warm-up.log", env)
+                shutil.rmtree(out_dir, ignore_errors=True)
+            log(f"[{size}] warm-up: each method merged once, untimed")
+
         tools = ["mergesmith"] + (["mergekit"] if args.mergekit else [])
         # repeats interleaved across methods: a slow minute on a shared machine then hits one run of several
         # methods, not every run of one
@@ -575,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
             *machine_description(),
             f"- mergesmith {mergesmith_version()}" + (f"; mergekit via `{args.mergekit}`" if args.mergekit else ""),
             f"- page cache: {'dropped before every run (cold)' if cold else 'warm (inputs read once before timing; page cache not dropped)'}",
+            f"- warm-up: {'none (numba compiles in the first runs after a source change)' if args.no_warm_up else 'each method merged once untimed before the repeats (numba compiles its loops once per version, cached on disk)'}",
             f"- repeats: {args.repeats} per (method, tool), medians shown; each repeat runs every method in turn; tools alternate order across repeats",
             f"- {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
             "",
