@@ -63,3 +63,27 @@ def test_quick_exit_keeps_the_exit_code_of_a_user_error(tmp_path):
     done = _entry("pass", "merge", str(tmp_path / "missing.yml"), str(tmp_path / "out"))
     assert done.returncode == 2
     assert "missing.yml" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_compiled_loops_load_without_importing_scipy_linalg_and_leave_it_importable():
+    # numba's BLAS check would import scipy.linalg on the loops' first load; in the command line's process it
+    # is hidden for that moment only: afterwards it imports as usual, and the loops run
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("scipy") is None or importlib.util.find_spec("numba") is None:
+        pytest.skip("needs scipy and numba installed")
+    code = (
+        "import sys, numpy as np; from mergesmith.runtime import tune_for_streaming; tune_for_streaming()\n"
+        "from mergesmith.methods import _kernels\n"
+        "assert _kernels.available()\n"
+        "x = np.array([1, 2, 3], np.uint16); out = np.empty(3, np.float32)\n"
+        "_kernels.loops().magnitudes_into(x, np.zeros(3, np.uint16), out)\n"
+        "print('LOADED', 'scipy.linalg' in sys.modules, out.tolist())\n"
+        "import scipy.linalg\n"
+        "print('LINALG', scipy.linalg.norm([3.0, 4.0]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[-2].startswith("LOADED False")
+    assert out[-1] == "LINALG 5.0"

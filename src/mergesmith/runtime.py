@@ -25,6 +25,13 @@ shards through the kernel. On a machine with few cores some defaults of the C an
   as it goes: 0.5-0.9 s after a 1B merge had finished (12% of a linear merge). The command line's entry
   point therefore leaves with `exit_now`: streams flushed and `atexit` handlers run, then no teardown.
 
+* numba's array support, loaded with the first compiled loop a merge runs, checks that it could call BLAS
+  by importing `scipy.linalg` when SciPy is installed: 0.15-0.33 s on the critical path of every merge
+  that runs the loops (DELLA, TIES, SCE, Arcee Fusion...; 1B: 3-5% of their time), for BLAS calls the
+  loops never make. With `NUMBA_SKIPS_SCIPY` the loops' first load hides SciPy from that check
+  (`methods._kernels`); numba then computes a 1-D `np.dot` in compiled code with its own loop instead of
+  BLAS, in this process only.
+
 Not set: PyTorch's `THP_MEM_ALLOC_ENABLE` (huge pages for tensors of 2 MB and more). It took linear from 6.1
 to 5.0 s but DELLA from 16.6 to 22.8 s and SCE from 13.1 to 14.6 s, the kernel compacting memory for the
 huge pages as intermediates come and go.
@@ -45,6 +52,7 @@ GOMP_SPINCOUNT = "3000"
 TRIM_THRESHOLD = 1 << 30
 GC_FIRST_THRESHOLD = 100_000
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # mallopt parameters (malloc.h)
+NUMBA_SKIPS_SCIPY = False  # set by `tune_for_streaming`, read by `methods._kernels`
 
 
 def tune_for_streaming() -> None:
@@ -54,6 +62,8 @@ def tune_for_streaming() -> None:
         os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
     if sys.platform.startswith("linux") and not any(k.startswith("MALLOC_") for k in os.environ):
         _one_glibc_heap()
+    global NUMBA_SKIPS_SCIPY
+    NUMBA_SKIPS_SCIPY = True
     first, *older = gc.get_threshold()
     if 0 < first < GC_FIRST_THRESHOLD:  # 0: the collector is off; a larger one was the user's choice
         gc.set_threshold(GC_FIRST_THRESHOLD, *older)

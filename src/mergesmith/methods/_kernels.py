@@ -39,11 +39,14 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+
+from mergesmith import runtime
 
 CHUNK = 1 << 18  # entries per chunk of the merge pass
 LANES = 8  # DELLA's random streams, stepped together (`_sparsify.LaneWords`, `_kernel_loops.partner_keep`)
@@ -64,7 +67,8 @@ _FAILED = False
 def available() -> bool:
     """Whether the compiled loops can be used (numba importable, not turned off). The first call imports numba
     and `_kernel_loops` (~0.2 s); numba compiles each loop, or loads it from its cache, on its first use (the
-    first load in a process costs ~0.4 s more: numba's CPU target starts)."""
+    first load in a process costs ~0.2-0.3 s more: numba installs its typing and lowering registries; see
+    `runtime.NUMBA_SKIPS_SCIPY` for the SciPy import it used to add)."""
     global _LOOPS, _FAILED
     if _LOOPS is not None:
         return True
@@ -148,6 +152,23 @@ class OutputChunks:
             loops().to_bfloat16(self.scratch[: end - start], self.direct(start, end))
 
 
+def _array_support_without_scipy() -> None:
+    """Import numba's array-math support with SciPy hidden (unless already imported), so that its check for
+    BLAS does not import `scipy.linalg` (see `runtime.NUMBA_SKIPS_SCIPY`): an entry of None in `sys.modules`
+    makes the check's import fail, and it is removed right after."""
+    hidden = next((name for name in ("scipy", "scipy.linalg") if name not in sys.modules), None)
+    if hidden is None or "numba.np.arraymath" in sys.modules:
+        return
+    import numba  # noqa: F401  (before the hiding: numba's own import may use SciPy)
+
+    sys.modules[hidden] = None
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        if sys.modules.get(hidden, 0) is None:
+            del sys.modules[hidden]
+
+
 def loops() -> SimpleNamespace:
     """The compiled loops; call `available()` first."""
     assert _LOOPS is not None, "call available() first"
@@ -155,6 +176,8 @@ def loops() -> SimpleNamespace:
 
 
 def _compile() -> SimpleNamespace:
+    if runtime.NUMBA_SKIPS_SCIPY:
+        _array_support_without_scipy()
     from mergesmith.methods import _divergence_loops, _kernel_loops
 
     modules = (_kernel_loops, _divergence_loops)
