@@ -80,10 +80,13 @@ def test_compiled_loops_load_without_importing_scipy_linalg_and_leave_it_importa
         "assert _kernels.available()\n"
         "x = np.array([1, 2, 3], np.uint16); out = np.empty(3, np.float32)\n"
         "_kernels.loops().magnitudes_into(x, np.zeros(3, np.uint16), out)\n"
-        "print('LOADED', 'scipy.linalg' in sys.modules, out.tolist())\n"
+        "print('LOADED', 'scipy.linalg' in sys.modules, 'scipy' in sys.modules)\n"
         "import scipy.linalg\n"
         "print('LINALG', scipy.linalg.norm([3.0, 4.0]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
-    assert out[-2].startswith("LOADED False")
+    # whatever numba's own import loaded of SciPy (its top level, in numba 0.68) stays loaded
+    numba_loads = subprocess.run([sys.executable, "-c", "import sys, numba; print('scipy' in sys.modules)"],
+                                 capture_output=True, text=True, check=True).stdout.split()[-1]
+    assert out[-2] == f"LOADED False {numba_loads}"
     assert out[-1] == "LINALG 5.0"

@@ -156,11 +156,11 @@ def _array_support_without_scipy() -> None:
     """Import numba's array-math support with SciPy hidden (unless already imported), so that its check for
     BLAS does not import `scipy.linalg` (see `runtime.NUMBA_SKIPS_SCIPY`): an entry of None in `sys.modules`
     makes the check's import fail, and it is removed right after."""
+    import numba  # noqa: F401  (first: numba's own import loads SciPy's top level, which must stay loaded)
+
     hidden = next((name for name in ("scipy", "scipy.linalg") if name not in sys.modules), None)
     if hidden is None or "numba.np.arraymath" in sys.modules:
         return
-    import numba  # noqa: F401  (before the hiding: numba's own import may use SciPy)
-
     sys.modules[hidden] = None
     try:
         import numba.np.arraymath  # noqa: F401
