@@ -1,5 +1,6 @@
-"""Running a method's independent pieces of work on the CPU's cores: whole plans or contiguous shares of
-chunks, one per torch thread (shared by the task-vector family, SCE, RAM, Arcee Fusion and the selection)."""
+"""Running a method's independent pieces of work on the CPU's cores: whole plans, or contiguous pieces of
+chunks that shrink towards the end (shared by the task-vector family, SCE, RAM, Arcee Fusion and the
+selection)."""
 
 from __future__ import annotations
 

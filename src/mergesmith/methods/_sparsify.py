@@ -585,8 +585,8 @@ def _scan_torch(tv: TaskVector, chunks: list[tuple[int, int]], windows: dict, si
 
 def _scan_in_parts(tv: TaskVector, chunks: list[tuple[int, int]], windows: dict, single: dict, above: dict,
                    equal: dict, found: dict, *, counting: bool) -> int:
-    """`_scan_compiled` over every chunk, contiguous shares of them on the threads `in_parts` gives (one, when
-    the plans are being built at once); the shares' tallies are added in chunk order, so they are the
+    """`_scan_compiled` over every chunk, in the contiguous pieces `in_parts` gives the threads (one piece when
+    the plans are being built at once); the pieces' tallies are added in chunk order, so they are the
     sequential scan's (the positions gathered stay ascending). Returns the non-zero count. SCE's two-model
     cut is one selection a tensor: on one thread it left the other core idle (1B: ~3.5 s of 6.3)."""
     def share(part: list[tuple[int, int]]) -> tuple[int, dict, dict, dict]:
