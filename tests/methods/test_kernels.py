@@ -742,6 +742,22 @@ def _float64_divergences(other, base):
     return (p * np.log(p / q)).sum(axis=-1)
 
 
+def test_row_max_of_bf16_patterns_is_that_of_their_float32_values():
+    # the 16-bit order keys of bf16 rows against the 32-bit keys of the same values widened: negative rows,
+    # zeros of both signs, infinities, NaN of either sign (a positive NaN counts as the largest)
+    from mergesmith.methods._divergence_loops import row_max
+
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randn(300, generator=g), -torch.rand(300, generator=g) - 1, torch.zeros(7), -torch.zeros(7),
+            torch.tensor([1.0, float("inf"), -2.0]), torch.tensor([-float("inf"), -3.0]),
+            torch.tensor([2.0, float("nan")]), torch.tensor([2.0, -float("nan")])]
+    for row in rows:
+        bf16 = row.to(torch.bfloat16)
+        widened = bf16.float().numpy()
+        got, expected = row_max(bf16.view(torch.int16).numpy().view(np.uint16)), row_max(widened)
+        assert np.float32(got).view(np.uint32) == np.float32(expected).view(np.uint32), row
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_arcee_fusion_row_divergences_are_the_float64_formula(dtype, torch_path):
     # near-uniform softmaxes (weights ~0.02, deltas ~0.002): the compiled loop's per-row sums and the torch

@@ -85,9 +85,23 @@ def order_key(bits):
 
 
 @inline_jit
+def half_order_key(bits):
+    """`order_key` of a bf16 bit pattern, in int16: its own inverse too."""
+    half = np.int16(bits)
+    return np.int16(half ^ np.int16(np.int16(half >> np.int16(15)) & np.int16(0x7FFF)))
+
+
+@inline_jit
 def row_max(x):
     """The largest entry of a row (float32, or bf16 bit patterns), by its integer order key: an integer max
-    vectorises, a float one did not (1.5 ns an entry against 0.07). A positive NaN counts as the largest."""
+    vectorises, a float one did not (1.5 ns an entry against 0.07). bf16 rows take 16-bit keys, twice the
+    lanes a vector (two rows' maxima 0.20 -> 0.10 ns an entry in cache; the whole divergence on a captured 1B
+    chunk, alternating processes, best of seven: 1.14 -> 1.08). A positive NaN counts as the largest."""
+    if x.itemsize == 2:
+        half = np.int16(-32768)
+        for c in range(x.size):
+            half = max(half, half_order_key(x[c]))
+        return float_of(np.int32(np.int32(np.uint16(half_order_key(half))) << np.int32(16)))
     top = np.int32(-2147483648)
     for c in range(x.size):
         top = max(top, order_key(bits_of(widen(x[c]))))
