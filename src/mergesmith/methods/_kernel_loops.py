@@ -943,6 +943,9 @@ def eight_accumulators(typingctx, x, start, blocks):
     return None
 
 
+LEAF_MAX = 128  # numpy sums runs of up to this many entries as one leaf (`_block_sum`), halves longer ones
+
+
 @jit
 def _block_sum(x, start, n):
     """numpy's sum of a run of at most 128 entries: fewer than 8 in sequence, else on eight accumulators
@@ -1014,7 +1017,7 @@ def sum_plan(n):
     top, count, made, waiting = 0, 0, 0, 0
     while True:
         m = path[top, 1]
-        if m > 128:  # descend into the left half
+        if m > LEAF_MAX:  # descend into the left half
             half = m // 2 - (m // 2) % 8
             path[top + 1, 0], path[top + 1, 1], path[top + 1, 2] = path[top, 0], half, 0
             top += 1
@@ -1094,7 +1097,8 @@ def planned_sum(x, leaves, adds, scratch):
     return added_leaves(adds, count, scratch)
 
 
-SPAN_LEAVES = 16  # leaves of at most 128 entries: a span covers at most 2048
+SPAN_LEAVES = 16  # leaves a span of `leaf_span`
+SPAN_WIDTH = SPAN_LEAVES * LEAF_MAX  # the most entries a span covers: 2048
 
 
 @jit
@@ -1167,7 +1171,7 @@ def pair_square_sums(model0, model1, base, keep, apart, sums):
     leaves, adds = sum_plan(n)
     count = leaves.shape[1]
     first_sums, second_sums = sum_scratch(leaves), sum_scratch(leaves)
-    squares = np.empty((2, SPAN_LEAVES * 128), dtype=np.float32)
+    squares = np.empty((2, SPAN_WIDTH), dtype=np.float32)
     ge, gt, split = distance_bounds(apart, n)
     k = 0
     while k < count:
@@ -1241,7 +1245,7 @@ def bernoulli_rows(model, base, state, threshold, draws, keep, sums):
     leaves, adds = sum_plan(keep.size)
     count = leaves.shape[1]
     all_sums, kept_sums = sum_scratch(leaves), sum_scratch(leaves)
-    mags = np.empty(SPAN_LEAVES * 128, dtype=np.float32)
+    mags = np.empty(SPAN_WIDTH, dtype=np.float32)
     k = 0
     while k < count:
         k1, start, end = leaf_span(leaves, k)
