@@ -67,30 +67,3 @@ def test_non_matrices_and_edge_cases():
         z = torch.zeros(3, 5)
         assert torch.equal(get_method(name).func([], base=z), z)
     assert get_method("iso_cts").check({"common_space_fraction": 1.2}) is not None
-
-
-def test_an_svd_that_fails_in_float32_is_done_in_float64_and_one_that_fails_in_both_is_a_clear_error(monkeypatch):
-    # LAPACK's float32 SVD does not converge on some of ISO-CTS's stacked bases (many equal singular values;
-    # one of the bench's 0.1B matrices): the float64 one then gives the factors, in the matrix's dtype
-    from mergesmith.methods import _svd
-    from mergesmith.methods.registry import MethodInputError
-
-    svd = torch.linalg.svd
-    failing = {torch.float32}
-
-    def lapack(matrix, full_matrices=True):
-        if matrix.dtype in failing:
-            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
-        return svd(matrix, full_matrices=full_matrices)
-
-    monkeypatch.setattr(torch.linalg, "svd", lapack)
-    m = torch.randn(12, 7, generator=torch.Generator().manual_seed(1))
-    u, s, vh = _svd.thin_svd(m)
-    assert u.dtype == s.dtype == vh.dtype == torch.float32 and u.shape == (12, 7) and vh.shape == (7, 7)
-    torch.testing.assert_close(u @ torch.diag(s) @ vh, m)
-    base, models = ref.finetunes(3, (16, 12), 2)
-    out = get_method("iso_cts").func([torch.tensor(x, dtype=torch.float32) for x in models], base=torch.tensor(base, dtype=torch.float32))
-    np.testing.assert_allclose(out.numpy(), ref_iso_cts(base, models), atol=1e-5)
-    failing.add(torch.float64)
-    with pytest.raises(MethodInputError, match=r"SVD of a \(12, 7\) matrix did not converge"):
-        _svd.thin_svd(m)

@@ -23,7 +23,8 @@ Parameters:
   typically between 1 and 2; 1.0 here as a neutral default).
 * `common_space_fraction` (iso_cts, default 0.8): the share of the rank given to the common subspace.
 
-SVDs run in float32 (float64 inputs: float64); expect seconds per large matrix on a CPU.
+Singular vectors and polar factors come from float64 Gram matrices (`_svd`; big factors kept in float32,
+float64 inputs in float64); expect about a second per large matrix on a CPU.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Sequence
 
 import torch
 
-from mergesmith.methods._svd import mean_task_vector, polar_factor, svd_dtype, thin_svd
+from mergesmith.methods._svd import mean_task_vector, polar_factor, polar_with_singular_values, svd_dtype, top_singular
 from mergesmith.methods.registry import Param, merge_method
 
 _LAMBDA = Param("lambda", float, default=1.0, doc="Scale of the merged update (the paper's alpha).")
@@ -56,8 +57,8 @@ def iso_c(tensors: Sequence[torch.Tensor], *, base: torch.Tensor, lambda_: float
     total = torch.zeros(base.shape, dtype=dtype, device=base.device)
     for t in tensors:
         total.add_((t - base).to(dtype))
-    u, s, vh = thin_svd(total)
-    merged = (u @ vh).mul_(s.mean() * lambda_)
+    factor, s = polar_with_singular_values(total)
+    merged = factor.mul_(float(s.mean()) * lambda_)
     return base + merged.to(base.dtype)
 
 
@@ -96,18 +97,17 @@ def iso_cts(
     deltas = [(t - base).to(dtype) for t in tensors]
     total = torch.stack(deltas).sum(dim=0)
     c, d = split_rank(min(base.shape), n, common_space_fraction)
-    u, s, vh = thin_svd(total)
-    u_common, s_common, vh_common = u[:, :c], s[:c], vh[:c]
+    u_common, s_common, vh_common = top_singular(total, c)
     us, ss, vhs = [], [], []
     if d > 0:
         for delta in deltas:
             specific = delta - u_common @ (u_common.T @ delta)
-            ut, st, vht = thin_svd(specific)
-            us.append(ut[:, :d])
-            ss.append(st[:d])
-            vhs.append(vht[:d])
+            ut, st, vht = top_singular(specific, d)
+            us.append(ut)
+            ss.append(st)
+            vhs.append(vht)
     u_all = polar_factor(torch.cat(us + [u_common], dim=1))
     vh_all = polar_factor(torch.cat(vhs + [vh_common], dim=0))
-    sigma = torch.cat(ss + [s_common]).mean()
+    sigma = float(torch.cat(ss + [s_common]).mean())
     merged = (u_all @ vh_all).mul_(sigma * lambda_)
     return base + merged.to(base.dtype)

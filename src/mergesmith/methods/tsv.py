@@ -15,8 +15,10 @@ Parameters:
   concatenated bases fit in r dimensions; when k comes out 0 (a matrix with r < N) the matrix falls back to
   the mean rule.
 
-SVDs run in float32 (float64 inputs: float64). Cost: one thin SVD per task plus two for the polar factors,
-per matrix; this is far slower than the element-wise methods.
+The singular vectors and polar factors come from float64 Gram matrices (`_svd`); the big factors are kept
+in float32 (float64 inputs: float64). Cost per matrix: one Gram product and eigendecomposition per task and
+two for the polar factors, each about the cost of a few matrix products of the matrix's size; far slower
+than the element-wise methods (bench/README: the SVD methods).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from mergesmith.methods._svd import mean_task_vector, polar_factor, svd_dtype, thin_svd
+from mergesmith.methods._svd import mean_task_vector, polar_factor, svd_dtype, top_singular
 from mergesmith.methods.registry import Param, merge_method
 
 
@@ -68,11 +70,11 @@ def tsv(
     dtype = svd_dtype(base)
     us, ss, vhs = [], [], []
     for t in tensors:
-        u, s, vh = thin_svd((t - base).to(dtype))
-        us.append(u[:, :k])
-        ss.append(s[:k])
-        vhs.append(vh[:k])
+        u, s, vh = top_singular((t - base).to(dtype), k)
+        us.append(u)
+        ss.append(s)
+        vhs.append(vh)
     u_perp = polar_factor(torch.cat(us, dim=1))
     vh_perp = polar_factor(torch.cat(vhs, dim=0))
-    merged = (u_perp * torch.cat(ss)) @ vh_perp
+    merged = (u_perp * torch.cat(ss).to(dtype)) @ vh_perp
     return base + (lambda_ * merged).to(base.dtype)
