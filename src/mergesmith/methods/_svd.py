@@ -4,7 +4,7 @@ of a float64 Gram matrix.
 For a matrix A, tall side m x n (m >= n; a wide matrix is handled as its transpose): AᵀA = V Λ Vᵀ gives
 A's right singular vectors V and values σ = √λ, its left ones U = A V / σ, and its polar factor
 U Vᵀ = A · V Λ^(-1/2) Vᵀ. Why not LAPACK's SVD: the Gram route is faster (one n x n product and one eigh
-instead of a bidiagonalization: the three methods take 1.5x less time on the bench's 1B model,
+instead of a bidiagonalization: the three methods take 1.55-1.7x less time on the bench's 1B model,
 `bench/svd_cost.py`) and, with the Gram matrix and the eigh in float64, far more accurate than the float32
 SVD it replaces (TSV on the bench's task vectors: 4e-8 of the result's largest entry off a float64 SVD,
 against 1.5e-3). The big matrices stay in their work dtype; float64 copies of at most `ROWS` rows at a time
