@@ -11,6 +11,7 @@ vector's L1 norm is unchanged, which is 1/density in expectation. The keep mask 
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -20,28 +21,6 @@ from mergesmith.methods._task_vectors import CONSENSUS, merge_task_vectors, task
 from mergesmith.methods.registry import merge_method
 
 
-def _dare(tensors, base, weight, density, normalize, rescale, lambda_, consensus, generator, dtype, output_dtype):
-    dens = density or [1.0] * len(tensors)
-    # each plan's stream seed drawn here, in model order, so the plans can then be built concurrently
-    ahead = draws_on_cpu(generator)
-    seeds = [stream_seed(generator) if ahead and d < 1 else None for d in dens]
-    return merge_task_vectors(
-        tensors, base, weight,
-        sparsify=lambda tv, i, size: random_plan(tv, dens[i], rescale=rescale, generator=generator, size=size, seed=seeds[i]),
-        consensus=consensus, normalize=normalize, scale=lambda_, dtype=dtype, concurrent_plans=ahead, output_dtype=output_dtype,
-    )
-
-
-@merge_method(
-    "dare_ties",
-    params=task_vector_params(normalize=False, rescale=True, extra=(CONSENSUS,)),
-    base="required",
-    converts_inputs=True,
-    rounds_output=True,
-    min_models=0,
-    random=True,
-    reference="https://arxiv.org/abs/2311.03099",
-)
 def dare_ties(
     tensors: Sequence[torch.Tensor],
     *,
@@ -53,37 +32,37 @@ def dare_ties(
     lambda_: float = 1.0,
     int8_mask: bool = False,
     compute_dtype: torch.dtype | None = None,
-    consensus_method: str = "sum",
+    consensus_method: str | None = "sum",
     generator: torch.Generator | None = None,
     output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Random drop with rescale, elect sign, disjoint merge."""
-    return _dare(tensors, base, weight, density, normalize, rescale, lambda_, consensus_method, generator, compute_dtype, output_dtype)
+    """Random drop with rescale, elect sign, disjoint merge; `consensus_method=None` (`dare_linear`): a
+    weighted sum instead."""
+    dens = density or [1.0] * len(tensors)
+    # each plan's stream seed drawn here, in model order, so the plans can then be built concurrently
+    ahead = draws_on_cpu(generator)
+    seeds = [stream_seed(generator) if ahead and d < 1 else None for d in dens]
+    return merge_task_vectors(
+        tensors, base, weight,
+        sparsify=lambda tv, i, size: random_plan(tv, dens[i], rescale=rescale, generator=generator, size=size, seed=seeds[i]),
+        consensus=consensus_method, normalize=normalize, scale=lambda_, dtype=compute_dtype, concurrent_plans=ahead,
+        output_dtype=output_dtype,
+    )
 
 
-@merge_method(
-    "dare_linear",
-    params=task_vector_params(normalize=False, rescale=True),
-    base="required",
-    converts_inputs=True,
-    rounds_output=True,
-    min_models=0,
-    random=True,
+_REGISTERED = dict(
+    base="required", converts_inputs=True, rounds_output=True, min_models=0, random=True,
     reference="https://arxiv.org/abs/2311.03099",
 )
-def dare_linear(
-    tensors: Sequence[torch.Tensor],
-    *,
-    base: torch.Tensor,
-    weight: Sequence[float],
-    density: Sequence[float] | None = None,
-    normalize: bool = False,
-    rescale: bool = True,
-    lambda_: float = 1.0,
-    int8_mask: bool = False,
-    compute_dtype: torch.dtype | None = None,
-    generator: torch.Generator | None = None,
-    output_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Random drop with rescale, then a weighted sum of the task vectors."""
-    return _dare(tensors, base, weight, density, normalize, rescale, lambda_, None, generator, compute_dtype, output_dtype)
+merge_method(
+    "dare_ties",
+    params=task_vector_params(normalize=False, rescale=True, extra=(CONSENSUS,)),
+    summary="Random drop with rescale, elect sign, disjoint merge.",
+    **_REGISTERED,
+)(dare_ties)
+merge_method(
+    "dare_linear",
+    params=task_vector_params(normalize=False, rescale=True),
+    summary="Random drop with rescale, then a weighted sum of the task vectors.",
+    **_REGISTERED,
+)(functools.partial(dare_ties, consensus_method=None))

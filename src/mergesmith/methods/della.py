@@ -16,6 +16,7 @@ computes 0/0.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -27,35 +28,6 @@ from mergesmith.methods.registry import merge_method
 _check = per_model_check("DELLA", check_della, "density", "epsilon")
 
 
-def _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_, consensus, generator, dtype, output_dtype):
-    dens = density or [1.0] * len(tensors)
-    eps = epsilon or [0.15] * len(tensors)
-    # each plan's stream seed drawn here, in model order (the plans that draw: 0 < density < 1), so the plans
-    # can then be built concurrently: with the compiled loops only (1B: 18-20 -> 13-16 s); the other paths'
-    # torch operations use every core already, and two plans at once were slower there (19-20 -> 21 s)
-    ahead = draws_on_cpu(generator)
-    seeds = [stream_seed(generator) if ahead and 0 < d < 1 and base.numel() else None for d in dens]
-    return merge_task_vectors(
-        tensors, base, weight,
-        sparsify=lambda tv, i, size: della_plan(
-            tv, base.shape, dens[i], eps[i], rescale=rescale, generator=generator, size=size, seed=seeds[i]
-        ),
-        consensus=consensus, normalize=normalize, scale=lambda_, dtype=dtype, output_dtype=output_dtype,
-        concurrent_plans=ahead and bool(tensors) and TaskVector(tensors[0], base, dtype).compiled(),
-    )
-
-
-@merge_method(
-    "della",
-    params=task_vector_params(normalize=True, rescale=True, extra=(EPSILON, CONSENSUS)),
-    base="required",
-    converts_inputs=True,
-    rounds_output=True,
-    min_models=0,
-    random=True,
-    reference="https://arxiv.org/abs/2406.11617",
-    check=_check,
-)
 def della(
     tensors: Sequence[torch.Tensor],
     *,
@@ -68,39 +40,42 @@ def della(
     lambda_: float = 1.0,
     int8_mask: bool = False,
     compute_dtype: torch.dtype | None = None,
-    consensus_method: str = "sum",
+    consensus_method: str | None = "sum",
     generator: torch.Generator | None = None,
     output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """MagPrune with rescale, elect sign, disjoint merge."""
-    return _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_, consensus_method, generator, compute_dtype, output_dtype)
+    """MagPrune with rescale, elect sign, disjoint merge; `consensus_method=None` (`della_linear`, which
+    also defaults `normalize` off): a weighted sum instead."""
+    dens = density or [1.0] * len(tensors)
+    eps = epsilon or [0.15] * len(tensors)
+    # each plan's stream seed drawn here, in model order (the plans that draw: 0 < density < 1), so the plans
+    # can then be built concurrently: with the compiled loops only (1B: 18-20 -> 13-16 s); the other paths'
+    # torch operations use every core already, and two plans at once were slower there (19-20 -> 21 s)
+    ahead = draws_on_cpu(generator)
+    seeds = [stream_seed(generator) if ahead and 0 < d < 1 and base.numel() else None for d in dens]
+    return merge_task_vectors(
+        tensors, base, weight,
+        sparsify=lambda tv, i, size: della_plan(
+            tv, base.shape, dens[i], eps[i], rescale=rescale, generator=generator, size=size, seed=seeds[i]
+        ),
+        consensus=consensus_method, normalize=normalize, scale=lambda_, dtype=compute_dtype, output_dtype=output_dtype,
+        concurrent_plans=ahead and bool(tensors) and TaskVector(tensors[0], base, compute_dtype).compiled(),
+    )
 
 
-@merge_method(
+_REGISTERED = dict(
+    base="required", converts_inputs=True, rounds_output=True, min_models=0, random=True,
+    reference="https://arxiv.org/abs/2406.11617", check=_check,
+)
+merge_method(
+    "della",
+    params=task_vector_params(normalize=True, rescale=True, extra=(EPSILON, CONSENSUS)),
+    summary="MagPrune with rescale, elect sign, disjoint merge.",
+    **_REGISTERED,
+)(della)
+merge_method(
     "della_linear",
     params=task_vector_params(normalize=False, rescale=True, extra=(EPSILON,)),
-    base="required",
-    converts_inputs=True,
-    rounds_output=True,
-    min_models=0,
-    random=True,
-    reference="https://arxiv.org/abs/2406.11617",
-    check=_check,
-)
-def della_linear(
-    tensors: Sequence[torch.Tensor],
-    *,
-    base: torch.Tensor,
-    weight: Sequence[float],
-    density: Sequence[float] | None = None,
-    epsilon: Sequence[float] | None = None,
-    normalize: bool = False,
-    rescale: bool = True,
-    lambda_: float = 1.0,
-    int8_mask: bool = False,
-    compute_dtype: torch.dtype | None = None,
-    generator: torch.Generator | None = None,
-    output_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """MagPrune with rescale, then a weighted sum of the task vectors."""
-    return _della(tensors, base, weight, density, epsilon, normalize, rescale, lambda_, None, generator, compute_dtype, output_dtype)
+    summary="MagPrune with rescale, then a weighted sum of the task vectors.",
+    **_REGISTERED,
+)(functools.partial(della, consensus_method=None, normalize=False))
