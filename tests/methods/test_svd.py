@@ -83,5 +83,16 @@ def test_a_decomposition_that_fails_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.linalg, "eigh", failing)
     with pytest.raises(MethodInputError, match=r"\(12, 7\) matrix's Gram matrix did not converge"):
         _svd.polar_factor(torch.randn(12, 7))
+    with pytest.raises(MethodInputError, match=r"\(7, 12\) matrix's Gram matrix did not converge"):
+        _svd.top_singular(torch.randn(7, 12), 2)
     with pytest.raises(MethodInputError):
         get_method("iso_c").func([torch.randn(5, 4)], base=torch.zeros(5, 4))
+
+
+def test_non_finite_task_vectors_are_named_as_such():
+    for shape in ((6, 4), (4, 6)):
+        model = torch.randn(shape)
+        model[2, 1] = float("nan")
+        for name in ("tsv", "iso_c", "iso_cts"):
+            with pytest.raises(MethodInputError, match=rf"\({shape[0]}, {shape[1]}\) matrix holds NaN or infinite values"):
+                get_method(name).func([model, torch.randn(shape)], base=torch.zeros(shape))

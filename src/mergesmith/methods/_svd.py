@@ -59,12 +59,16 @@ def noise_floor(top: torch.Tensor, tall: torch.Tensor) -> torch.Tensor:
     return top.clamp_min(0) * (max(tall.shape) * torch.finfo(_F64).eps)
 
 
-def gram_eigen(tall: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (descending, below the noise floor set to 0) and eigenvectors of tall's Gram matrix."""
+def gram_eigen(tall: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, below the noise floor set to 0) and eigenvectors of tall's Gram matrix; `shape`
+    (the matrix's own, tall or wide) is for the messages."""
     try:
         values, vectors = torch.linalg.eigh(gram(tall))
     except torch.linalg.LinAlgError:
-        raise MethodInputError(f"the eigendecomposition of a {tuple(tall.shape)} matrix's Gram matrix did not converge") from None
+        shape = tuple(shape)
+        if not bool(torch.isfinite(tall).all()):
+            raise MethodInputError(f"a {shape} matrix holds NaN or infinite values") from None
+        raise MethodInputError(f"the eigendecomposition of a {shape} matrix's Gram matrix did not converge") from None
     values, vectors = values.flip(0), vectors.flip(1)
     values = torch.where(values > noise_floor(values[0], tall), values, torch.zeros_like(values))
     return values, vectors
@@ -80,7 +84,7 @@ def top_singular(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     matrix's dtype. Singular values that are zero come with zero vectors."""
     wide = matrix.shape[0] < matrix.shape[1]
     tall = matrix.T if wide else matrix
-    values, vectors = gram_eigen(tall)
+    values, vectors = gram_eigen(tall, matrix.shape)
     s = values[:k].sqrt()
     right = vectors[:, :k]
     left = times(tall, right * _reciprocal(s))
@@ -93,7 +97,7 @@ def polar_with_singular_values(matrix: torch.Tensor) -> tuple[torch.Tensor, torc
     descending)."""
     wide = matrix.shape[0] < matrix.shape[1]
     tall = matrix.T if wide else matrix
-    values, vectors = gram_eigen(tall)
+    values, vectors = gram_eigen(tall, matrix.shape)
     s = values.sqrt()
     factor = times(tall, (vectors * _reciprocal(s)) @ vectors.T)
     return (factor.T if wide else factor), s
