@@ -88,6 +88,34 @@ def test_variance_equals_torch_var_bit_for_bit():
     assert torch.equal(variance_across([TaskVector(m, base) for m in models], 1 << 16), expected)
 
 
+@pytest.mark.parametrize("count,dtype", [(3, torch.bfloat16), (4, torch.float32), (5, torch.bfloat16)])
+def test_compiled_variance_of_three_or_more_equals_the_torch_loop_bit_for_bit(count, dtype, monkeypatch):
+    # `_compiled_variance` (three or more float32 task vectors on CPU): inputs as stored (bf16 or float32),
+    # magnitudes far apart, zeros, equal entries, a length that is a multiple of neither the chunk nor the
+    # loop's block
+    from mergesmith.methods import _kernels
+    from mergesmith.methods._sparsify import TaskVector, variance_across
+
+    if not _kernels.available():
+        pytest.skip("numba not available")
+    g = torch.Generator().manual_seed(10 + count)
+    n = 70_001
+    base = torch.randn(n, generator=g).to(dtype)
+    models = []
+    for _ in range(count):
+        scale = torch.exp(torch.randn(n, generator=g) * 8).clamp(max=1e20)
+        models.append((base.float() + torch.randn(n, generator=g) * scale).to(dtype))
+    models[0][::5] = base[::5]
+    models[1][::7] = models[0][::7]
+    tvs = [TaskVector(m, base, torch.float32) for m in models]
+    assert all(tv.compiled() for tv in tvs)
+    compiled = variance_across(tvs, 1 << 14)
+    expected = torch.var(torch.stack([m.float() - base.float() for m in models]), dim=0, unbiased=False)
+    assert torch.equal(compiled, expected)
+    monkeypatch.setattr(TaskVector, "compiled", lambda self: False)
+    assert torch.equal(variance_across(tvs, 1 << 14), compiled)
+
+
 def test_variance_of_two_equals_torch_var_bit_for_bit_at_extreme_scales():
     # the two-model path (its own sequence of float64 operations): magnitudes 1e-30 to 1e30 apart, zeros,
     # equal entries, float32 task vectors

@@ -177,6 +177,53 @@ def sum_rows(deltas, n, out):
 
 
 @jit
+def welford_variance_into(deltas, n, mean, m2, out):
+    """out[:n] = the population variance across the rows of `deltas` (their first n columns): Welford's update
+    in float64 from the first row to the last, divided by the row count and rounded once to float32. These
+    are the float64 operations of `_sparsify.variance_across`'s torch loop, entry by entry in its order
+    (mergekit's torch.var bits). Blocks of `mean.size` entries, with the float64 scratch `mean` and `m2` in
+    L1, so that each update runs across a block's entries in vectors (the division by the count as well;
+    by a power of two, a multiplication)."""
+    rows = deltas.shape[0]
+    block = mean.size
+    for start in range(0, n, block):
+        m = min(block, n - start)
+        means, sums, first = mean[:m], m2[:m], deltas[0, start:start + m]
+        for i in range(m):
+            means[i] = np.float64(first[i])
+            sums[i] = 0.0
+        for j in range(1, rows):
+            row = deltas[j, start:start + m]
+            count = np.float64(j + 1)
+            if exact_reciprocal(j + 1):
+                for i in range(m):
+                    x = np.float64(row[i])
+                    step = x - means[i]
+                    means[i] += step * (1.0 / count)
+                    sums[i] += step * (x - means[i])
+            else:
+                for i in range(m):
+                    x = np.float64(row[i])
+                    step = x - means[i]
+                    means[i] += step / count
+                    sums[i] += step * (x - means[i])
+        o = out[start:start + m]
+        if exact_reciprocal(rows):
+            for i in range(m):
+                o[i] = np.float32(sums[i] * (1.0 / rows))
+        else:
+            for i in range(m):
+                o[i] = np.float32(sums[i] / rows)
+
+
+@jit
+def exact_reciprocal(count):
+    """Whether dividing by `count` is multiplying by 1 / count, bit for bit: for a power of two both are the
+    same real number, correctly rounded once (vector division costs several times a multiplication)."""
+    return count & (count - 1) == 0
+
+
+@jit
 def contribution_into(model, base, epsilon, out):
     """out = δ·[|δ| > epsilon] with δ = model - base: RAM's masked task vector, a multiply by the 0/1 flag as
     in the torch path (a NaN δ stays NaN). The flag is |out| > epsilon again, which the loops below use."""

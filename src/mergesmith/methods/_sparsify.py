@@ -1259,6 +1259,8 @@ def variance_across(tvs: Sequence[TaskVector], size: int) -> torch.Tensor:
     delta = tvs[0].buffer(size)
     if len(tvs) == 2:
         return _variance_of_two(tvs, size, out, delta)
+    if n and all(tv.compiled() for tv in tvs):
+        return _compiled_variance(tvs, size, out)
     for s, e in spans(n, size):
         mean = tvs[0].chunk(s, e, delta[: e - s]).to(torch.float64, copy=True)
         m2 = torch.zeros_like(mean)
@@ -1269,6 +1271,32 @@ def variance_across(tvs: Sequence[TaskVector], size: int) -> torch.Tensor:
             m2.add_(step.mul_(x.sub_(mean)))
         torch.div(m2, len(tvs), out=m2)
         out[s:e] = m2
+    return out
+
+
+# Entries per block of `_kernel_loops.welford_variance_into` (its two float64 scratch rows: 8 KB in L1).
+VARIANCE_BLOCK = 512
+
+
+def _compiled_variance(tvs: Sequence[TaskVector], size: int, out: torch.Tensor) -> torch.Tensor:
+    """`variance_across` for three or more float32 task vectors on CPU, by `_kernels`' loops on every thread:
+    each chunk's task vectors written as float32 rows (`weighted_delta`, keeping everything: model - base as
+    torch subtracts), then the float64 Welford update across them (`welford_variance_into`), the same bits as
+    the torch loop, which took 9.7 of a 19.8 s SCE merge of three 1B fine-tunes on one thread."""
+    flat = out.numpy()
+    one, nothing_stored = np.float32(1), np.empty(0, dtype=np.uint8)
+
+    def work(chunks):
+        deltas = np.empty((len(tvs), max(e - s for s, e in chunks)), dtype=np.float32)
+        mean, m2 = np.empty(VARIANCE_BLOCK, dtype=np.float64), np.empty(VARIANCE_BLOCK, dtype=np.float64)
+        loops = _kernels.loops()
+        for s, e in chunks:
+            for j, tv in enumerate(tvs):
+                model, base = tv.operands(s, e)
+                loops.weighted_delta(model, base, *KEEP_ALL_BOUNDS, nothing_stored, one, one, deltas[j, : e - s])
+            loops.welford_variance_into(deltas, e - s, mean, m2, flat[s:e])
+
+    in_parts(spans(out.numel(), size), work, out.device)
     return out
 
 
