@@ -4,7 +4,8 @@ This is a measuring tool, not a test: nothing here asserts on timings. Run it fr
 
     python bench/speed.py --size 0.1B --repeats 1 --mergekit /work/mkenv/bin/mergekit-yaml
 
-For every size it builds (once, cached under bench/cache/) a bf16 base model plus two fine-tunes whose
+For every size it builds (once, cached under bench/cache/) a bf16 base model plus two fine-tunes (or N, with
+`--fine-tunes N`: methods that take any number of models then merge all N) whose
 weights are base + a low-rank delta + a sparse delta, written as HF folders (config.json, sharded
 safetensors, index). For every method it writes a YAML config, runs `mergesmith merge --quiet` (and
 mergekit-yaml on the same YAML, alternating which tool goes first across repeats), and records wall time,
@@ -13,7 +14,7 @@ that the child touched count too) and input GB/s. An "I/O floor" child that only
 inputs and writes an output file of the merged size (no math), as the merge reads and writes, gives the lower
 bound for each input set.
 
-The table is printed and written to bench/results/speed-<size>.md along with the machine description and
+The table is printed and written to bench/results/speed-<size>.md (speed-<size>-ft<N>.md) along with the machine description and
 the command line. See bench/README.md.
 """
 
@@ -121,7 +122,11 @@ def hf_config(s: Shape) -> dict:
     }
 
 
-MODEL_NAMES = ("base", "ft1", "ft2")
+MODEL_NAMES = ("base", "ft1", "ft2")  # the default family; `--fine-tunes N` adds ft3 ... ftN
+
+
+def model_names(fine_tunes: int) -> tuple[str, ...]:
+    return ("base", *(f"ft{i + 1}" for i in range(fine_tunes)))
 RANK = 16  # rank of each fine-tune's low-rank delta
 SPARSE_FRACTION = 0.01  # fraction of entries with a larger, sparse update
 
@@ -130,12 +135,13 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
-def make_family_tensor(name: str, shape: tuple[int, ...]) -> list[torch.Tensor]:
-    """[base, ft1, ft2] for one tensor, in bf16. Deterministic per tensor name."""
+def make_family_tensor(name: str, shape: tuple[int, ...], fine_tunes: int = 2) -> list[torch.Tensor]:
+    """[base, ft1, ..., ftN] for one tensor, in bf16. Deterministic per tensor name; ft1 and ft2 are the same
+    whatever the number of fine-tunes (the later ones are drawn after them)."""
     g = torch.Generator().manual_seed(_seed(GENERATOR_VERSION, name))
     if len(shape) == 1:  # norms: around 1, fine-tunes move them a little
         base = 1.0 + 0.05 * torch.randn(shape, generator=g)
-        fts = [base + 0.01 * torch.randn(shape, generator=g) for _ in range(2)]
+        fts = [base + 0.01 * torch.randn(shape, generator=g) for _ in range(fine_tunes)]
         return [t.to(torch.bfloat16) for t in (base, *fts)]
     rows, cols = shape
     base = torch.randn(shape, generator=g) * 0.02
@@ -144,7 +150,7 @@ def make_family_tensor(name: str, shape: tuple[int, ...]) -> list[torch.Tensor]:
     shared_u = torch.randn(rows, RANK // 2, generator=g)
     shared_v = torch.randn(RANK // 2, cols, generator=g)
     out = [base]
-    for _ in range(2):
+    for _ in range(fine_tunes):
         u = torch.cat([shared_u, torch.randn(rows, RANK // 2, generator=g)], dim=1)
         v = torch.cat([shared_v, torch.randn(RANK // 2, cols, generator=g)], dim=0)
         delta = (u @ v) * (0.002 / math.sqrt(RANK))
@@ -156,14 +162,16 @@ def make_family_tensor(name: str, shape: tuple[int, ...]) -> list[torch.Tensor]:
     return [t.to(torch.bfloat16) for t in out]
 
 
-def family_dir(size: str) -> Path:
-    return CACHE / f"llama-{size}-v{GENERATOR_VERSION}"
+def family_dir(size: str, fine_tunes: int = 2) -> Path:
+    suffix = "" if fine_tunes == 2 else f"-ft{fine_tunes}"
+    return CACHE / f"llama-{size}-v{GENERATOR_VERSION}{suffix}"
 
 
-def ensure_family(size: str, log) -> dict[str, Path]:
+def ensure_family(size: str, log, fine_tunes: int = 2) -> dict[str, Path]:
     """Build (or reuse) the base and fine-tune folders for a size; return name -> folder."""
-    root = family_dir(size)
-    folders = {n: root / n for n in MODEL_NAMES}
+    root = family_dir(size, fine_tunes)
+    names = model_names(fine_tunes)
+    folders = {n: root / n for n in names}
     if (root / "COMPLETE").is_file():
         return folders
     shape = SIZES[size]
@@ -190,12 +198,12 @@ def ensure_family(size: str, log) -> dict[str, Path]:
     weight_map: dict[str, str] = {}
     for k, shard in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        per_model: list[dict[str, torch.Tensor]] = [{}, {}, {}]
+        per_model: list[dict[str, torch.Tensor]] = [{} for _ in names]
         for name, s in shard:
-            for i, t in enumerate(make_family_tensor(name, s)):
+            for i, t in enumerate(make_family_tensor(name, s, fine_tunes)):
                 per_model[i][name] = t
             weight_map[name] = fname
-        for i, model in enumerate(MODEL_NAMES):
+        for i, model in enumerate(names):
             save_file(per_model[i], str(folders[model] / fname), metadata={"format": "pt"})
         del per_model
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -225,37 +233,43 @@ def folder_tensor_inventory(folder: Path) -> dict[str, tuple[str, tuple[int, ...
 # --------------------------------------------------------------------------------------------------
 
 
-def method_config(method: str, m: dict[str, Path]) -> tuple[dict, list[str]]:
-    """(mergekit-style YAML as a dict, the model names it reads)."""
-    b, f1, f2 = (str(m[n]) for n in MODEL_NAMES)
-    two = lambda **p: [{"model": f1, "parameters": dict(p)}, {"model": f2, "parameters": dict(p)}]  # noqa: E731
+FIXED_COUNT = ("slerp", "nuslerp", "nearswap", "arcee_fusion")  # take one or two fine-tunes, whatever the family has
+
+
+def method_config(method: str, m: dict[str, Path]) -> tuple[dict, list[str]] | None:
+    """(mergekit-style YAML as a dict, the model names it reads) over every fine-tune of the family; None for
+    a method that takes a fixed number of models when the family has other than two fine-tunes (its time
+    would not be comparable with linear's over all of them)."""
+    fine_tunes = [n for n in m if n != "base"]
+    if method in FIXED_COUNT and len(fine_tunes) != 2:
+        return None
+    b, f1 = str(m["base"]), str(m["ft1"])
+    every = lambda **p: [{"model": str(m[n]), "parameters": dict(p)} if p else {"model": str(m[n])} for n in fine_tunes]  # noqa: E731
     common = {"dtype": "bfloat16"}
     if method == "linear":
-        return {"merge_method": "linear", "models": two(weight=0.5), **common}, ["ft1", "ft2"]
+        return {"merge_method": "linear", "models": every(weight=0.5), **common}, fine_tunes
     if method == "karcher":
-        return {"merge_method": "karcher", "models": [{"model": f1}, {"model": f2}], **common}, ["ft1", "ft2"]
+        return {"merge_method": "karcher", "models": every(), **common}, fine_tunes
     if method == "slerp":
         cfg = {"merge_method": "slerp", "base_model": b, "models": [{"model": b}, {"model": f1}], "parameters": {"t": 0.5}}
         return {**cfg, **common}, ["base", "ft1"]
-    with_base = ["base", "ft1", "ft2"]
+    with_base = ["base", *fine_tunes]
     if method == "task_arithmetic":
-        return {"merge_method": method, "base_model": b, "models": two(weight=0.5), **common}, with_base
-    if method == "model_stock":
-        return {"merge_method": method, "base_model": b, "models": [{"model": f1}, {"model": f2}], **common}, with_base
+        return {"merge_method": method, "base_model": b, "models": every(weight=0.5), **common}, with_base
     if method in ("ties", "dare_ties", "dare_linear"):
-        return {"merge_method": method, "base_model": b, "models": two(weight=0.5, density=0.5), **common}, with_base
+        return {"merge_method": method, "base_model": b, "models": every(weight=0.5, density=0.5), **common}, with_base
     if method == "breadcrumbs" or method == "breadcrumbs_ties":
-        return {"merge_method": method, "base_model": b, "models": two(weight=0.5, density=0.9, gamma=0.01), **common}, with_base
+        return {"merge_method": method, "base_model": b, "models": every(weight=0.5, density=0.9, gamma=0.01), **common}, with_base
     if method in ("della", "della_linear"):
-        cfg = {"merge_method": method, "base_model": b, "models": two(weight=0.5, density=0.5, epsilon=0.1), "parameters": {"lambda": 1.0}}
+        cfg = {"merge_method": method, "base_model": b, "models": every(weight=0.5, density=0.5, epsilon=0.1), "parameters": {"lambda": 1.0}}
         return {**cfg, **common}, with_base
     if method == "sce":
-        cfg = {"merge_method": "sce", "base_model": b, "models": [{"model": f1}, {"model": f2}], "parameters": {"select_topk": 0.5}}
+        cfg = {"merge_method": "sce", "base_model": b, "models": every(), "parameters": {"select_topk": 0.5}}
         return {**cfg, **common}, with_base
     if method in ("nuslerp", "multislerp"):  # task vectors slerped, given a base
-        return {"merge_method": method, "base_model": b, "models": two(weight=0.5), **common}, with_base
-    if method in ("ram", "ramplus_tl", "tsv", "iso_c", "iso_cts"):
-        return {"merge_method": method, "base_model": b, "models": [{"model": f1}, {"model": f2}], **common}, with_base
+        return {"merge_method": method, "base_model": b, "models": every(weight=0.5), **common}, with_base
+    if method in ("model_stock", "ram", "ramplus_tl", "tsv", "iso_c", "iso_cts"):
+        return {"merge_method": method, "base_model": b, "models": every(), **common}, with_base
     if method in ("nearswap", "arcee_fusion"):  # exactly one model besides the base
         cfg = {"merge_method": method, "base_model": b, "models": [{"model": f1}]}
         if method == "nearswap":
@@ -442,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         default="linear,task_arithmetic,ties,dare_ties,breadcrumbs,della,slerp,karcher,model_stock,sce",
         help="comma-separated methods; ones that `mergesmith methods` does not list are skipped",
     )
+    ap.add_argument("--fine-tunes", type=int, default=2, metavar="N",
+                    help="fine-tunes in the family (default 2; ft1 and ft2 are the same for every N): every method that takes any number of models merges all N")
     ap.add_argument("--repeats", type=int, default=3, help="runs per (method, tool); the table shows medians")
     ap.add_argument("--mergekit", metavar="MERGEKIT_YAML", help="path to mergekit-yaml to compare with (e.g. /work/mkenv/bin/mergekit-yaml)")
     ap.add_argument("--mergesmith", metavar="CMD", default=None, help="mergesmith command (default: the `mergesmith` script next to this interpreter, else on PATH)")
@@ -489,8 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
     for size in sizes:
-        folders = ensure_family(size, log)
-        model_bytes = {n: folder_weight_bytes(folders[n]) for n in MODEL_NAMES}
+        folders = ensure_family(size, log, args.fine_tunes)
+        model_bytes = {n: folder_weight_bytes(folders[n]) for n in folders}
         expected = folder_tensor_inventory(folders["base"])
         out_bytes = model_bytes["base"]  # bf16 output, same tensors
         runs: list[Run] = []
@@ -503,7 +519,11 @@ def main(argv: list[str] | None = None) -> int:
             return [str(p) for n in names for p in sorted(folders[n].glob("*.safetensors"))]
 
         configs = {}
-        for method in methods:
+        fixed = [m for m in methods if method_config(m, folders) is None]
+        if fixed:
+            log(f"[{size}] skipping methods that take a fixed number of models ({args.fine_tunes} fine-tunes): {', '.join(fixed)}")
+        methods_here = [m for m in methods if m not in fixed]
+        for method in methods_here:
             cfg, reads = method_config(method, folders)
             cfg_path = runs_dir / f"{method}.yml"
             cfg_path.write_text(to_yaml(cfg))
@@ -514,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # Warm the page cache once (all inputs), so that warm runs don't pay for the first reader.
         if not cold:
-            subprocess.run([sys.executable, "-c", IO_FLOOR_SCRIPT, str(runs_dir / "warm.bin"), "0", *input_files(list(MODEL_NAMES))], check=True)
+            subprocess.run([sys.executable, "-c", IO_FLOOR_SCRIPT, str(runs_dir / "warm.bin"), "0", *input_files(list(folders))], check=True)
 
         # Start-up cost alone (interpreter, imports, argument parsing): matters at small sizes.
         startup: dict[str, list[Run]] = {}
@@ -531,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         # install or a source change and caches them on disk; untimed, that once-per-version cost would land
         # in the first repeat of whichever methods use the loops first.
         if not args.no_warm_up:
-            for method in methods:
+            for method in methods_here:
                 out_dir = runs_dir / f"{method}-warm-up"
                 shutil.rmtree(out_dir, ignore_errors=True)
                 measure([*ours_cmd, "merge", str(configs[method][0]), str(out_dir), "--quiet"], runs_dir / f"{method}-warm-up.log", env)
@@ -542,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         # repeats interleaved across methods: a slow minute on a shared machine then hits one run of several
         # methods, not every run of one
         for rep in range(args.repeats):
-            for method in methods:
+            for method in methods_here:
                 cfg_path, reads = configs[method]
                 in_bytes = sum(model_bytes[n] for n in reads)
                 key = tuple(reads)
@@ -579,9 +599,9 @@ def main(argv: list[str] | None = None) -> int:
                     if not args.keep_outputs:
                         shutil.rmtree(out_dir, ignore_errors=True)
 
-        table = render_table(size, methods, runs, floors, startup, bool(args.mergekit))
+        table = render_table(size, methods_here, runs, floors, startup, bool(args.mergekit))
         header = [
-            f"# mergesmith speed, {size} (Llama-shaped, bf16, {model_bytes['base'] / 1e9:.3f} GB per model)",
+            f"# mergesmith speed, {size} (Llama-shaped, bf16, {model_bytes['base'] / 1e9:.3f} GB per model, base and {args.fine_tunes} fine-tunes)",
             "",
             f"Command: `{command_line}`",
             "",
@@ -603,13 +623,16 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if skipped:
             notes.append(f"Skipped (not in `mergesmith methods` yet): {', '.join(skipped)}.")
+        if fixed:
+            notes.append(f"Skipped (they take a fixed number of models, not the family's {args.fine_tunes} fine-tunes): {', '.join(fixed)}.")
         failed = [r for r in runs if not r.ok]
         for r in failed:
             notes.append(f"FAILED {r.method} / {r.tool}: {r.note}")
         text = "\n".join(header + table + notes) + "\n"
         print(text)
-        (RESULTS / f"speed-{size}.md").write_text(text)
-        log(f"wrote {RESULTS / f'speed-{size}.md'}")
+        result = RESULTS / (f"speed-{size}.md" if args.fine_tunes == 2 else f"speed-{size}-ft{args.fine_tunes}.md")
+        result.write_text(text)
+        log(f"wrote {result}")
     return 0
 
 
