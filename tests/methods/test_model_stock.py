@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from mergesmith.methods import get_method
@@ -98,3 +99,23 @@ def test_same_result_on_one_thread_and_a_narrow_output_rounded_once():
         assert narrow.dtype == torch.bfloat16
         assert torch.equal(narrow.view(torch.int16), wide.to(torch.bfloat16).view(torch.int16))
         assert not torch.equal(narrow, base)
+
+
+@pytest.mark.parametrize("count,output_dtype", [(3, torch.bfloat16), (4, None), (3, None)])
+def test_three_or_more_models_on_the_loops_give_the_torch_paths_bits(count, output_dtype, monkeypatch):
+    # the compiled rows (`task_vector_rows`, `block_sums` of their products, `sum_into`) against the torch
+    # path, on inputs stored as bf16 and a length spanning several chunks
+    from mergesmith.methods import _kernels
+    from mergesmith.methods._sparsify import TaskVector
+
+    if not _kernels.available():
+        pytest.skip("numba not available")
+    g = torch.Generator().manual_seed(count)
+    base = torch.randn(700, 1000, generator=g).to(torch.bfloat16)
+    models = [(base.float() + 0.01 * torch.randn(700, 1000, generator=g)).to(torch.bfloat16) for _ in range(count)]
+    func = get_method("model_stock").func
+    compiled = func(models, base=base, compute_dtype=torch.float32, output_dtype=output_dtype)
+    monkeypatch.setattr(TaskVector, "compiled", lambda self: False)
+    reference = func(models, base=base, compute_dtype=torch.float32, output_dtype=output_dtype)
+    assert compiled.dtype == reference.dtype == (output_dtype or torch.float32)
+    assert torch.equal(compiled, reference)

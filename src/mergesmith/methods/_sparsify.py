@@ -1274,27 +1274,36 @@ def variance_across(tvs: Sequence[TaskVector], size: int) -> torch.Tensor:
     return out
 
 
+_NOTHING_STORED = np.empty(0, dtype=np.uint8)
+_ONE = np.float32(1)
+
+
+def task_vector_rows(tvs: Sequence[TaskVector], start: int, end: int, rows: np.ndarray) -> np.ndarray:
+    """rows[j, :end - start] = task vector j's entries [start, end), float32 as torch subtracts them, made by
+    `_kernels`' loops from the inputs as stored (`weighted_delta`, keeping every entry): how the compiled paths
+    for three or more models get their task vectors. Returns `rows`."""
+    for j, tv in enumerate(tvs):
+        model, base = tv.operands(start, end)
+        _kernels.loops().weighted_delta(model, base, *KEEP_ALL_BOUNDS, _NOTHING_STORED, _ONE, _ONE, rows[j, : end - start])
+    return rows
+
+
 # Entries per block of `_kernel_loops.welford_variance_into` (its two float64 scratch rows: 8 KB in L1).
 VARIANCE_BLOCK = 512
 
 
 def _compiled_variance(tvs: Sequence[TaskVector], size: int, out: torch.Tensor) -> torch.Tensor:
     """`variance_across` for three or more float32 task vectors on CPU, by `_kernels`' loops on every thread:
-    each chunk's task vectors written as float32 rows (`weighted_delta`, keeping everything: model - base as
-    torch subtracts), then the float64 Welford update across them (`welford_variance_into`), the same bits as
-    the torch loop, which took 9.7 of a 19.8 s SCE merge of three 1B fine-tunes on one thread."""
+    each chunk's task vectors written as float32 rows (`task_vector_rows`), then the float64 Welford update
+    across them (`welford_variance_into`): the same bits as the torch loop, which took 9.7 of a 19.8 s SCE
+    merge of three 1B fine-tunes on one thread."""
     flat = out.numpy()
-    one, nothing_stored = np.float32(1), np.empty(0, dtype=np.uint8)
 
     def work(chunks):
         deltas = np.empty((len(tvs), max(e - s for s, e in chunks)), dtype=np.float32)
         mean, m2 = np.empty(VARIANCE_BLOCK, dtype=np.float64), np.empty(VARIANCE_BLOCK, dtype=np.float64)
-        loops = _kernels.loops()
         for s, e in chunks:
-            for j, tv in enumerate(tvs):
-                model, base = tv.operands(s, e)
-                loops.weighted_delta(model, base, *KEEP_ALL_BOUNDS, nothing_stored, one, one, deltas[j, : e - s])
-            loops.welford_variance_into(deltas, e - s, mean, m2, flat[s:e])
+            _kernels.loops().welford_variance_into(task_vector_rows(tvs, s, e, deltas), e - s, mean, m2, flat[s:e])
 
     in_parts(spans(out.numel(), size), work, out.device)
     return out
