@@ -59,6 +59,9 @@ CASES = [
     ("breadcrumbs", {"density": [0.6, 0.5], "gamma": [0.02, 0.01]}),  # two models summed, no election
     ("della_linear", {"density": [0.4, 0.6], "epsilon": [0.1, 0.2]}),
     ("dare_linear", {"density": [0.4, 0.6], "rescale": False, "normalize": True}),
+    # three models: one pass too (`triple_delta_merge_into`); the flags not covered above
+    ("ties", {"density": [0.5, 0.4, 0.6], "normalize": False, "lambda_": 0.7}),
+    ("dare_linear", {"density": [0.4, 0.5, 0.6], "rescale": False, "normalize": True}),
 ]
 
 
@@ -354,7 +357,7 @@ def test_bfloat16_rounding_is_torchs_bit_for_bit():
 @pytest.mark.parametrize("method,params", [CASES[0], CASES[3], CASES[5], CASES[9], CASES[13], CASES[14], CASES[15]],
                          ids=["ties", "breadcrumbs", "dare_ties", "ties-pair", "dare_ties-pair", "della-pair", "breadcrumbs-pair"])
 def test_a_bfloat16_output_is_the_float32_result_rounded_once(method, params, torch_path):
-    # two models: the pair loop rounds each result as it stores it (`narrow`), three: a float32 chunk is rounded
+    # two and three models: the one-pass loops round each result as they store it (`narrow`)
     models, base = _family(torch.bfloat16)
     count = len(params["density"])
     models = models[:count]
@@ -548,11 +551,12 @@ for name in ("ties", "breadcrumbs", "dare_linear", "della", "sce"):
     if get_method(name).random:
         kwargs["generator"] = torch.Generator().manual_seed(1)
     get_method(name).func(models, base=base, **kwargs)
-get_method("ties").func(models + models[:1], base=base, weight=[0.5] * 3, density=[0.5] * 3, compute_dtype=torch.float32)  # general election
+get_method("ties").func(models + models[:1], base=base, weight=[0.5] * 3, density=[0.5] * 3, compute_dtype=torch.float32)  # three: one pass
+get_method("ties").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] * 4, compute_dtype=torch.float32)  # general election
 get_method("sce").func(models + models[:1], base=base, select_topk=0.5, compute_dtype=torch.float32)  # three: the general merge
 get_method("sce").func(models, base=base, select_topk=0.5, consensus_method="count", compute_dtype=torch.float32)  # cut_mask
-get_method("dare_linear").func(models + models[:1], base=base, weight=[0.5] * 3, density=[0.5] * 3,
-                               compute_dtype=torch.float32, generator=torch.Generator().manual_seed(1))  # three: sum_into
+get_method("dare_linear").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] * 4,
+                               compute_dtype=torch.float32, generator=torch.Generator().manual_seed(1))  # four: sum_into
 # della on a 3-D tensor: the keep test on magnitudes already computed
 get_method("della").func([m.view(70, 10, 640) for m in models], base=base.view(70, 10, 640), weight=[0.5, 0.5],
                          density=[0.5, 0.5], compute_dtype=torch.float32, generator=torch.Generator().manual_seed(1))

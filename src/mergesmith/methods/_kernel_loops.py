@@ -426,6 +426,63 @@ def pair_delta_merge_into(model0, model1, base, bounds0, bounds1, stored0, store
 
 
 @jit
+def triple_agreeing(d0, d1, d2, w0, w1, w2, normalize):
+    """TIES' disjoint merge of one entry's three deltas, elected by the sign of their sum: `consensus_into`'s
+    float operations on three rows (the sums in row order, from zero), for one entry in registers."""
+    zero, one = np.float32(0), np.float32(1)
+    vote = one if (d0 + d1) + d2 >= zero else -one
+    agree0, agree1, agree2 = d0 * vote > zero, d1 * vote > zero, d2 * vote > zero
+    total = ((zero + (d0 if agree0 else zero)) + (d1 if agree1 else zero)) + (d2 if agree2 else zero)
+    if normalize:
+        divisor = ((zero + (w0 if agree0 else zero)) + (w1 if agree1 else zero)) + (w2 if agree2 else zero)
+        return total / (divisor if divisor != zero else one)
+    return total
+
+
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy", inline="always")
+def _triple_delta_loop(model0, model1, model2, base, bounds0, bounds1, bounds2, stored0, stored1, stored2, factors,
+                       weights, elect, normalize, divisor, scale, out):
+    """`triple_delta_merge_into`'s loop, inlined where it is called so that its flags fold away."""
+    n = out.size
+    bounds0, bounds1, bounds2 = delta_bounds(bounds0, n), delta_bounds(bounds1, n), delta_bounds(bounds2, n)
+    every0, every1, every2 = stored0.size == 0, stored1.size == 0, stored2.size == 0
+    r0, f0, r1, f1, r2, f2 = factors[0], factors[1], factors[2], factors[3], factors[4], factors[5]
+    w0, w1, w2 = weights[0], weights[1], weights[2]
+    for i in range(n):
+        x = widen(base[i])
+        d0 = kept_delta(widen(model0[i]) - x, i, bounds0, every0 or stored0[i] != 0, r0, f0)
+        d1 = kept_delta(widen(model1[i]) - x, i, bounds1, every1 or stored1[i] != 0, r1, f1)
+        d2 = kept_delta(widen(model2[i]) - x, i, bounds2, every2 or stored2[i] != 0, r2, f2)
+        if elect:
+            total = triple_agreeing(d0, d1, d2, w0, w1, w2, normalize)
+        else:
+            total = (d0 + d1) + d2
+            if normalize:
+                total = total / divisor
+        out[i] = narrow(total * scale + x, out)
+
+
+@jit
+def triple_delta_merge_into(model0, model1, model2, base, bounds0, bounds1, bounds2, stored0, stored1, stored2, factors,
+                            weights, how, divisor, scale, out):
+    """Three models' masked deltas combined into the output in one pass, as `pair_delta_merge_into` does for
+    two: `weighted_delta` on each model, then `consensus_into` (elected by sum) or `sum_into`, bit for bit,
+    without writing three float32 rows and reading them back. factors: (rescale0, weight0, rescale1, weight1,
+    rescale2, weight2); weights: the election's; how: (elect, normalize); divisor: the sum's (without
+    election). `out`: float32, or a bf16 output's bit patterns (`narrow`)."""
+    elect, normalize = how
+    m0, m1, m2, b, k0, k1, k2, s0, s1, s2, f, w = model0, model1, model2, base, bounds0, bounds1, bounds2, stored0, stored1, stored2, factors, weights
+    if elect and normalize:
+        _triple_delta_loop(m0, m1, m2, b, k0, k1, k2, s0, s1, s2, f, w, True, True, divisor, scale, out)
+    elif elect:
+        _triple_delta_loop(m0, m1, m2, b, k0, k1, k2, s0, s1, s2, f, w, True, False, divisor, scale, out)
+    elif normalize:
+        _triple_delta_loop(m0, m1, m2, b, k0, k1, k2, s0, s1, s2, f, w, False, True, divisor, scale, out)
+    else:
+        _triple_delta_loop(m0, m1, m2, b, k0, k1, k2, s0, s1, s2, f, w, False, False, divisor, scale, out)
+
+
+@jit
 def passes_every_magnitude(bounds):
     """Whether a keep rule's bounds (`kept_delta`) keep every magnitude: nothing at or below -inf kept out,
     nothing above +inf dropped (NaN passes both tests)."""

@@ -210,6 +210,22 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
 
         return pair_work
 
+    if consensus != "count" and len(tvs) == 3:  # the same in one loop for three (1B TIES' merge pass: 3.35 s in rows)
+        factors = np.array([x for pair in zip(rescales, ws) for x in pair], dtype=np.float32)
+        how = (consensus == "sum", normalize if consensus == "sum" else divide)
+        divisor = np.float32(0 if consensus == "sum" else total)
+
+        def triple_work(chunks: list[tuple[int, int]]) -> None:
+            outputs = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks))
+            for s, e in chunks:
+                bounds = [(*rule.keep.bounds(s), *rule.drop.bounds(s)) for rule in rules]
+                stored = [rule.stored_array(s, e) for rule in rules]
+                models = [tv.operands(s, e)[0] for tv in tvs]
+                loops.triple_delta_merge_into(*models, tvs[0].operands(s, e)[1], *bounds, *stored, factors, ws, how, divisor,
+                                              np.float32(scale), outputs.direct(s, e))
+
+        return triple_work
+
     def work(chunks: list[tuple[int, int]]) -> None:
         width = max(e - s for s, e in chunks)
         deltas = np.empty((len(tvs), width), dtype=np.float32)
