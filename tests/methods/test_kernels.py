@@ -564,6 +564,7 @@ get_method("arcee_fusion").func(models[:1], base=base, compute_dtype=torch.float
 get_method("ramplus_tl").func(models, base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
 get_method("ramplus_tl").func(models + models[:1], base=base, compute_dtype=torch.float32)  # three: the general tallies
 get_method("model_stock").func(models, base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
+get_method("model_stock").func(models + models[:1], base=base, compute_dtype=torch.float32)  # three: their products
 get_method("multislerp").func(models, base=base, weight=[0.5, 0.5], compute_dtype=torch.float32, output_dtype=torch.bfloat16)
 from mergesmith.methods._sparsify import TaskVector, chunk_size, select_top
 n = base.numel()  # four windows at once: counted one by one, then gathered by windows_gather

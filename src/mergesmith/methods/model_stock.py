@@ -98,6 +98,14 @@ def model_stock(
         CPU), or a float64 product per pair (per row with `filter_wise`) elsewhere."""
         if compiled:
             return [pair_block_sums(*pair_operands(tvs[0], tvs[1], s, e), block) for s, e, _, _ in share]
+        if rows_compiled and n == 3:  # the six products' block sums in one loop from the inputs
+            found = []
+            for s, e, _, _ in share:
+                sums = np.empty((-(-(e - s) // block), 6), dtype=np.float32)
+                models = [tv.operands(s, e)[0] for tv in tvs]
+                _kernels.loops().triple_product_sums(*models, tvs[0].operands(s, e)[1], block, sums)
+                found.append(sums)
+            return found
         if rows_compiled:
             rows, products = np.empty((n, unit_size), dtype=np.float32), np.empty(unit_size, dtype=np.float32)
             found = []
