@@ -1243,8 +1243,24 @@ def pair_product_sums(model0, model1, base, block, sums):
     of `block` entries at a time (the last may be shorter): sums[b] = (Σ d0·d0, Σ d0·d1, Σ d1·d1) over block
     b, each product rounded to float32 and summed in numpy's order (`planned_sum`), so these are the sums
     `model_stock`'s numpy path takes of the same blocks."""
+    _product_sums(model0, model1, model1[:0], base, block, sums)
+
+
+@jit
+def triple_product_sums(model0, model1, model2, base, block, sums):
+    """`pair_product_sums` for three task vectors: sums[b] = (Σ d0·d0, Σ d0·d1, Σ d0·d2, Σ d1·d1, Σ d1·d2,
+    Σ d2·d2) over block b (the pairs i <= j in row-major order, as `model_stock` lists them)."""
+    _product_sums(model0, model1, model2, base, block, sums)
+
+
+@jit
+def _product_sums(model0, model1, model2, base, block, sums):
+    """The block loop of `pair_product_sums` (`model2` empty: three products) and `triple_product_sums` (six):
+    each block's products written to rows, then each row summed by the block's plan. The model count is
+    tested per block, outside the entries' loops, which stay vectorised."""
     n = base.size
-    products = np.empty((3, block), dtype=np.float32)
+    three = model2.size > 0
+    products = np.empty((6 if three else 3, block), dtype=np.float32)
     leaves, adds = sum_plan(block)
     scratch = sum_scratch(leaves)
     for b in range((n + block - 1) // block):
@@ -1254,37 +1270,20 @@ def pair_product_sums(model0, model1, base, block, sums):
             leaves, adds = sum_plan(m)
             scratch = sum_scratch(leaves)
         first, second, bases = model0[start : start + m], model1[start : start + m], base[start : start + m]
-        p00, p01, p11 = products[0], products[1], products[2]
-        for i in range(m):
-            x = widen(bases[i])
-            d0, d1 = widen(first[i]) - x, widen(second[i]) - x
-            p00[i], p01[i], p11[i] = d0 * d0, d0 * d1, d1 * d1
-        for k in range(3):
-            sums[b, k] = planned_sum(products[k][:m], leaves, adds, scratch)
-
-
-@jit
-def triple_product_sums(model0, model1, model2, base, block, sums):
-    """`pair_product_sums` for three task vectors: sums[b] = (Σ d0·d0, Σ d0·d1, Σ d0·d2, Σ d1·d1, Σ d1·d2,
-    Σ d2·d2) over block b (the pairs i <= j in row-major order, as `model_stock` lists them), each product
-    rounded to float32 and summed in numpy's order, so these are the sums its numpy path takes."""
-    n = base.size
-    products = np.empty((6, block), dtype=np.float32)
-    leaves, adds = sum_plan(block)
-    scratch = sum_scratch(leaves)
-    for b in range((n + block - 1) // block):
-        start = b * block
-        m = min(block, n - start)
-        if m < block:  # the last block, shorter
-            leaves, adds = sum_plan(m)
-            scratch = sum_scratch(leaves)
-        first, second, third, bases = model0[start : start + m], model1[start : start + m], model2[start : start + m], base[start : start + m]
-        p00, p01, p02, p11, p12, p22 = products[0], products[1], products[2], products[3], products[4], products[5]
-        for i in range(m):
-            x = widen(bases[i])
-            d0, d1, d2 = widen(first[i]) - x, widen(second[i]) - x, widen(third[i]) - x
-            p00[i], p01[i], p02[i], p11[i], p12[i], p22[i] = d0 * d0, d0 * d1, d0 * d2, d1 * d1, d1 * d2, d2 * d2
-        for k in range(6):
+        if three:
+            third = model2[start : start + m]
+            p00, p01, p02, p11, p12, p22 = products[0], products[1], products[2], products[3], products[4], products[5]
+            for i in range(m):
+                x = widen(bases[i])
+                d0, d1, d2 = widen(first[i]) - x, widen(second[i]) - x, widen(third[i]) - x
+                p00[i], p01[i], p02[i], p11[i], p12[i], p22[i] = d0 * d0, d0 * d1, d0 * d2, d1 * d1, d1 * d2, d2 * d2
+        else:
+            p00, p01, p11 = products[0], products[1], products[2]
+            for i in range(m):
+                x = widen(bases[i])
+                d0, d1 = widen(first[i]) - x, widen(second[i]) - x
+                p00[i], p01[i], p11[i] = d0 * d0, d0 * d1, d1 * d1
+        for k in range(products.shape[0]):
             sums[b, k] = planned_sum(products[k][:m], leaves, adds, scratch)
 
 
