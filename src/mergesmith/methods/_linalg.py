@@ -44,11 +44,14 @@ def block_sums(products: np.ndarray, block: int = PRODUCT_BLOCK) -> np.ndarray:
     return sums
 
 
-def pair_block_sums(model0: np.ndarray, model1: np.ndarray, base: np.ndarray, block: int = PRODUCT_BLOCK) -> np.ndarray:
-    """The (blocks, 3) float32 sums of d0·d0, d0·d1 and d1·d1 over consecutive `block`-entry runs of the task
-    vectors d = model - base of one chunk (`_kernel_loops.pair_product_sums`; loop operands)."""
-    sums = np.empty((-(-model0.size // block), 3), dtype=np.float32)
-    _kernels.loops().pair_product_sums(model0, model1, base, block, sums)
+def product_block_sums(models: Sequence[np.ndarray], base: np.ndarray, block: int = PRODUCT_BLOCK) -> np.ndarray:
+    """The (blocks, pairs) float32 sums of dᵢ·dⱼ (pairs i <= j in row-major order: d0·d0, d0·d1, d1·d1 for
+    two) over consecutive `block`-entry runs of the task vectors d = model - base of one chunk, for two or
+    three models (`_kernel_loops.pair_product_sums`, `triple_product_sums`; loop operands)."""
+    count = len(models)
+    sums = np.empty((-(-base.size // block), count * (count + 1) // 2), dtype=np.float32)
+    loops = _kernels.loops()
+    (loops.pair_product_sums if count == 2 else loops.triple_product_sums)(*models, base, block, sums)
     return sums
 
 
@@ -135,7 +138,7 @@ def _compiled_pair_gram(flats: Sequence[torch.Tensor], base: torch.Tensor | None
         found = []
         for s, e in part:
             below = zeros_operand(e - s) if below_all is None else below_all[s:e]  # no base: minus zeros, exact
-            sums = pair_block_sums(first[s:e], second[s:e], below)
+            sums = product_block_sums((first[s:e], second[s:e]), below)
             found.append([total(sums[:, k]) for k in range(3)])
         return found
 

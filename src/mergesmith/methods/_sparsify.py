@@ -163,6 +163,12 @@ def pair_operands(first: TaskVector, second: TaskVector, start: int, end: int) -
     return first.loop_inputs()[0][start:end], *second.operands(start, end)
 
 
+def models_and_base(tvs: Sequence[TaskVector], start: int, end: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """([every model], their shared base)[start:end] as the loops for several models read them (`loop_operand`:
+    views, no copy)."""
+    return [tv.operands(start, end)[0] for tv in tvs], tvs[0].operands(start, end)[1]
+
+
 class StoredValues(TaskVector):
     """A flat tensor already in memory, read through the TaskVector interface so that `select_top` can select
     on it chunk by chunk (SCE's variance)."""

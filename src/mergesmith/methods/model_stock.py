@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from mergesmith.methods import _kernels
-from mergesmith.methods._linalg import PRODUCT_BLOCK, block_sums, pair_block_sums, total
+from mergesmith.methods._linalg import PRODUCT_BLOCK, block_sums, product_block_sums, total
 from mergesmith.methods._parallel import in_parts
-from mergesmith.methods._sparsify import TaskVector, chunk_size, pair_operands, spans, task_vector_rows
+from mergesmith.methods._sparsify import TaskVector, chunk_size, models_and_base, pair_operands, spans, task_vector_rows
 from mergesmith.methods.registry import Param, merge_method
 
 PAIR_NORM_FLOOR = 1e-6
@@ -96,16 +96,8 @@ def model_stock(
     def inner_products(share):
         """Per unit of the share, the float32 sums of its blocks' products, a column per pair i <= j (float32 on
         CPU), or a float64 product per pair (per row with `filter_wise`) elsewhere."""
-        if compiled:
-            return [pair_block_sums(*pair_operands(tvs[0], tvs[1], s, e), block) for s, e, _, _ in share]
-        if rows_compiled and n == 3:  # the six products' block sums in one loop from the inputs
-            found = []
-            for s, e, _, _ in share:
-                sums = np.empty((-(-(e - s) // block), 6), dtype=np.float32)
-                models = [tv.operands(s, e)[0] for tv in tvs]
-                _kernels.loops().triple_product_sums(*models, tvs[0].operands(s, e)[1], block, sums)
-                found.append(sums)
-            return found
+        if compiled or (rows_compiled and n == 3):  # two or three: the products' block sums in one loop
+            return [product_block_sums(*models_and_base(tvs, s, e), block) for s, e, _, _ in share]
         if rows_compiled:
             rows, products = np.empty((n, unit_size), dtype=np.float32), np.empty(unit_size, dtype=np.float32)
             found = []
