@@ -566,6 +566,7 @@ get_method("ramplus_tl").func(models + models[:1], base=base, compute_dtype=torc
 get_method("model_stock").func(models, base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
 get_method("model_stock").func(models + models[:1], base=base, compute_dtype=torch.float32)  # three: their products
 get_method("multislerp").func(models, base=base, weight=[0.5, 0.5], compute_dtype=torch.float32, output_dtype=torch.bfloat16)
+get_method("multislerp").func(models + models[:1], base=base, weight=[0.5] * 3, compute_dtype=torch.float32)  # three
 from mergesmith.methods._sparsify import TaskVector, chunk_size, select_top
 n = base.numel()  # four windows at once: counted one by one, then gathered by windows_gather
 select_top(TaskVector(models[0], base, torch.float32), [n // 5, 2 * n // 5, 3 * n // 5, 4 * n // 5], chunk_size(base))
@@ -611,17 +612,17 @@ def test_model_stock_loops_equal_the_torch_path(dtype, filter_wise, shape, torch
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("method", ["slerp", "karcher", "nuslerp"])
-def test_the_gram_of_two_models_on_the_loop_equals_the_torch_path(method, dtype, torch_path, monkeypatch):
+@pytest.mark.parametrize("method, count", [("slerp", 2), ("karcher", 2), ("nuslerp", 2), ("karcher", 3)])
+def test_the_gram_of_two_or_three_models_on_the_loop_equals_the_torch_path(method, count, dtype, torch_path, monkeypatch):
     g = torch.Generator().manual_seed(7)
-    models = [(torch.randn(700, 640, generator=g) * 0.02).to(dtype) for _ in range(2)]
+    models = [(torch.randn(700, 640, generator=g) * 0.02).to(dtype) for _ in range(count)]
     if method == "slerp":  # the base is one end, the other model the other
         run = lambda: get_method(method).func(models[1:], base=models[0], t=0.3, compute_dtype=torch.float32)
     else:
         kwargs = {} if method == "karcher" else {"weight": [0.3, 0.6]}
         run = lambda: get_method(method).func(models, compute_dtype=torch.float32, **kwargs)
-    calls = []
-    monkeypatch.setattr(_kernels.loops(), "pair_product_sums", lambda *a, _loop=_kernels.loops().pair_product_sums: calls.append(1) or _loop(*a))
+    calls, loop = [], "pair_product_sums" if count == 2 else "triple_product_sums"
+    monkeypatch.setattr(_kernels.loops(), loop, lambda *a, _loop=getattr(_kernels.loops(), loop): calls.append(1) or _loop(*a))
     compiled = run()
     assert calls
     with torch_path:
@@ -630,19 +631,21 @@ def test_the_gram_of_two_models_on_the_loop_equals_the_torch_path(method, dtype,
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("method", ["multislerp", "nuslerp"])
-def test_two_task_vector_interpolations_on_the_loops_equal_the_torch_path(method, dtype, torch_path, monkeypatch):
+@pytest.mark.parametrize("method, count", [("multislerp", 2), ("nuslerp", 2), ("multislerp", 3)])
+def test_task_vector_interpolations_on_the_loops_equal_the_torch_path(method, count, dtype, torch_path, monkeypatch):
     g = torch.Generator().manual_seed(5)
     base = torch.randn(700, 640, generator=g) * 0.02
     shared = torch.randn(700, 640, generator=g) * 0.002
-    models = [(base + shared + torch.randn(700, 640, generator=g) * 0.002).to(dtype) for _ in range(2)]
+    models = [(base + shared + torch.randn(700, 640, generator=g) * 0.002).to(dtype) for _ in range(count)]
     base = base.to(dtype)
-    run = lambda **kw: get_method(method).func(models, base=base, weight=[0.3, 0.6], compute_dtype=torch.float32, **kw)
+    weights = [0.3, 0.6, 0.45][:count]
+    run = lambda **kw: get_method(method).func(models, base=base, weight=weights, compute_dtype=torch.float32, **kw)
     loops, calls = _kernels.loops(), []
-    for name in ("pair_product_sums", "pair_combine_into"):
+    names = ("pair_product_sums", "pair_combine_into") if count == 2 else ("triple_product_sums", "triple_combine_into")
+    for name in names:
         monkeypatch.setattr(loops, name, lambda *a, _loop=getattr(loops, name), _name=name: calls.append(_name) or _loop(*a))
     compiled, rounded = run(), run(output_dtype=torch.bfloat16)
-    assert {"pair_product_sums", "pair_combine_into"} <= set(calls)
+    assert set(names) <= set(calls)
     with torch_path:
         reference = run()
         assert run(output_dtype=torch.bfloat16).dtype == torch.float32  # the torch path leaves the rounding to the caller

@@ -1360,6 +1360,14 @@ def pair_combine_into(model0, model1, base, c0, c1, out):
 
 
 @jit
+def triple_combine_into(model0, model1, model2, base, c0, c1, c2, out):
+    """out = (((d0·c0) + (d1·c1)) + (d2·c2)) + base: `pair_combine_into` for three task vectors."""
+    for i in range(out.size):
+        x = widen(base[i])
+        out[i] = narrow(((widen(model0[i]) - x) * c0 + (widen(model1[i]) - x) * c1 + (widen(model2[i]) - x) * c2) + x, out)
+
+
+@jit
 def bernoulli_rows(model, base, state, threshold, draws, keep, sums):
     """DARE's keep test (`bernoulli_keep`) of a chunk of the inputs as stored, with the chunk's L1 sums when
     `sums` is not empty: sums[0] = (sum of |d|, sum of the kept |d|), each in numpy's order (`planned_sum`,

@@ -7,8 +7,10 @@ N x N matrix), do the small geometry in float64 on the host, and finish with a s
 
 On CPU the inner products are float64 sums of float32 partial sums over blocks of 4096 products, each in
 numpy's order (`block_sums`), so that the compiled loops that do the common case, two task vectors in
-float32 (nuslerp and multislerp with a base: `pair_product_sums`, `pair_combine_into`), give the numpy
-path's bits; BLAS dots on a 1B merge left the two-model methods 2x slower than the loops.
+float32 (nuslerp and multislerp with a base: `pair_product_sums`, `pair_combine_into`; three task vectors:
+`triple_product_sums`, `triple_combine_into`), give the numpy path's bits; BLAS dots on a 1B merge left the
+two-model methods 2x slower than the loops. Four or more vectors take BLAS dots (their last bits then depend on
+the BLAS build).
 """
 
 from __future__ import annotations
@@ -60,11 +62,15 @@ def total(sums: np.ndarray) -> float:
     return float(np.add.reduce(sums, dtype=np.float64))
 
 
-def _compiled_pair(models: Sequence[torch.Tensor], base: torch.Tensor | None, dtype: torch.dtype | None) -> bool:
-    """Whether `_kernels`' loops do the work for two vectors (task vectors against `base`, when given) in
-    float32 on CPU."""
+# How many vectors the compiled loops take at once (`_kernel_loops`' pair and triple loops).
+_LOOP_COUNTS = (2, 3)
+
+
+def _compiled(models: Sequence[torch.Tensor], base: torch.Tensor | None, dtype: torch.dtype | None) -> bool:
+    """Whether `_kernels`' loops do the work for two or three vectors (task vectors against `base`, when given)
+    in float32 on CPU."""
     reference = base if base is not None else models[0]
-    return (len(models) == 2 and dtype in (None, torch.float32) and reference.dtype != torch.float64
+    return (len(models) in _LOOP_COUNTS and dtype in (None, torch.float32) and reference.dtype != torch.float64
             and all(TaskVector(m, reference, torch.float32).compiled() for m in models))
 
 
@@ -98,8 +104,8 @@ def gram(vectors: Sequence[torch.Tensor], dtype: torch.dtype | None = None, *, b
         return _gram_blocked([f.to(work) for f in flats])
     length = flats[0].numel()
     chunk = min(_CHUNK << 2, max(length, 1))
-    if not wide and _compiled_pair(vectors, base, dtype):
-        return _symmetric(_compiled_pair_gram(flats, base.reshape(-1) if base is not None else None, chunk), n)
+    if not wide and _compiled(vectors, base, dtype):
+        return _symmetric(_compiled_gram(flats, base.reshape(-1) if base is not None else None, chunk), n)
     bufs = [torch.empty(chunk, dtype=work) for _ in flats]
     if base is not None:  # task vectors in the compute dtype (rounded there, as subtracting whole tensors would)
         delta_dtype = dtype or torch.promote_types(flats[0].dtype, base.dtype)
@@ -118,34 +124,35 @@ def gram(vectors: Sequence[torch.Tensor], dtype: torch.dtype | None = None, *, b
 
 def _pair_dots(flats: Sequence[torch.Tensor]) -> torch.Tensor:
     """Dot products of every pair i <= j (row-major upper triangle) as a float64 CPU vector: BLAS dot (not
-    subject to TF32), except for two float32 vectors on CPU, the case the compiled loop does, whose products
-    are summed as it sums them (the float64 sum of their `block_sums`)."""
+    subject to TF32), except for two or three float32 vectors on CPU, the cases the compiled loops do, whose
+    products are summed as they sum them (the float64 sum of their `block_sums`)."""
     n = len(flats)
     pairs = [(i, j) for i in range(n) for j in range(i, n)]
-    if n == 2 and flats[0].device.type == "cpu" and flats[0].dtype == torch.float32:
+    if n in _LOOP_COUNTS and flats[0].device.type == "cpu" and flats[0].dtype == torch.float32:
         return torch.tensor([total(block_sums((flats[i] * flats[j]).numpy())) for i, j in pairs], dtype=torch.float64)
     return torch.stack([torch.dot(flats[i], flats[j]) for i, j in pairs]).to(torch.float64).cpu()
 
 
-def _compiled_pair_gram(flats: Sequence[torch.Tensor], base: torch.Tensor | None, chunk: int) -> torch.Tensor:
-    """`gram`'s upper triangle for two vectors (task vectors against `base`, when given) with
-    `_kernel_loops.pair_product_sums`, the chunks shared between the CPU's threads and their sums added in
-    chunk order afterwards (as `_pair_dots` adds them)."""
-    first, second = loop_operand(flats[0]), loop_operand(flats[1])
+def _compiled_gram(flats: Sequence[torch.Tensor], base: torch.Tensor | None, chunk: int) -> torch.Tensor:
+    """`gram`'s upper triangle for two or three vectors (task vectors against `base`, when given) with
+    `_kernel_loops`' product sums, the chunks shared between the CPU's threads and their sums added in chunk
+    order afterwards (as `_pair_dots` adds them)."""
+    operands = [loop_operand(f) for f in flats]
     below_all = None if base is None else loop_operand(base)
+    pairs = len(flats) * (len(flats) + 1) // 2
 
     def share(part):
         found = []
         for s, e in part:
             below = zeros_operand(e - s) if below_all is None else below_all[s:e]  # no base: minus zeros, exact
-            sums = product_block_sums((first[s:e], second[s:e]), below)
-            found.append([total(sums[:, k]) for k in range(3)])
+            sums = product_block_sums([o[s:e] for o in operands], below)
+            found.append([total(sums[:, k]) for k in range(pairs)])
         return found
 
-    entries = torch.zeros(3, dtype=torch.float64)
+    entries = torch.zeros(pairs, dtype=torch.float64)
     for part in in_parts(spans(flats[0].numel(), chunk), share, flats[0].device):
-        for triple in part:
-            entries += torch.tensor(triple, dtype=torch.float64)
+        for chunk_entries in part:
+            entries += torch.tensor(chunk_entries, dtype=torch.float64)
     return entries
 
 
@@ -200,18 +207,18 @@ def combine_task_vectors(
 ) -> torch.Tensor:
     """`base + Σ cᵢ·(modelsᵢ − base)` in `dtype` (default: the base's), chunk by chunk from the inputs as stored
     (bf16 as read): each chunk's task vectors are computed in `dtype` and scaled by their coefficients (each
-    product rounded), added up, then the base added. Two float32 task vectors on CPU take one compiled loop
-    (`_kernel_loops.pair_combine_into`, the same operations), which writes a bf16 `output_dtype` directly
+    product rounded), added up, then the base added. Two or three float32 task vectors on CPU take one compiled
+    loop (`_kernel_loops.pair_combine_into`, `triple_combine_into`: the same operations), which writes a bf16 `output_dtype` directly
     (`_kernels.OutputChunks`); otherwise the result is in `dtype`."""
     dtype = dtype or base.dtype
-    compiled = _compiled_pair(models, base, dtype)
+    compiled = _compiled(models, base, dtype)
     out = torch.empty(base.shape, dtype=_kernels.result_dtype(dtype, output_dtype, compiled), device=base.device)
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     flats = [m.reshape(-1) for m in models]
     length = flat_out.numel()
     chunk = min(_CHUNK << 2 if out.device.type == "cpu" else length, max(length, 1))
     if compiled:
-        _compiled_pair_combine(flats, flat_base, [np.float32(c) for c in coefficients], flat_out, chunk)
+        _compiled_combine(flats, flat_base, [np.float32(c) for c in coefficients], flat_out, chunk)
         return out
     base_buf, delta_buf = (torch.empty(chunk, dtype=dtype, device=base.device) for _ in range(2))
     for s in range(0, length, chunk):
@@ -224,14 +231,16 @@ def combine_task_vectors(
     return out
 
 
-def _compiled_pair_combine(flats: Sequence[torch.Tensor], base: torch.Tensor, coefficients: list, flat_out: torch.Tensor, chunk: int) -> None:
-    """`combine_task_vectors`' chunks for two task vectors with `_kernel_loops.pair_combine_into`, shared
-    between the CPU's threads."""
-    first, second, below = loop_operand(flats[0]), loop_operand(flats[1]), loop_operand(base)
+def _compiled_combine(flats: Sequence[torch.Tensor], base: torch.Tensor, coefficients: list, flat_out: torch.Tensor, chunk: int) -> None:
+    """`combine_task_vectors`' chunks for two or three task vectors with `_kernel_loops.pair_combine_into` or
+    `triple_combine_into`, shared between the CPU's threads."""
+    operands, below = [loop_operand(f) for f in flats], loop_operand(base)
 
     def share(part):
         outputs = _kernels.OutputChunks(flat_out, chunk)
+        loops = _kernels.loops()
+        combine_into = loops.pair_combine_into if len(operands) == 2 else loops.triple_combine_into
         for s, e in part:
-            _kernels.loops().pair_combine_into(first[s:e], second[s:e], below[s:e], *coefficients, outputs.direct(s, e))
+            combine_into(*(o[s:e] for o in operands), below[s:e], *coefficients, outputs.direct(s, e))
 
     in_parts(spans(base.numel(), chunk), share, base.device)
