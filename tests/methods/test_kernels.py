@@ -686,7 +686,8 @@ def test_pair_product_sums_are_numpys_block_sums():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("count,params", [
     (2, {"select_topk": 0.4}),  # the streamed two-model cut
-    (3, {"select_topk": 0.6, "consensus_method": "count"}),  # the stored variance mask
+    (3, {"select_topk": 0.6, "consensus_method": "count"}),  # the stored variance mask, the rows' merge
+    (3, {"select_topk": 0.5}),  # the stored variance mask in the three-model loops (`triple_square_sums`, one pass)
     (3, {"select_topk": 1.0, "energy_floor": 0.0}),  # everything selected, energy weights
     (2, {"select_topk": 1.0, "energy_floor": 0.0}),  # two models, everything selected: the energies' empty keep
 ])

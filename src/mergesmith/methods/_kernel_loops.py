@@ -426,22 +426,27 @@ def pair_delta_merge_into(model0, model1, base, bounds0, bounds1, stored0, store
 
 
 @jit
-def triple_agreeing(d0, d1, d2, w0, w1, w2, normalize):
-    """TIES' disjoint merge of one entry's three deltas, elected by the sign of their sum: `consensus_into`'s
-    float operations on three rows (the sums in row order, from zero), for one entry in registers."""
+def triple_agreeing(d0, d1, d2, w0, w1, w2, weigh, normalize, floor):
+    """The disjoint merge of one entry's three deltas, elected by the sign of their sum: `consensus_into`'s
+    float operations on three rows (the sums in row order, from zero), or with weigh `weighted_consensus_into`'s
+    (each agreeing delta times its weight, over the agreeing weights floored at `floor`: SCE), for one entry
+    in registers."""
     zero, one = np.float32(0), np.float32(1)
     vote = one if (d0 + d1) + d2 >= zero else -one
     agree0, agree1, agree2 = d0 * vote > zero, d1 * vote > zero, d2 * vote > zero
-    total = ((zero + (d0 if agree0 else zero)) + (d1 if agree1 else zero)) + (d2 if agree2 else zero)
+    f0, f1, f2 = (w0, w1, w2) if weigh else (one, one, one)
+    total = ((zero + (d0 * f0 if agree0 else zero)) + (d1 * f1 if agree1 else zero)) + (d2 * f2 if agree2 else zero)
+    divisor = ((zero + (w0 if agree0 else zero)) + (w1 if agree1 else zero)) + (w2 if agree2 else zero)
+    if weigh:
+        return total / max(divisor, floor)
     if normalize:
-        divisor = ((zero + (w0 if agree0 else zero)) + (w1 if agree1 else zero)) + (w2 if agree2 else zero)
         return total / (divisor if divisor != zero else one)
     return total
 
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy", inline="always")
 def _triple_delta_loop(model0, model1, model2, base, bounds0, bounds1, bounds2, stored0, stored1, stored2, factors,
-                       weights, elect, normalize, divisor, scale, out):
+                       weights, elect, weigh, normalize, divisor, scale, out):
     """`triple_delta_merge_into`'s loop, inlined where it is called so that its flags fold away."""
     n = out.size
     bounds0, bounds1, bounds2 = delta_bounds(bounds0, n), delta_bounds(bounds1, n), delta_bounds(bounds2, n)
@@ -454,7 +459,7 @@ def _triple_delta_loop(model0, model1, model2, base, bounds0, bounds1, bounds2, 
         d1 = kept_delta(widen(model1[i]) - x, i, bounds1, every1 or stored1[i] != 0, r1, f1)
         d2 = kept_delta(widen(model2[i]) - x, i, bounds2, every2 or stored2[i] != 0, r2, f2)
         if elect:
-            total = triple_agreeing(d0, d1, d2, w0, w1, w2, normalize)
+            total = triple_agreeing(d0, d1, d2, w0, w1, w2, weigh, normalize, divisor)
         else:
             total = (d0 + d1) + d2
             if normalize:
@@ -466,20 +471,23 @@ def _triple_delta_loop(model0, model1, model2, base, bounds0, bounds1, bounds2, 
 def triple_delta_merge_into(model0, model1, model2, base, bounds0, bounds1, bounds2, stored0, stored1, stored2, factors,
                             weights, how, divisor, scale, out):
     """Three models' masked deltas combined into the output in one pass, as `pair_delta_merge_into` does for
-    two: `weighted_delta` on each model, then `consensus_into` (elected by sum) or `sum_into`, bit for bit,
-    without writing three float32 rows and reading them back. factors: (rescale0, weight0, rescale1, weight1,
-    rescale2, weight2); weights: the election's; how: (elect, normalize); divisor: the sum's (without
-    election). `out`: float32, or a bf16 output's bit patterns (`narrow`)."""
-    elect, normalize = how
+    two: `weighted_delta` on each model, then `consensus_into` (elected by sum), `weighted_consensus_into` or
+    `sum_into`, bit for bit, without writing three float32 rows and reading them back. factors: (rescale0,
+    weight0, rescale1, weight1, rescale2, weight2); weights: the election's; how: (elect, weigh, normalize) as
+    `pair_delta_merge_into` takes it; divisor: the sum's (without election) or the weighted merge's floor.
+    `out`: float32, or a bf16 output's bit patterns (`narrow`)."""
+    elect, weigh, normalize = how
     m0, m1, m2, b, k0, k1, k2, s0, s1, s2, f, w = model0, model1, model2, base, bounds0, bounds1, bounds2, stored0, stored1, stored2, factors, weights
-    if elect and normalize:
-        _triple_delta_loop(m0, m1, m2, b, k0, k1, k2, s0, s1, s2, f, w, True, True, divisor, scale, out)
+    if elect and weigh:  # SCE
+        _triple_delta_loop(m0, m1, m2, b, k0, k1, k2, s0, s1, s2, f, w, True, True, True, divisor, scale, out)
+    elif elect and normalize:
+        _triple_delta_loop(m0, m1, m2, b, k0, k1, k2, s0, s1, s2, f, w, True, False, True, divisor, scale, out)
     elif elect:
-        _triple_delta_loop(m0, m1, m2, b, k0, k1, k2, s0, s1, s2, f, w, True, False, divisor, scale, out)
+        _triple_delta_loop(m0, m1, m2, b, k0, k1, k2, s0, s1, s2, f, w, True, False, False, divisor, scale, out)
     elif normalize:
-        _triple_delta_loop(m0, m1, m2, b, k0, k1, k2, s0, s1, s2, f, w, False, True, divisor, scale, out)
+        _triple_delta_loop(m0, m1, m2, b, k0, k1, k2, s0, s1, s2, f, w, False, False, True, divisor, scale, out)
     else:
-        _triple_delta_loop(m0, m1, m2, b, k0, k1, k2, s0, s1, s2, f, w, False, False, divisor, scale, out)
+        _triple_delta_loop(m0, m1, m2, b, k0, k1, k2, s0, s1, s2, f, w, False, False, False, divisor, scale, out)
 
 
 @jit
@@ -1295,24 +1303,54 @@ def pair_square_sums(model0, model1, base, keep, apart, sums):
     deltas, `np.square` and `np.add.reduce`. The squares are made and summed a span of leaves at a time
     (`leaf_span`): 0.91-1.05 ns an entry against 1.11-1.31 writing the chunk's squares first (one chunk of the
     bench's 1B bf16 merge, alternating runs)."""
+    _square_sums(model0, model1, model1[:0], base, keep, apart, sums)
+
+
+@jit
+def triple_square_sums(model0, model1, model2, base, keep, sums):
+    """`pair_square_sums` for three task vectors, selected by `keep` alone (sums[0:3])."""
+    _square_sums(model0, model1, model2, base, keep, (np.float32(-np.inf), np.float32(-np.inf), np.int64(0)), sums)
+
+
+@jit
+def _square_sums(model0, model1, model2, base, keep, apart, sums):
+    """The loop of `pair_square_sums` (`model2` empty) and `triple_square_sums`."""
     n = base.size
     leaves, adds = sum_plan(n)
     count = leaves.shape[1]
-    first_sums, second_sums = sum_scratch(leaves), sum_scratch(leaves)
-    squares = np.empty((2, SPAN_WIDTH), dtype=np.float32)
+    rows = 3 if model2.size else 2
+    scratch = [sum_scratch(leaves) for _ in range(rows)]
+    squares = np.empty((3, SPAN_WIDTH), dtype=np.float32)
     ge, gt, split = distance_bounds(apart, n)
     k = 0
     while k < count:
         k1, start, end = leaf_span(leaves, k)
         m = end - start
         span_keep = keep[start:end] if keep.size else keep
-        _span_squares(model0[start:end], model1[start:end], base[start:end], span_keep, (ge, gt, np.int32(split - start)),
-                      squares[0, :m], squares[1, :m])
-        leaf_sums(squares[0], leaves, k, k1, start, first_sums)
-        leaf_sums(squares[1], leaves, k, k1, start, second_sums)
+        if rows == 3:
+            _span_triple_squares(model0[start:end], model1[start:end], model2[start:end], base[start:end], span_keep,
+                                 squares[0, :m], squares[1, :m], squares[2, :m])
+        else:
+            _span_squares(model0[start:end], model1[start:end], base[start:end], span_keep, (ge, gt, np.int32(split - start)),
+                          squares[0, :m], squares[1, :m])
+        for j in range(rows):
+            leaf_sums(squares[j], leaves, k, k1, start, scratch[j])
         k = k1
-    sums[0] = added_leaves(adds, count, first_sums)
-    sums[1] = added_leaves(adds, count, second_sums)
+    for j in range(rows):
+        sums[j] = added_leaves(adds, count, scratch[j])
+
+
+@jit
+def _span_triple_squares(model0, model1, model2, base, keep, first, second, third):
+    """`_span_squares` for three task vectors, selected by `keep` alone (empty: every entry)."""
+    zero = np.float32(0)
+    for i in range(base.size):
+        x = widen(base[i])
+        selected = keep.size == 0 or keep[i] != 0
+        d0 = widen(model0[i]) - x if selected else zero
+        d1 = widen(model1[i]) - x if selected else zero
+        d2 = widen(model2[i]) - x if selected else zero
+        first[i], second[i], third[i] = d0 * d0, d1 * d1, d2 * d2
 
 
 @jit

@@ -197,7 +197,7 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
     if consensus != "count" and len(tvs) in (2, 3):  # one loop from the inputs to the output, no deltas in memory
         factors = np.array([x for pair in zip(rescales, ws) for x in pair], dtype=np.float32)  # rescale, weight each
         elect = consensus == "sum"
-        flags = (elect, normalize if elect else divide)  # the pass's: elect, normalize
+        how = (elect, False, normalize if elect else divide)  # the loops' elect, weigh (SCE's only), normalize
         divisor = np.float32(0 if elect else total)
 
         def one_pass(chunks: list[tuple[int, int]]) -> None:
@@ -207,11 +207,11 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
                 bounds = [(*rule.keep.bounds(s), *rule.drop.bounds(s)) for rule in rules]
                 stored = [rule.stored_array(s, e) for rule in rules]
                 models, base = _sparsify.models_and_base(tvs, s, e)
-                if len(tvs) == 2:  # the pair loop's flags add `weigh`, SCE's only
+                if len(tvs) == 2:  # the pair loop also takes SCE's distance bounds
                     loops.pair_delta_merge_into(*models, base, *bounds, *stored, _sparsify.ANY_DISTANCE, factors, ws,
-                                                (flags[0], False, flags[1]), divisor, np.float32(scale), outputs.direct(s, e))
+                                                how, divisor, np.float32(scale), outputs.direct(s, e))
                 else:
-                    loops.triple_delta_merge_into(*models, base, *bounds, *stored, factors, ws, flags, divisor,
+                    loops.triple_delta_merge_into(*models, base, *bounds, *stored, factors, ws, how, divisor,
                                                   np.float32(scale), outputs.direct(s, e))
 
         return one_pass

@@ -28,7 +28,7 @@ from mergesmith.methods._consensus import CONSENSUS_METHODS, accumulation_dtype,
 from mergesmith.methods._parallel import in_parts
 from mergesmith.methods._sums import run_sums
 from mergesmith.methods._sparsify import (
-    ANY_DISTANCE, KEEP_ALL_BOUNDS, Cut, StoredValues, TaskVector, check_tie_order, chunk_size, pair_operands, select_top_fraction,
+    ANY_DISTANCE, KEEP_ALL_BOUNDS, Cut, StoredValues, TaskVector, check_tie_order, chunk_size, models_and_base, select_top_fraction,
     selection_dtype, spans, top_fraction_count, variance_across,
 )
 from mergesmith.methods._task_vectors import CONSENSUS
@@ -99,15 +99,18 @@ class _Selection:
             return self.stored[s : s + buf.size].numpy()
         return _EVERYTHING
 
-    def pair_terms(self, s: int, e: int) -> tuple[np.ndarray, tuple]:
-        """The selection of [s, e) as the two-model loops take it (`_kernel_loops.pair_delta_merge_into`): a
-        uint8 mask (empty: none) and bounds on the models' distance, which the loops test as they go."""
+    def loop_terms(self, s: int, e: int) -> tuple[np.ndarray, tuple]:
+        """The selection of [s, e) as the one-pass loops take it (`_kernel_loops.pair_delta_merge_into`,
+        `triple_delta_merge_into`): a uint8 mask (empty: none) and bounds on two models' distance, which the
+        pair loops test as they go (three models are never cut: the bounds then pass everything)."""
         if self.cut is not None:
             return _EVERYTHING, self.cut.bounds(s)
         return (_EVERYTHING if self.stored is None else self.stored[s:e].numpy()), ANY_DISTANCE
 
 
 _EVERYTHING = np.empty(0, dtype=np.uint8)
+# Model counts whose energies and merge run in one loop from the inputs (`_kernel_loops`' pair and triple loops).
+_ONE_PASS_COUNTS = (2, 3)
 
 
 def _selection(tvs, fraction: float, size: int, tie_order: str) -> _Selection:
@@ -255,10 +258,15 @@ def _compiled_energy(tvs, selection: _Selection, chunks: list[tuple[int, int]]) 
     index = {chunk: i for i, chunk in enumerate(chunks)}
 
     def work(share):
-        if len(tvs) == 2:  # one loop: the selection's deltas squared and summed (1.2 against 2.4 ns an entry)
-            chunk_sums = np.empty(2, dtype=np.float32)
+        if len(tvs) in _ONE_PASS_COUNTS:  # one loop: the selection's deltas squared and summed (1.2 against 2.4 ns an entry)
+            chunk_sums, loops = np.empty(len(tvs), dtype=np.float32), _kernels.loops()
             for s, e in share:
-                _kernels.loops().pair_square_sums(*pair_operands(tvs[0], tvs[1], s, e), *selection.pair_terms(s, e), chunk_sums)
+                models, base = models_and_base(tvs, s, e)
+                keep, apart = selection.loop_terms(s, e)
+                if len(tvs) == 2:
+                    loops.pair_square_sums(*models, base, keep, apart, chunk_sums)
+                else:
+                    loops.triple_square_sums(*models, base, keep, chunk_sums)
                 sums[index[(s, e)]] = chunk_sums
             return
         deltas = _CompiledDeltas(tvs, selection, max(e - s for s, e in share))
@@ -276,22 +284,29 @@ def _compiled_energy(tvs, selection: _Selection, chunks: list[tuple[int, int]]) 
 
 
 def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: bool, flat_out: torch.Tensor):
-    """The merge pass's chunk work on the compiled path (see `_kernels.weighted_consensus_into`); two models
-    elected by sum in one pass from the inputs to the output (`_kernel_loops.pair_delta_merge_into`)."""
+    """The merge pass's chunk work on the compiled path (see `_kernels.weighted_consensus_into`); two or three
+    models elected by sum in one pass from the inputs to the output (`_kernel_loops.pair_delta_merge_into`,
+    `triple_delta_merge_into`; three models' merge pass at 1B: 2.6 s through the rows)."""
     ws = np.array(weights, dtype=np.float32)
     floor = np.float32(1e-6)
-    if len(tvs) == 2 and not by_count:
-        ones, how = np.ones(4, dtype=np.float32), (True, True, True)  # unscaled deltas; elect, weigh
+    count = len(tvs)
+    if count in _ONE_PASS_COUNTS and not by_count:
+        ones, how = np.ones(2 * count, dtype=np.float32), (True, True, True)  # unscaled deltas; elect, weigh
 
-        def pair_work(chunks):
-            outputs = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks))
+        def one_pass(chunks):
+            outputs, loops = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks)), _kernels.loops()
             for s, e in chunks:
-                keep, apart = selection.pair_terms(s, e)
-                _kernels.loops().pair_delta_merge_into(*pair_operands(tvs[0], tvs[1], s, e), *(KEEP_ALL_BOUNDS,) * 2,
-                                                       keep, keep, apart, ones, ws, how, floor, np.float32(1),
-                                                       outputs.direct(s, e))
+                models, base = models_and_base(tvs, s, e)
+                keep, apart = selection.loop_terms(s, e)
+                bounds, keeps = (KEEP_ALL_BOUNDS,) * count, (keep,) * count
+                if count == 2:
+                    loops.pair_delta_merge_into(*models, base, *bounds, *keeps, apart, ones, ws, how, floor, np.float32(1),
+                                                outputs.direct(s, e))
+                else:
+                    loops.triple_delta_merge_into(*models, base, *bounds, *keeps, ones, ws, how, floor, np.float32(1),
+                                                  outputs.direct(s, e))
 
-        return pair_work
+        return one_pass
 
     def work(chunks):
         width = max(e - s for s, e in chunks)
