@@ -553,7 +553,8 @@ for name in ("ties", "breadcrumbs", "dare_linear", "della", "sce"):
     get_method(name).func(models, base=base, **kwargs)
 get_method("ties").func(models + models[:1], base=base, weight=[0.5] * 3, density=[0.5] * 3, compute_dtype=torch.float32)  # three: one pass
 get_method("ties").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] * 4, compute_dtype=torch.float32)  # general election
-get_method("sce").func(models + models[:1], base=base, select_topk=0.5, compute_dtype=torch.float32)  # three: the general merge
+get_method("sce").func(models + models[:1], base=base, select_topk=0.5, compute_dtype=torch.float32)  # three: one pass
+get_method("sce").func(models * 2, base=base, select_topk=0.5, compute_dtype=torch.float32)  # four: the rows' variance
 get_method("sce").func(models, base=base, select_topk=0.5, consensus_method="count", compute_dtype=torch.float32)  # cut_mask
 get_method("dare_linear").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] * 4,
                                compute_dtype=torch.float32, generator=torch.Generator().manual_seed(1))  # four: sum_into

@@ -217,6 +217,24 @@ def welford_variance_into(deltas, n, mean, m2, out):
 
 
 @jit
+def triple_variance_into(model0, model1, model2, base, out):
+    """`welford_variance_into` for three task vectors d = model - base made as it goes (float32, as
+    `_sparsify.task_vector_rows` makes them): the same float64 operations entry by entry, without writing the
+    three rows and reading them back."""
+    for i in range(out.size):
+        x = widen(base[i])
+        first, second, third = np.float64(widen(model0[i]) - x), np.float64(widen(model1[i]) - x), np.float64(widen(model2[i]) - x)
+        mean, m2 = first, 0.0
+        step = second - mean
+        mean += step * (1.0 / 2.0)  # a power of two: `welford_variance_into`'s multiplication
+        m2 += step * (second - mean)
+        step = third - mean
+        mean += step / 3.0
+        m2 += step * (third - mean)
+        out[i] = np.float32(m2 / 3.0)
+
+
+@jit
 def exact_reciprocal(count):
     """Whether dividing by `count` is multiplying by 1 / count, bit for bit: for a power of two both are the
     same real number, correctly rounded once (vector division costs several times a multiplication)."""

@@ -1306,10 +1306,16 @@ def _compiled_variance(tvs: Sequence[TaskVector], size: int, out: torch.Tensor) 
     flat = out.numpy()
 
     def work(chunks):
+        loops = _kernels.loops()
+        if len(tvs) == 3:  # one loop from the inputs (1B: 2.75 s of 5.5 s thread time were the rows)
+            for s, e in chunks:
+                models, base = models_and_base(tvs, s, e)
+                loops.triple_variance_into(*models, base, flat[s:e])
+            return
         deltas = np.empty((len(tvs), max(e - s for s, e in chunks)), dtype=np.float32)
         mean, m2 = np.empty(VARIANCE_BLOCK, dtype=np.float64), np.empty(VARIANCE_BLOCK, dtype=np.float64)
         for s, e in chunks:
-            _kernels.loops().welford_variance_into(task_vector_rows(tvs, s, e, deltas), e - s, mean, m2, flat[s:e])
+            loops.welford_variance_into(task_vector_rows(tvs, s, e, deltas), e - s, mean, m2, flat[s:e])
 
     in_parts(spans(out.numel(), size), work, out.device)
     return out
