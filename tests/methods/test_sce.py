@@ -132,6 +132,29 @@ def test_variance_of_two_equals_torch_var_bit_for_bit_at_extreme_scales():
     assert torch.equal(variance_across([TaskVector(a, zero), TaskVector(b, zero)], 1 << 16), expected)
 
 
+@pytest.mark.parametrize("fraction, members", [(0.5, True), (0.999999, True), (1e-4, True), (1e-6, False), (0.0, False)])
+def test_the_compiled_variance_mask_equals_the_torch_one(fraction, members, monkeypatch):
+    # `_compiled_members` against the torch loop: ties at the cut split by position across chunks (integer
+    # task vectors), NaN variances (never members of a cut), a cut near all, near none and none (k = 0)
+    from mergesmith.methods import _kernels
+    from mergesmith.methods._sparsify import TaskVector
+    from mergesmith.methods.sce import _top_variance
+
+    if not _kernels.available():
+        pytest.skip("numba not available")
+    g = torch.Generator().manual_seed(12)
+    n = 200_003
+    base = torch.zeros(n)
+    models = [torch.randint(-20, 20, (n,), generator=g).float() for _ in range(3)]
+    models[1][::997] = float("nan")
+    tvs = [TaskVector(m, base, torch.float32) for m in models]
+    compiled = _top_variance(tvs, fraction, 1 << 14, "position")
+    monkeypatch.setattr(TaskVector, "compiled", lambda self: False)
+    reference = _top_variance(tvs, fraction, 1 << 14, "position")
+    assert compiled.dtype == reference.dtype == torch.uint8
+    assert torch.equal(compiled, reference) and (0 < int(compiled.sum()) < n) == members
+
+
 def test_two_models_select_by_their_difference_exactly_as_by_the_variance():
     # integer task vectors: torch.var is exact, and many entries tie. Two models are selected by |m1 - m2|
     # (streamed, no variance tensor); the kept set, ties by position across chunks included, must be the

@@ -553,6 +553,16 @@ def cut_mask(x, y, ge, gt, split, out):
 
 
 @jit
+def above_into(values, ge, gt, split, out):
+    """out[i] = 1 when values[i] exceeds ge (i < split) or gt (i >= split), else 0 (a NaN exceeds nothing): a
+    cut's membership on stored values (SCE's variance), as `Cut.mask_into` and a uint8 copy make it."""
+    bounds = distance_bounds((ge, gt, split), out.size)
+    bound_ge, bound_gt, at = bounds
+    for i in range(out.size):
+        out[i] = values[i] > (bound_ge if np.int32(i) < at else bound_gt)
+
+
+@jit
 def sum_into(deltas, n, divide, divisor, scale, base, out):
     """out = base + scale * (Σ weighted deltas) / divisor (when divide): task arithmetic's combination.
     (Two models: `pair_delta_merge_into`.)"""
