@@ -298,21 +298,29 @@ def test_pair_square_sums_are_numpys_sums_of_the_selected_squares(stored):
         assert sums[j] == np.add.reduce(np.square(delta))
 
 
+@pytest.mark.parametrize("count", [2, 3])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_two_model_task_arithmetic_takes_the_one_pass_in_mergekits_order(normalize, monkeypatch):
-    # plain task arithmetic of two models runs `pair_delta_merge_into`: each weighted delta rounded, then the
-    # two added, divided, scaled and added to the base, one rounding each (mergekit's (weights * deltas).sum(0))
+def test_task_arithmetic_of_two_or_three_takes_the_one_pass_in_mergekits_order(count, normalize, monkeypatch):
+    # plain task arithmetic of two or three models runs the one-pass loops: each weighted delta rounded, then
+    # added in model order, divided, scaled and added to the base, one rounding each (mergekit's
+    # (weights * deltas).sum(0)); a bf16 output is that result rounded once
     models, base = _family(torch.float32)
+    weights = [0.6, 0.3, 0.45][:count]
     used = []
     compiled_merge = _task_vectors._compiled_merge
     monkeypatch.setattr(_task_vectors, "_compiled_merge", lambda *a, **k: used.append(1) or compiled_merge(*a, **k))
-    got = get_method("task_arithmetic").func(models[:2], base=base, weight=[0.6, 0.3], normalize=normalize, lambda_=0.8,
-                                             compute_dtype=torch.float32)
-    assert used
-    mixed = (models[0] - base) * 0.6 + (models[1] - base) * 0.3
+    run = lambda **kw: get_method("task_arithmetic").func(models[:count], base=base, weight=weights, normalize=normalize,
+                                                          lambda_=0.8, compute_dtype=torch.float32, **kw)
+    got, rounded = run(), run(output_dtype=torch.bfloat16)
+    assert len(used) == 2
+    mixed = (models[0] - base) * weights[0] + (models[1] - base) * weights[1]
+    if count == 3:
+        mixed = mixed + (models[2] - base) * weights[2]
     if normalize:
-        mixed = mixed / torch.tensor(0.6 + 0.3, dtype=torch.float32)
-    assert torch.equal(got, mixed * 0.8 + base)
+        mixed = mixed / torch.tensor(sum(weights), dtype=torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, mixed * 0.8 + base)
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded.view(torch.int16), got.to(torch.bfloat16).view(torch.int16))
+
 
 def test_weighted_delta_keeps_ties_before_the_split_only():
     # every magnitude equals the threshold: positions before the split are kept, from it on dropped; the
@@ -331,11 +339,11 @@ def test_weighted_delta_keeps_ties_before_the_split_only():
     assert out.tolist() == [0.5, 0, 0.5, -0.5, 0.5, 0, 0, 0]
 
 
-def test_plain_task_arithmetic_stays_on_torch(monkeypatch):
-    # no mask and no election: the loops would buy nothing over torch's three ops a model
+def test_plain_task_arithmetic_of_four_stays_on_torch(monkeypatch):
+    # no mask and no election, four models: rows and a loop each would buy nothing over torch's three ops a model
     models, base = _family(torch.float32)
     monkeypatch.setattr(_task_vectors, "_compiled_merge", lambda *a, **k: pytest.fail("compiled path taken"))
-    get_method("task_arithmetic").func(models, base=base, weight=[0.5, 0.3, 0.4], compute_dtype=torch.float32)
+    get_method("task_arithmetic").func(models + models[:1], base=base, weight=[0.5, 0.3, 0.4, 0.2], compute_dtype=torch.float32)
 
 
 def test_bfloat16_rounding_is_torchs_bit_for_bit():

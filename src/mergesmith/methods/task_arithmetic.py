@@ -25,6 +25,7 @@ TASK_VECTOR_COMMON_PARAMS = (
     min_models=0,
     elementwise=True,
     converts_inputs=True,
+    rounds_output=True,
     reference="https://arxiv.org/abs/2212.04089",
 )
 def task_arithmetic(
@@ -37,9 +38,11 @@ def task_arithmetic(
     rescale: bool = False,
     lambda_: float = 1.0,
     compute_dtype: torch.dtype | None = None,
+    output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """base + λ · Σ wᵢ (modelᵢ − base), divided by Σ wᵢ when `normalize` (a near-zero sum counts as 1, as
     in mergekit); streamed over chunks by the shared task-vector pipeline."""
     return merge_task_vectors(
-        tensors, base, weight, sparsify=None, consensus=None, normalize=normalize, scale=lambda_, dtype=compute_dtype
+        tensors, base, weight, sparsify=None, consensus=None, normalize=normalize, scale=lambda_, dtype=compute_dtype,
+        output_dtype=output_dtype,
     )
