@@ -571,7 +571,8 @@ get_method("della").func([m.view(70, 10, 640) for m in models], base=base.view(7
                          density=[0.5, 0.5], compute_dtype=torch.float32, generator=torch.Generator().manual_seed(1))
 get_method("arcee_fusion").func(models[:1], base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
 get_method("ramplus_tl").func(models, base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
-get_method("ramplus_tl").func(models + models[:1], base=base, compute_dtype=torch.float32)  # three: the general tallies
+get_method("ramplus_tl").func(models + models[:1], base=base, compute_dtype=torch.float32)  # three: one pass
+get_method("ramplus_tl").func(models * 2, base=base, compute_dtype=torch.float32)  # four: the general tallies
 get_method("model_stock").func(models, base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
 get_method("model_stock").func(models + models[:1], base=base, compute_dtype=torch.float32)  # three: their products
 get_method("multislerp").func(models, base=base, weight=[0.5, 0.5], compute_dtype=torch.float32, output_dtype=torch.bfloat16)
@@ -663,20 +664,24 @@ def test_task_vector_interpolations_on_the_loops_equal_the_torch_path(method, co
     assert rounded.dtype == torch.bfloat16 and torch.equal(rounded.view(torch.int16), reference.to(torch.bfloat16).view(torch.int16))
 
 
-def test_pair_tallies_count_what_the_general_tallies_count():
+@pytest.mark.parametrize("count", [2, 3])
+def test_pair_and_triple_tallies_count_what_the_general_tallies_count(count):
     g = torch.Generator().manual_seed(6)
     base = torch.randn(5_000, generator=g).to(torch.bfloat16)
-    models = [(base.float() + torch.randn(5_000, generator=g) * 2e-3).to(torch.bfloat16) for _ in range(2)]
-    models[1][:100] = base[:100]  # entries only the first model changed
+    models = [(base.float() + torch.randn(5_000, generator=g) * 2e-3).to(torch.bfloat16) for _ in range(count)]
+    for j in range(1, count):
+        models[j][:100] = base[:100]  # entries only the first model changed
+    models[0][100:200] = base[100:200]  # entries the first model left alone
     tvs = [_sparsify.TaskVector(m, base, torch.float32) for m in models]
     epsilon, loops = np.float32(1e-3), _kernels.loops()
-    pair, general = np.zeros((2, 2), dtype=np.int64), np.zeros((2, 2), dtype=np.int64)
-    loops.pair_tallies(tvs[0].operands(0, 5_000)[0], *tvs[1].operands(0, 5_000), epsilon, pair)
-    deltas = np.empty((2, 5_000), dtype=np.float32)
+    one_pass, general = np.zeros((count, 2), dtype=np.int64), np.zeros((count, 2), dtype=np.int64)
+    models_now, base_now = _sparsify.models_and_base(tvs, 0, 5_000)
+    (loops.pair_tallies if count == 2 else loops.triple_tallies)(*models_now, base_now, epsilon, one_pass)
+    deltas = np.empty((count, 5_000), dtype=np.float32)
     for j, tv in enumerate(tvs):
         loops.contribution_into(*tv.operands(0, 5_000), epsilon, deltas[j])
     loops.contributor_tallies(deltas, 5_000, epsilon, np.empty(5_000, dtype=np.float32), general)
-    assert np.array_equal(pair, general) and 0 < pair[1, 1] < pair[0, 1] < pair[0, 0]
+    assert np.array_equal(one_pass, general) and 0 < one_pass[1, 1] < one_pass[0, 1] < one_pass[0, 0]
 
 
 def test_pair_product_sums_are_numpys_block_sums():

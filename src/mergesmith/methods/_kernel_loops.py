@@ -284,16 +284,36 @@ def contributor_tallies(deltas, n, epsilon, counts, tallies):
 def pair_tallies(model0, model1, base, epsilon, tallies):
     """`contributor_tallies` for two models straight from the inputs as stored, without writing the masked
     task vectors: tallies[j] += (entries where model j contributes, those where the other does not)."""
-    c0 = c1 = u0 = u1 = np.int32(0)  # int32 counters (chunks below 2^31 entries): see `window_count`
+    _tallies_loop(model0, model1, model1, base, epsilon, tallies, False)
+
+
+@jit
+def triple_tallies(model0, model1, model2, base, epsilon, tallies):
+    """`pair_tallies` for three models: tallies[j] += (entries where model j contributes, those where no other
+    does)."""
+    _tallies_loop(model0, model1, model2, base, epsilon, tallies, True)
+
+
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy", inline="always")
+def _tallies_loop(model0, model1, model2, base, epsilon, tallies, third):
+    """The loop of `pair_tallies` and `triple_tallies`, inlined where it is called so that the constant
+    `third` folds away (without it, `model2` is not read)."""
+    c0 = c1 = c2 = u0 = u1 = u2 = np.int32(0)  # int32 counters (chunks below 2^31 entries): see `window_count`
     for i in range(base.size):
         x = widen(base[i])
         f0, f1 = abs(widen(model0[i]) - x) > epsilon, abs(widen(model1[i]) - x) > epsilon
-        c0, c1 = np.int32(c0 + np.int32(f0)), np.int32(c1 + np.int32(f1))
-        u0, u1 = np.int32(u0 + np.int32(f0 & (not f1))), np.int32(u1 + np.int32(f1 & (not f0)))
+        f2 = (abs(widen(model2[i]) - x) > epsilon) if third else False
+        c0, c1, c2 = np.int32(c0 + np.int32(f0)), np.int32(c1 + np.int32(f1)), np.int32(c2 + np.int32(f2))
+        u0 = np.int32(u0 + np.int32(f0 & (not f1) & (not f2)))
+        u1 = np.int32(u1 + np.int32(f1 & (not f0) & (not f2)))
+        u2 = np.int32(u2 + np.int32(f2 & (not f0) & (not f1)))
     tallies[0, 0] += c0
     tallies[0, 1] += u0
     tallies[1, 0] += c1
     tallies[1, 1] += u1
+    if third:
+        tallies[2, 0] += c2
+        tallies[2, 1] += u2
 
 
 @jit
