@@ -17,18 +17,24 @@ def together(jobs: list[Callable[[], object]], device: torch.device) -> list:
     with several torch threads; otherwise in turn. Streamed passes are chains of small ops (and numpy
     scans) that OpenMP splits poorly between two cores that also serve the shard reader and writer; whole
     chunks or plans per thread use them better (1B, 2 cores: ties 14.7 -> 13.3 s, breadcrumbs 13.6 ->
-    12.7 s from the plans alone)."""
+    12.7 s from the plans alone).
+
+    Jobs past the last whole round (the third of three plans on two threads) run after it, one at a time on
+    the calling thread with every torch thread, so that their own `in_parts` splits them: run alongside the
+    others, the last one had a core to itself while the other idled (1B, three fine-tunes: ties' selections)."""
     global _WORKERS
     threads = torch.get_num_threads()
     if len(jobs) < 2 or threads < 2 or device.type != "cpu":
         return [job() for job in jobs]
     if _WORKERS is None:
         _WORKERS = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergesmith-work")
+    rounds = len(jobs) if len(jobs) <= threads else len(jobs) - len(jobs) % threads
     torch.set_num_threads(1)
     try:
-        return [future.result() for future in [_WORKERS.submit(job) for job in jobs]]
+        done = [future.result() for future in [_WORKERS.submit(job) for job in jobs[:rounds]]]
     finally:
         torch.set_num_threads(threads)
+    return done + [job() for job in jobs[rounds:]]
 
 
 def in_parts(chunks: list[tuple[int, int]], work: Callable[[list[tuple[int, int]]], object], device: torch.device) -> list:
