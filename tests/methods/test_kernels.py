@@ -62,7 +62,20 @@ CASES = [
     # three models: one pass too (`triple_delta_merge_into`); the flags not covered above
     ("ties", {"density": [0.5, 0.4, 0.6], "normalize": False, "lambda_": 0.7}),
     ("dare_linear", {"density": [0.4, 0.5, 0.6], "rescale": False, "normalize": True}),
+    # four models: rows a block at a time (`rows_merge_into`), every kind of mask and both elections
+    ("ties", {"density": [0.4, 0.5, 0.6, 0.3]}),
+    ("ties", {"density": [0.4, 0.5, 0.6, 0.3], "consensus_method": "count", "normalize": False, "lambda_": 0.7}),
+    ("breadcrumbs_ties", {"density": [0.6, 0.5, 0.7, 0.4], "gamma": [0.02, 0.05, 0.01, 0.0]}),
+    ("dare_linear", {"density": [0.4, 0.5, 0.6, 0.7], "rescale": False, "normalize": True}),
+    ("della", {"density": [0.4, 0.5, 0.6, 0.5], "epsilon": [0.1, 0.1, 0.2, 0.1]}),
 ]
+
+
+def _fourth(models, base, dtype=None):
+    """The family's models and a fourth fine-tune (in `dtype`, default the others')."""
+    g = torch.Generator().manual_seed(99)
+    fourth = base.float() + torch.randn(base.shape, generator=g) * 0.002
+    return [*models, fourth.to(dtype or base.dtype)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -75,12 +88,12 @@ def test_loops_equal_the_torch_path(method, params, dtype, torch_path, monkeypat
     monkeypatch.setattr(_task_vectors, "_compiled_merge", lambda *a, **k: used.append(1) or compiled_merge(*a, **k))
 
     count = len(params["density"])
-    models = models[:count]
+    models = models[:count] if count < 4 else _fourth(models, base)
     if count == 2:  # opposite deltas where both are kept: their sum is 0, and the election decides
         models[1][:40] = (2 * base[:40].float() - models[0][:40].float()).to(dtype)
 
     def run():
-        kwargs = {"weight": [0.5, 0.3, 0.4][:count], **params, "compute_dtype": torch.float32}
+        kwargs = {"weight": [0.5, 0.3, 0.4, 0.6][:count], **params, "compute_dtype": torch.float32}
         if info.random:
             kwargs["generator"] = torch.Generator().manual_seed(11)
         return info.func(models, base=base, **kwargs)
@@ -362,17 +375,18 @@ def test_bfloat16_rounding_is_torchs_bit_for_bit():
     assert out[:2].isnan().all()
 
 
-@pytest.mark.parametrize("method,params", [CASES[0], CASES[3], CASES[5], CASES[9], CASES[13], CASES[14], CASES[15]],
-                         ids=["ties", "breadcrumbs", "dare_ties", "ties-pair", "dare_ties-pair", "della-pair", "breadcrumbs-pair"])
+@pytest.mark.parametrize("method,params", [CASES[0], CASES[3], CASES[5], CASES[9], CASES[13], CASES[14], CASES[15], CASES[20], CASES[23]],
+                         ids=["ties", "breadcrumbs", "dare_ties", "ties-pair", "dare_ties-pair", "della-pair", "breadcrumbs-pair",
+                              "ties-four", "dare_linear-four"])
 def test_a_bfloat16_output_is_the_float32_result_rounded_once(method, params, torch_path):
-    # two and three models: the one-pass loops round each result as they store it (`narrow`)
+    # every model count: the loops round each result as they store it (`narrow`)
     models, base = _family(torch.bfloat16)
     count = len(params["density"])
-    models = models[:count]
+    models = models[:count] if count < 4 else _fourth(models, base)
     info = get_method(method)
 
     def run(**extra):
-        kwargs = {"weight": [0.5, 0.3, 0.4][:count], **params, "compute_dtype": torch.float32, **extra}
+        kwargs = {"weight": [0.5, 0.3, 0.4, 0.6][:count], **params, "compute_dtype": torch.float32, **extra}
         if info.random:
             kwargs["generator"] = torch.Generator().manual_seed(11)
         return info.func(models, base=base, **kwargs)
@@ -383,6 +397,22 @@ def test_a_bfloat16_output_is_the_float32_result_rounded_once(method, params, to
     assert torch.equal(rounded.view(torch.int16), run().to(torch.bfloat16).view(torch.int16))
     with torch_path:  # the torch path leaves the rounding to the caller
         assert run(output_dtype=torch.bfloat16).dtype == torch.float32
+
+
+def test_four_models_of_mixed_dtypes_merge_in_blocks_as_on_torch(torch_path, monkeypatch):
+    # `rows_merge_into` unrolls its loop over the models, so a float32 fine-tune among bf16 ones stays on it
+    models, base = _family(torch.bfloat16)
+    models = _fourth(models, base, torch.float32)
+    calls = []
+    loops = _kernels.loops()
+    monkeypatch.setattr(loops, "rows_merge_into", lambda *a, _loop=loops.rows_merge_into: calls.append(1) or _loop(*a))
+    run = lambda: get_method("ties").func(models, base=base, weight=[0.5, 0.3, 0.4, 0.6], density=[0.4, 0.5, 0.6, 0.3],
+                                          compute_dtype=torch.float32)
+    compiled = run()
+    assert calls
+    with torch_path:
+        reference = run()
+    assert torch.equal(compiled, reference) and not torch.equal(compiled, base.float())
 
 
 @pytest.mark.parametrize("cols", [333, 16, 7, 2])  # rows not a whole number of lanes, a whole number, fewer
@@ -560,12 +590,12 @@ for name in ("ties", "breadcrumbs", "dare_linear", "della", "sce"):
         kwargs["generator"] = torch.Generator().manual_seed(1)
     get_method(name).func(models, base=base, **kwargs)
 get_method("ties").func(models + models[:1], base=base, weight=[0.5] * 3, density=[0.5] * 3, compute_dtype=torch.float32)  # three: one pass
-get_method("ties").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] * 4, compute_dtype=torch.float32)  # general election
+get_method("ties").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] * 4, compute_dtype=torch.float32)  # four: rows_merge_into
 get_method("sce").func(models + models[:1], base=base, select_topk=0.5, compute_dtype=torch.float32)  # three: one pass
 get_method("sce").func(models * 2, base=base, select_topk=0.5, compute_dtype=torch.float32)  # four: the rows' variance
 get_method("sce").func(models, base=base, select_topk=0.5, consensus_method="count", compute_dtype=torch.float32)  # cut_mask
 get_method("dare_linear").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] * 4,
-                               compute_dtype=torch.float32, generator=torch.Generator().manual_seed(1))  # four: sum_into
+                               compute_dtype=torch.float32, generator=torch.Generator().manual_seed(1))  # four, summed
 # della on a 3-D tensor: the keep test on magnitudes already computed
 get_method("della").func([m.view(70, 10, 640) for m in models], base=base.view(70, 10, 640), weight=[0.5, 0.5],
                          density=[0.5, 0.5], compute_dtype=torch.float32, generator=torch.Generator().manual_seed(1))
@@ -582,7 +612,7 @@ n = base.numel()  # four windows at once: counted one by one, then gathered by w
 select_top(TaskVector(models[0], base, torch.float32), [n // 5, 2 * n // 5, 3 * n // 5, 4 * n // 5], chunk_size(base))
 loops = _kernels.loops()
 print({name: (sum(getattr(loops, name).stats.cache_hits.values()), sum(getattr(loops, name).stats.cache_misses.values()))
-       for name in _kernels.LOOPS})
+       for name in _kernels.LOOPS if name not in _kernels.INNER_LOOPS})
 """
 
 

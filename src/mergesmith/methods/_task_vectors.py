@@ -181,13 +181,17 @@ def merge_task_vectors(
     return out
 
 
+# Entries per block of `_kernel_loops.rows_merge_into`: a block's rows of four models take 16 KB, in L1.
+ROWS_BLOCK = 1024
+
+
 def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: str | None, normalize: bool,
                     total: float, scale: float, flat_out: torch.Tensor) -> Callable[[list[tuple[int, int]]], None]:
-    """`merge_task_vectors`' chunk work on float32 CPU tensors with `_kernels`' loops: per chunk, one loop per
-    model writes its masked, rescaled, weighted delta, and one loop combines them into the output (float32,
-    or bf16 through a float32 chunk rounded by `to_bfloat16`: `_kernels.OutputChunks`); two or three models
-    (unless elected by count) in one loop that writes the output directly (`pair_delta_merge_into`,
-    `triple_delta_merge_into`)."""
+    """`merge_task_vectors`' chunk work on float32 CPU tensors with `_kernels`' loops, each writing the output
+    directly (float32, or bf16 rounded as it is stored): two or three models (unless elected by count) in one
+    pass that keeps the deltas in registers (`pair_delta_merge_into`, `triple_delta_merge_into`); otherwise
+    each model's masked, rescaled, weighted delta written as a row and the rows combined, a block of entries
+    at a time (`rows_merge_into`)."""
     loops = _kernels.loops()
     rules = [p.rule if p is not None else _sparsify.KeepRule() for p in plans]
     rescales = [np.float32(1) if p is None or p.scale is None else np.float32(float(p.scale)) for p in plans]
@@ -216,26 +220,24 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
 
         return one_pass
 
-    def work(chunks: list[tuple[int, int]]) -> None:
-        width = max(e - s for s, e in chunks)
-        deltas = np.empty((len(tvs), width), dtype=np.float32)
-        votes, divisor = np.empty(width, dtype=np.float32), np.empty(width, dtype=np.float32)
-        outputs = _kernels.OutputChunks(flat_out, width)
-        for s, e in chunks:
-            m = e - s
-            base = tvs[0].operands(s, e)[1]
-            for j, (tv, rule) in enumerate(zip(tvs, rules)):
-                loops.weighted_delta(tv.operands(s, e)[0], base, *rule.keep.bounds(s),
-                                     *rule.drop.bounds(s), rule.stored_array(s, e), rescales[j], ws[j], deltas[j, :m])
-            out = outputs.target(s, e)
-            if consensus is None:
-                loops.sum_into(deltas, m, divide, np.float32(total), np.float32(scale), base, out)
-            else:
-                loops.consensus_into(deltas, m, ws, consensus == "count", normalize, np.float32(scale), base, votes,
-                                     divisor, out)
-            outputs.done(s, e)
+    factors = np.array(list(zip(rescales, ws)), dtype=np.float32)  # each model's rescale, weight
+    how = (consensus is not None, consensus == "count", divide if consensus is None else normalize)
 
-    return work
+    def in_blocks(chunks: list[tuple[int, int]]) -> None:
+        """Four or more models, or election by count: rows a block of entries at a time."""
+        rows = np.empty((len(tvs), ROWS_BLOCK), dtype=np.float32)
+        scratch = np.empty((3, ROWS_BLOCK), dtype=np.float32)
+        outputs = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks))
+        for s, e in chunks:
+            bounds = [(rule.keep.bounds(s), rule.drop.bounds(s)) for rule in rules]
+            limits = np.array([(keep[0], keep[1], drop[0], drop[1]) for keep, drop in bounds], dtype=np.float32)
+            splits = np.array([(keep[2], drop[2]) for keep, drop in bounds], dtype=np.int64)
+            models, base = _sparsify.models_and_base(tvs, s, e)
+            loops.rows_merge_into(tuple(models), base, limits, splits, tuple(rule.stored_array(s, e) for rule in rules),
+                                  factors, ws, how, np.float32(total), np.float32(scale), rows, scratch,
+                                  outputs.direct(s, e))
+
+    return in_blocks
 
 
 def per_model_check(name: str, fn: Callable[..., str | None], *keys: str) -> Callable[[dict], str | None]:
