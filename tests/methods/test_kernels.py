@@ -731,13 +731,16 @@ def test_pair_product_sums_are_numpys_block_sums():
 @pytest.mark.parametrize("count,params", [
     (2, {"select_topk": 0.4}),  # the streamed two-model cut
     (3, {"select_topk": 0.6, "consensus_method": "count"}),  # the stored variance mask, the rows' merge
-    (3, {"select_topk": 0.5}),  # the stored variance mask in the three-model loops (`triple_square_sums`, one pass)
+    (3, {"select_topk": 0.5}),  # the stored variance mask in the three-model loops (`square_sums`, one pass)
     (3, {"select_topk": 1.0, "energy_floor": 0.0}),  # everything selected, energy weights
     (2, {"select_topk": 1.0, "energy_floor": 0.0}),  # two models, everything selected: the energies' empty keep
+    (4, {"select_topk": 0.5, "energy_floor": 0.0}),  # four: `square_sums` and `rows_merge_into` on the stored mask
+    (4, {"select_topk": 1.0, "energy_floor": 0.0, "consensus_method": "count"}),  # every entry, elected by count
+    (2, {"select_topk": 0.4, "consensus_method": "count"}),  # the two-model cut made into a mask for the rows
 ])
 def test_sce_loops_equal_the_torch_path(count, params, dtype, torch_path, monkeypatch):
     models, base = _family(dtype)
-    models = models[:count]
+    models = models[:count] if count < 4 else _fourth(models, base)
     sce = get_method("sce").func
     used = []
     merge = sce.__globals__["_compiled_merge"]

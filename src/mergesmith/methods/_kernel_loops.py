@@ -217,6 +217,25 @@ def welford_variance_into(deltas, n, mean, m2, out):
 
 
 @jit
+def variance_into(models, base, rows, mean, m2, out):
+    """`welford_variance_into` on the task vectors d = model - base of any number of models (a tuple of their
+    chunks, unrolled over), made as float32 rows a block of `rows.shape[1]` entries at a time, so that they
+    stay in L1 (rows of a whole chunk: 3.2 of SCE's 5.3 s of thread time for the variance of four 1B models)."""
+    n = out.size
+    block = rows.shape[1]
+    for start in range(0, n, block):
+        m = min(block, n - start)
+        below = base[start:start + m]
+        j = 0
+        for model in literal_unroll(models):
+            row, chunk = rows[j], model[start:start + m]
+            for i in range(m):
+                row[i] = widen(chunk[i]) - widen(below[i])
+            j += 1
+        welford_variance_into(rows, m, mean, m2, out[start:start + m])
+
+
+@jit
 def triple_variance_into(model0, model1, model2, base, out):
     """`welford_variance_into` for three task vectors d = model - base made as it goes (float32, as
     `_sparsify.task_vector_rows` makes them): the same float64 operations entry by entry, without writing the
@@ -540,9 +559,10 @@ def rows_merge_into(models, base, limits, splits, stored, factors, weights, how,
     unrolled over them); stored: a tuple of uint8 stored masks (empty: none), one a model; limits[j]:
     model j's (keep_ge, keep_gt, drop_ge, drop_gt) and splits[j] its (keep_split, drop_split), as
     `Cut.bounds` gives them for the chunk; factors[j]: its (rescale, weight); weights: the election's;
-    how: (elect, by_count, normalize); divisor: the sum's (without election); scratch: float32 (3, block)
-    for the votes, the divisors and the block's result; `out`: float32, or a bf16 output's bit patterns."""
-    elect, by_count, normalize = how
+    how: (elect, weigh, by_count, normalize), weigh for SCE's `weighted_consensus_into`; divisor: the sum's
+    (without election) or SCE's floor; scratch: float32 (3, block) for the votes, the divisors and the
+    block's result; `out`: float32, or a bf16 output's bit patterns."""
+    elect, weigh, by_count, normalize = how
     n = out.size
     block = rows.shape[1]
     votes, divisors, merged = scratch[0], scratch[1], scratch[2]
@@ -557,7 +577,9 @@ def rows_merge_into(models, base, limits, splits, stored, factors, weights, how,
                            limits[j, 3], splits[j, 1] - start, mask[start:end] if mask.size else mask, factors[j, 0],
                            factors[j, 1], rows[j, :m])
             j += 1
-        if elect:
+        if weigh:
+            weighted_consensus_into(rows, m, weights, by_count, divisor, below, votes, divisors, merged)
+        elif elect:
             consensus_into(rows, m, weights, by_count, normalize, scale, below, votes, divisors, merged)
         else:
             sum_into(rows, m, normalize, divisor, scale, below, merged)
@@ -1389,54 +1411,66 @@ def pair_square_sums(model0, model1, base, keep, apart, sums):
     deltas, `np.square` and `np.add.reduce`. The squares are made and summed a span of leaves at a time
     (`leaf_span`): 0.91-1.05 ns an entry against 1.11-1.31 writing the chunk's squares first (one chunk of the
     bench's 1B bf16 merge, alternating runs)."""
-    _square_sums(model0, model1, model1[:0], base, keep, apart, sums)
+    _square_sums(model0, model1, base, keep, apart, sums)
 
 
 @jit
-def triple_square_sums(model0, model1, model2, base, keep, sums):
-    """`pair_square_sums` for three task vectors, selected by `keep` alone (sums[0:3])."""
-    _square_sums(model0, model1, model2, base, keep, (np.float32(-np.inf), np.float32(-np.inf), np.int64(0)), sums)
-
-
-@jit
-def _square_sums(model0, model1, model2, base, keep, apart, sums):
-    """The loop of `pair_square_sums` (`model2` empty) and `triple_square_sums`."""
+def square_sums(models, base, keep, sums):
+    """`pair_square_sums` for any number of task vectors (a tuple of the models' chunks, unrolled over, so
+    their dtypes may differ), selected by `keep` alone (empty: every entry): sums[j] = Σ d_j² in numpy's
+    order. Per span of leaves, each model's squares are made into a scratch that stays in L1 and summed
+    there, instead of rows of the whole chunk written and read back."""
     n = base.size
     leaves, adds = sum_plan(n)
     count = leaves.shape[1]
-    rows = 3 if model2.size else 2
-    scratch = [sum_scratch(leaves) for _ in range(rows)]
-    squares = np.empty((3, SPAN_WIDTH), dtype=np.float32)
+    scratch = np.empty((len(models), 2 * count), dtype=np.float32)  # `sum_scratch` a model
+    squares = np.empty(SPAN_WIDTH, dtype=np.float32)
+    zero = np.float32(0)
+    k = 0
+    while k < count:
+        k1, start, end = leaf_span(leaves, k)
+        m = end - start
+        below = base[start:end]
+        j = 0
+        for model in literal_unroll(models):
+            chunk = model[start:end]
+            if keep.size:
+                span_keep = keep[start:end]
+                for i in range(m):
+                    d = widen(chunk[i]) - widen(below[i]) if span_keep[i] != 0 else zero
+                    squares[i] = d * d
+            else:
+                for i in range(m):
+                    d = widen(chunk[i]) - widen(below[i])
+                    squares[i] = d * d
+            leaf_sums(squares, leaves, k, k1, start, scratch[j])
+            j += 1
+        k = k1
+    for j in range(len(models)):
+        sums[j] = added_leaves(adds, count, scratch[j])
+
+
+@jit
+def _square_sums(model0, model1, base, keep, apart, sums):
+    """The loop of `pair_square_sums`."""
+    n = base.size
+    leaves, adds = sum_plan(n)
+    count = leaves.shape[1]
+    first_sums, second_sums = sum_scratch(leaves), sum_scratch(leaves)
+    squares = np.empty((2, SPAN_WIDTH), dtype=np.float32)
     ge, gt, split = distance_bounds(apart, n)
     k = 0
     while k < count:
         k1, start, end = leaf_span(leaves, k)
         m = end - start
         span_keep = keep[start:end] if keep.size else keep
-        if rows == 3:
-            _span_triple_squares(model0[start:end], model1[start:end], model2[start:end], base[start:end], span_keep,
-                                 squares[0, :m], squares[1, :m], squares[2, :m])
-        else:
-            _span_squares(model0[start:end], model1[start:end], base[start:end], span_keep, (ge, gt, np.int32(split - start)),
-                          squares[0, :m], squares[1, :m])
-        for j in range(rows):
-            leaf_sums(squares[j], leaves, k, k1, start, scratch[j])
+        _span_squares(model0[start:end], model1[start:end], base[start:end], span_keep, (ge, gt, np.int32(split - start)),
+                      squares[0, :m], squares[1, :m])
+        leaf_sums(squares[0], leaves, k, k1, start, first_sums)
+        leaf_sums(squares[1], leaves, k, k1, start, second_sums)
         k = k1
-    for j in range(rows):
-        sums[j] = added_leaves(adds, count, scratch[j])
-
-
-@jit
-def _span_triple_squares(model0, model1, model2, base, keep, first, second, third):
-    """`_span_squares` for three task vectors, selected by `keep` alone (empty: every entry)."""
-    zero = np.float32(0)
-    for i in range(base.size):
-        x = widen(base[i])
-        selected = keep.size == 0 or keep[i] != 0
-        d0 = widen(model0[i]) - x if selected else zero
-        d1 = widen(model1[i]) - x if selected else zero
-        d2 = widen(model2[i]) - x if selected else zero
-        first[i], second[i], third[i] = d0 * d0, d1 * d1, d2 * d2
+    sums[0] = added_leaves(adds, count, first_sums)
+    sums[1] = added_leaves(adds, count, second_sums)
 
 
 @jit

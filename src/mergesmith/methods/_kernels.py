@@ -56,12 +56,12 @@ LOOPS = (
     "weighted_delta", "consensus_into", "pair_delta_merge_into", "sum_into", "window_count", "windows_gather", "windows_tally", "gather_flagged", "to_bfloat16", "partner_keep",
     "della_rows", "bernoulli_rows", "weighted_consensus_into", "cut_mask", "magnitudes_into", "scaled_magnitudes_into", "choose_scaled_into",
     "contribution_into", "contributor_tallies", "ram_combine_into", "pair_product_sums", "stock_into", "pair_combine_into", "pair_tallies", "pair_square_sums",
-    "row_divergences_into", "welford_variance_into", "triple_delta_merge_into", "triple_product_sums", "triple_combine_into", "triple_square_sums", "triple_variance_into", "above_into", "triple_tallies", "rows_merge_into",
+    "row_divergences_into", "welford_variance_into", "triple_delta_merge_into", "triple_product_sums", "triple_combine_into", "square_sums", "triple_variance_into", "variance_into", "above_into", "triple_tallies", "rows_merge_into",
 )
 
 # Loops that only other loops call (compiled into them: their own cache entries are never loaded), listed in
 # LOOPS so that tests can check a one-pass loop against them.
-INNER_LOOPS = ("consensus_into",)
+INNER_LOOPS = ("consensus_into", "weighted_consensus_into", "welford_variance_into")
 
 _LOCK = threading.Lock()
 _LOOPS: SimpleNamespace | None = None

@@ -393,6 +393,14 @@ _NO_MASK = np.empty(0, dtype=np.uint8)
 KEEP_NOTHING = KeepRule(keep=NONE)
 
 
+def row_bounds(rules: Sequence[KeepRule], start: int) -> tuple[np.ndarray, np.ndarray]:
+    """The keep rules' bounds for the chunk at `start` as `_kernel_loops.rows_merge_into` takes them: float32
+    (keep_ge, keep_gt, drop_ge, drop_gt) and int64 (keep_split, drop_split), a row per rule."""
+    bounds = [(rule.keep.bounds(start), rule.drop.bounds(start)) for rule in rules]
+    limits = np.array([(keep[0], keep[1], drop[0], drop[1]) for keep, drop in bounds], dtype=np.float32)
+    return limits, np.array([(keep[2], drop[2]) for keep, drop in bounds], dtype=np.int64)
+
+
 def _cut(threshold: torch.Tensor, n_ge: int, n_gt: int, k: int, nth_tie: Callable[[int], int]) -> Cut:
     """The Cut for the k largest, given the threshold and how many values are >= and > it;
     `nth_tie(m)` is the flat position of the m-th entry (1-based, in order) equal to the threshold."""
@@ -1300,9 +1308,9 @@ VARIANCE_BLOCK = 512
 
 def _compiled_variance(tvs: Sequence[TaskVector], size: int, out: torch.Tensor) -> torch.Tensor:
     """`variance_across` for three or more float32 task vectors on CPU, by `_kernels`' loops on every thread:
-    each chunk's task vectors written as float32 rows (`task_vector_rows`), then the float64 Welford update
-    across them (`welford_variance_into`): the same bits as the torch loop, which took 9.7 of a 19.8 s SCE
-    merge of three 1B fine-tunes on one thread."""
+    the float64 Welford update across the task vectors (`welford_variance_into`), on float32 rows made a block
+    at a time (`variance_into`), or for three models entry by entry (`triple_variance_into`): the same bits
+    as the torch loop, which took 9.7 of a 19.8 s SCE merge of three 1B fine-tunes on one thread."""
     flat = out.numpy()
 
     def work(chunks):
@@ -1312,10 +1320,11 @@ def _compiled_variance(tvs: Sequence[TaskVector], size: int, out: torch.Tensor) 
                 models, base = models_and_base(tvs, s, e)
                 loops.triple_variance_into(*models, base, flat[s:e])
             return
-        deltas = np.empty((len(tvs), max(e - s for s, e in chunks)), dtype=np.float32)
+        rows = np.empty((len(tvs), VARIANCE_BLOCK), dtype=np.float32)
         mean, m2 = np.empty(VARIANCE_BLOCK, dtype=np.float64), np.empty(VARIANCE_BLOCK, dtype=np.float64)
         for s, e in chunks:
-            loops.welford_variance_into(task_vector_rows(tvs, s, e, deltas), e - s, mean, m2, flat[s:e])
+            models, base = models_and_base(tvs, s, e)
+            loops.variance_into(tuple(models), base, rows, mean, m2, flat[s:e])
 
     in_parts(spans(out.numel(), size), work, out.device)
     return out

@@ -221,7 +221,7 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
         return one_pass
 
     factors = np.array(list(zip(rescales, ws)), dtype=np.float32)  # each model's rescale, weight
-    how = (consensus is not None, consensus == "count", divide if consensus is None else normalize)
+    how = (consensus is not None, False, consensus == "count", divide if consensus is None else normalize)  # SCE weighs
 
     def in_blocks(chunks: list[tuple[int, int]]) -> None:
         """Four or more models, or election by count: rows a block of entries at a time."""
@@ -229,9 +229,7 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
         scratch = np.empty((3, ROWS_BLOCK), dtype=np.float32)
         outputs = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks))
         for s, e in chunks:
-            bounds = [(rule.keep.bounds(s), rule.drop.bounds(s)) for rule in rules]
-            limits = np.array([(keep[0], keep[1], drop[0], drop[1]) for keep, drop in bounds], dtype=np.float32)
-            splits = np.array([(keep[2], drop[2]) for keep, drop in bounds], dtype=np.int64)
+            limits, splits = _sparsify.row_bounds(rules, s)
             models, base = _sparsify.models_and_base(tvs, s, e)
             loops.rows_merge_into(tuple(models), base, limits, splits, tuple(rule.stored_array(s, e) for rule in rules),
                                   factors, ws, how, np.float32(total), np.float32(scale), rows, scratch,

@@ -28,10 +28,10 @@ from mergesmith.methods._consensus import CONSENSUS_METHODS, accumulation_dtype,
 from mergesmith.methods._parallel import in_parts
 from mergesmith.methods._sums import run_sums
 from mergesmith.methods._sparsify import (
-    ANY_DISTANCE, KEEP_ALL_BOUNDS, Cut, StoredValues, TaskVector, check_tie_order, chunk_size, models_and_base, select_top_fraction,
-    selection_dtype, spans, top_fraction_count, variance_across,
+    ANY_DISTANCE, KEEP_ALL_BOUNDS, Cut, KeepRule, StoredValues, TaskVector, check_tie_order, chunk_size, models_and_base,
+    row_bounds, select_top_fraction, selection_dtype, spans, top_fraction_count, variance_across,
 )
-from mergesmith.methods._task_vectors import CONSENSUS
+from mergesmith.methods._task_vectors import CONSENSUS, ROWS_BLOCK
 from mergesmith.methods.registry import Param, merge_method
 
 
@@ -246,27 +246,6 @@ def sce(
     return out
 
 
-class _CompiledDeltas:
-    """Per chunk, the selected task vectors of every model as rows of a float32 array, made by `_kernels`'
-    loops (the compiled path's `_task_vector_chunks`); buffers of its own, so one per thread."""
-
-    def __init__(self, tvs, selection: _Selection, width: int):
-        self.tvs, self.selection = tvs, selection
-        self.deltas = np.empty((len(tvs), width), dtype=np.float32)
-        self.keep_buf = np.empty(width, dtype=np.uint8)
-        self.one = np.float32(1)
-
-    def chunk(self, s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
-        """(the rows for [s, e) in their first e - s columns, the base chunk as the loops read it)."""
-        m = e - s
-        base = self.tvs[0].operands(s, e)[1]
-        models = [tv.operands(s, e)[0] for tv in self.tvs]
-        keep = self.selection.keep_array(s, models[0], models[-1], self.keep_buf[:m])
-        for j, model in enumerate(models):
-            _kernels.loops().weighted_delta(model, base, *KEEP_ALL_BOUNDS, keep, self.one, self.one, self.deltas[j, :m])
-        return self.deltas, base
-
-
 def _compiled_energy(tvs, selection: _Selection, chunks: list[tuple[int, int]]) -> np.ndarray:
     """Σ δᵢ² per model (float64), as the torch path adds it: each chunk's squares by numpy's pairwise sum in
     float32, the chunk sums in float64 in chunk order. The chunks are shared between threads, their sums
@@ -275,23 +254,17 @@ def _compiled_energy(tvs, selection: _Selection, chunks: list[tuple[int, int]]) 
     index = {chunk: i for i, chunk in enumerate(chunks)}
 
     def work(share):
-        if len(tvs) in _ONE_PASS_COUNTS:  # one loop: the selection's deltas squared and summed (1.2 against 2.4 ns an entry)
-            chunk_sums, loops = np.empty(len(tvs), dtype=np.float32), _kernels.loops()
-            for s, e in share:
-                models, base = models_and_base(tvs, s, e)
-                keep, apart = selection.loop_terms(s, e)
-                if len(tvs) == 2:
-                    loops.pair_square_sums(*models, base, keep, apart, chunk_sums)
-                else:
-                    loops.triple_square_sums(*models, base, keep, chunk_sums)
-                sums[index[(s, e)]] = chunk_sums
-            return
-        deltas = _CompiledDeltas(tvs, selection, max(e - s for s, e in share))
+        # one loop a chunk: the selection's deltas squared and summed as they are made (two models: 1.2 against
+        # 2.4 ns an entry writing rows of the chunk's deltas; four: 7.7 s of thread time at 1B through rows)
+        chunk_sums, loops = np.empty(len(tvs), dtype=np.float32), _kernels.loops()
         for s, e in share:
-            rows, _ = deltas.chunk(s, e)
-            for j in range(len(tvs)):
-                row = rows[j, : e - s]
-                sums[index[(s, e)], j] = float(run_sums(np.square(row, out=row)))
+            models, base = models_and_base(tvs, s, e)
+            keep, apart = selection.loop_terms(s, e)
+            if len(tvs) == 2:
+                loops.pair_square_sums(*models, base, keep, apart, chunk_sums)
+            else:
+                loops.square_sums(tuple(models), base, keep, chunk_sums)
+            sums[index[(s, e)]] = chunk_sums
 
     in_parts(chunks, work, tvs[0].device)
     total = np.zeros(len(tvs), dtype=np.float64)
@@ -301,9 +274,10 @@ def _compiled_energy(tvs, selection: _Selection, chunks: list[tuple[int, int]]) 
 
 
 def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: bool, flat_out: torch.Tensor):
-    """The merge pass's chunk work on the compiled path (see `_kernels.weighted_consensus_into`); two or three
-    models elected by sum in one pass from the inputs to the output (`_kernel_loops.pair_delta_merge_into`,
-    `triple_delta_merge_into`; three models' merge pass at 1B: 2.6 s through the rows)."""
+    """The merge pass's chunk work on the compiled path (`_kernel_loops.weighted_consensus_into`'s operations),
+    writing the output directly: two or three models elected by sum in one pass from the inputs
+    (`pair_delta_merge_into`, `triple_delta_merge_into`; three models' merge pass at 1B: 2.6 s through rows of
+    whole chunks), otherwise on rows a block of entries at a time (`rows_merge_into`)."""
     ws = np.array(weights, dtype=np.float32)
     floor = np.float32(1e-6)
     count = len(tvs)
@@ -325,16 +299,18 @@ def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: 
 
         return one_pass
 
-    def work(chunks):
-        width = max(e - s for s, e in chunks)
-        deltas = _CompiledDeltas(tvs, selection, width)
-        votes, divisor = np.empty(width, dtype=np.float32), np.empty(width, dtype=np.float32)
-        outputs = _kernels.OutputChunks(flat_out, width)
-        loops = _kernels.loops()
-        for s, e in chunks:
-            m = e - s
-            rows, base = deltas.chunk(s, e)
-            loops.weighted_consensus_into(rows, m, ws, by_count, floor, base, votes, divisor, outputs.target(s, e))
-            outputs.done(s, e)
+    limits, splits = row_bounds([KeepRule()] * count, 0)  # every entry: the selection is the stored mask
+    factors = np.ones((count, 2), dtype=np.float32)
 
-    return work
+    def in_blocks(chunks):
+        """Four or more models, or election by count: rows a block of entries at a time (`rows_merge_into`)."""
+        width = max(e - s for s, e in chunks)
+        rows, scratch = np.empty((count, ROWS_BLOCK), dtype=np.float32), np.empty((3, ROWS_BLOCK), dtype=np.float32)
+        keep_buf, outputs, loops = np.empty(width, dtype=np.uint8), _kernels.OutputChunks(flat_out, width), _kernels.loops()
+        for s, e in chunks:
+            models, base = models_and_base(tvs, s, e)
+            keep = selection.keep_array(s, models[0], models[-1], keep_buf[: e - s])
+            loops.rows_merge_into(tuple(models), base, limits, splits, (keep,) * count, factors, ws, (True, True, by_count, False),
+                                  floor, np.float32(1), rows, scratch, outputs.direct(s, e))
+
+    return in_blocks
