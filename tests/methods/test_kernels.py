@@ -605,6 +605,7 @@ get_method("ramplus_tl").func(models + models[:1], base=base, compute_dtype=torc
 get_method("ramplus_tl").func(models * 2, base=base, compute_dtype=torch.float32)  # four: the general tallies
 get_method("model_stock").func(models, base=base, compute_dtype=torch.float32, output_dtype=torch.bfloat16)
 get_method("model_stock").func(models + models[:1], base=base, compute_dtype=torch.float32)  # three: their products
+get_method("model_stock").func(models * 2, base=base, compute_dtype=torch.float32)  # four: product_sums
 get_method("multislerp").func(models, base=base, weight=[0.5, 0.5], compute_dtype=torch.float32, output_dtype=torch.bfloat16)
 get_method("multislerp").func(models + models[:1], base=base, weight=[0.5] * 3, compute_dtype=torch.float32)  # three
 from mergesmith.methods._sparsify import TaskVector, chunk_size, select_top

@@ -1404,6 +1404,40 @@ def _product_sums(model0, model1, model2, base, block, sums):
 
 
 @jit
+def product_sums(models, base, block, rows, products, sums):
+    """`_product_sums` for any number of task vectors d = model - base (a tuple of the models' chunks, unrolled
+    over): per `block` of entries, every d as a float32 row (`rows`: one a model, `block` wide), then
+    sums[b, p] = the block's Σ dᵢ·dⱼ for the pairs i <= j in row-major order, each product rounded and summed
+    in numpy's order (`planned_sum`), as `_linalg.block_sums` sums them; `products`: float32 scratch of
+    `block`. Rows of a block stay in cache, where rows of a whole chunk spill out of it."""
+    n = base.size
+    count = rows.shape[0]
+    leaves, adds = sum_plan(block)
+    scratch = sum_scratch(leaves)
+    for b in range((n + block - 1) // block):
+        start = b * block
+        m = min(block, n - start)
+        if m < block:  # the last block, shorter
+            leaves, adds = sum_plan(m)
+            scratch = sum_scratch(leaves)
+        below = base[start:start + m]
+        j = 0
+        for model in literal_unroll(models):
+            row, chunk = rows[j], model[start:start + m]
+            for t in range(m):
+                row[t] = widen(chunk[t]) - widen(below[t])
+            j += 1
+        p = 0
+        for i in range(count):
+            for k in range(i, count):
+                first, second = rows[i], rows[k]
+                for t in range(m):
+                    products[t] = first[t] * second[t]
+                sums[b, p] = planned_sum(products[:m], leaves, adds, scratch)
+                p += 1
+
+
+@jit
 def pair_square_sums(model0, model1, base, keep, apart, sums):
     """SCE's energies of two task vectors d = model - base over a chunk: sums[j] = Σ d_j² over the entries
     selected (`keep` != 0 when not empty, and the models' distance above `apart`: see `pair_delta_merge_into`),

@@ -51,17 +51,18 @@ from mergesmith import runtime
 CHUNK = 1 << 18  # entries per chunk of the merge pass
 LANES = 8  # DELLA's random streams, stepped together (`_sparsify.LaneWords`, `_kernel_loops.partner_keep`)
 KEEP_BLOCK = 1 << 14  # DARE's keep words come in blocks of this many entries (`_sparsify.LaneWords.block_words`)
+ROWS_BLOCK = 1024  # entries per block of `_kernel_loops.rows_merge_into`: four models' rows of a block, 16 KB, stay in L1
 
 LOOPS = (
     "weighted_delta", "consensus_into", "pair_delta_merge_into", "sum_into", "window_count", "windows_gather", "windows_tally", "gather_flagged", "to_bfloat16", "partner_keep",
     "della_rows", "bernoulli_rows", "weighted_consensus_into", "cut_mask", "magnitudes_into", "scaled_magnitudes_into", "choose_scaled_into",
     "contribution_into", "contributor_tallies", "ram_combine_into", "pair_product_sums", "stock_into", "pair_combine_into", "pair_tallies", "pair_square_sums",
-    "row_divergences_into", "welford_variance_into", "triple_delta_merge_into", "triple_product_sums", "triple_combine_into", "square_sums", "triple_variance_into", "variance_into", "above_into", "triple_tallies", "rows_merge_into",
+    "row_divergences_into", "welford_variance_into", "triple_delta_merge_into", "triple_product_sums", "triple_combine_into", "square_sums", "triple_variance_into", "variance_into", "product_sums", "above_into", "triple_tallies", "rows_merge_into",
 )
 
 # Loops that only other loops call (compiled into them: their own cache entries are never loaded), listed in
 # LOOPS so that tests can check a one-pass loop against them.
-INNER_LOOPS = ("consensus_into", "weighted_consensus_into", "welford_variance_into")
+INNER_LOOPS = ("weighted_delta", "consensus_into", "weighted_consensus_into", "sum_into", "welford_variance_into")
 
 _LOCK = threading.Lock()
 _LOOPS: SimpleNamespace | None = None
@@ -121,6 +122,12 @@ def loop_operand(tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(np.uint16)
     return tensor.numpy()
+
+
+def rows_scratch(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """`_kernel_loops.rows_merge_into`'s buffers for `count` models: their rows of a block, and the scratch rows
+    for the votes, the divisors and the block's result (one pair a thread)."""
+    return np.empty((count, ROWS_BLOCK), dtype=np.float32), np.empty((3, ROWS_BLOCK), dtype=np.float32)
 
 
 class OutputChunks:

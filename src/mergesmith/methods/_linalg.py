@@ -48,12 +48,16 @@ def block_sums(products: np.ndarray, block: int = PRODUCT_BLOCK) -> np.ndarray:
 
 def product_block_sums(models: Sequence[np.ndarray], base: np.ndarray, block: int = PRODUCT_BLOCK) -> np.ndarray:
     """The (blocks, pairs) float32 sums of dᵢ·dⱼ (pairs i <= j in row-major order: d0·d0, d0·d1, d1·d1 for
-    two) over consecutive `block`-entry runs of the task vectors d = model - base of one chunk, for two or
-    three models (`_kernel_loops.pair_product_sums`, `triple_product_sums`; loop operands)."""
+    two) over consecutive `block`-entry runs of the task vectors d = model - base of one chunk, for any number
+    of models (`_kernel_loops.pair_product_sums`, `triple_product_sums`, `product_sums`; loop operands)."""
     count = len(models)
     sums = np.empty((-(-base.size // block), count * (count + 1) // 2), dtype=np.float32)
     loops = _kernels.loops()
-    (loops.pair_product_sums if count == 2 else loops.triple_product_sums)(*models, base, block, sums)
+    if count > 3:
+        scratch = np.empty((count + 1, block), dtype=np.float32)  # the rows, then the products
+        loops.product_sums(tuple(models), base, block, scratch[:count], scratch[count], sums)
+    else:
+        (loops.pair_product_sums if count == 2 else loops.triple_product_sums)(*models, base, block, sums)
     return sums
 
 

@@ -1288,20 +1288,6 @@ def variance_across(tvs: Sequence[TaskVector], size: int) -> torch.Tensor:
     return out
 
 
-_NOTHING_STORED = np.empty(0, dtype=np.uint8)
-_ONE = np.float32(1)
-
-
-def task_vector_rows(tvs: Sequence[TaskVector], start: int, end: int, rows: np.ndarray) -> np.ndarray:
-    """rows[j, :end - start] = task vector j's entries [start, end), float32 as torch subtracts them, made by
-    `_kernels`' loops from the inputs as stored (`weighted_delta`, keeping every entry): how the compiled paths
-    for three or more models get their task vectors. Returns `rows`."""
-    for j, tv in enumerate(tvs):
-        model, base = tv.operands(start, end)
-        _kernels.loops().weighted_delta(model, base, *KEEP_ALL_BOUNDS, _NOTHING_STORED, _ONE, _ONE, rows[j, : end - start])
-    return rows
-
-
 # Entries per block of `_kernel_loops.welford_variance_into` (its two float64 scratch rows: 8 KB in L1).
 VARIANCE_BLOCK = 512
 

@@ -181,10 +181,6 @@ def merge_task_vectors(
     return out
 
 
-# Entries per block of `_kernel_loops.rows_merge_into`: a block's rows of four models take 16 KB, in L1.
-ROWS_BLOCK = 1024
-
-
 def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: str | None, normalize: bool,
                     total: float, scale: float, flat_out: torch.Tensor) -> Callable[[list[tuple[int, int]]], None]:
     """`merge_task_vectors`' chunk work on float32 CPU tensors with `_kernels`' loops, each writing the output
@@ -225,8 +221,7 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
 
     def in_blocks(chunks: list[tuple[int, int]]) -> None:
         """Four or more models, or election by count: rows a block of entries at a time."""
-        rows = np.empty((len(tvs), ROWS_BLOCK), dtype=np.float32)
-        scratch = np.empty((3, ROWS_BLOCK), dtype=np.float32)
+        rows, scratch = _kernels.rows_scratch(len(tvs))
         outputs = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks))
         for s, e in chunks:
             limits, splits = _sparsify.row_bounds(rules, s)

@@ -28,7 +28,7 @@ import torch
 from mergesmith.methods import _kernels
 from mergesmith.methods._linalg import PRODUCT_BLOCK, block_sums, product_block_sums, total
 from mergesmith.methods._parallel import in_parts
-from mergesmith.methods._sparsify import TaskVector, chunk_size, models_and_base, pair_operands, spans, task_vector_rows
+from mergesmith.methods._sparsify import KeepRule, TaskVector, chunk_size, models_and_base, pair_operands, row_bounds, spans
 from mergesmith.methods.registry import Param, merge_method
 
 PAIR_NORM_FLOOR = 1e-6
@@ -96,17 +96,8 @@ def model_stock(
     def inner_products(share):
         """Per unit of the share, the float32 sums of its blocks' products, a column per pair i <= j (float32 on
         CPU), or a float64 product per pair (per row with `filter_wise`) elsewhere."""
-        if compiled or (rows_compiled and n == 3):  # two or three: the products' block sums in one loop
+        if compiled or rows_compiled:  # the products' block sums in one loop a chunk
             return [product_block_sums(*models_and_base(tvs, s, e), block) for s, e, _, _ in share]
-        if rows_compiled:
-            rows, products = np.empty((n, unit_size), dtype=np.float32), np.empty(unit_size, dtype=np.float32)
-            found = []
-            for s, e, _, _ in share:
-                m = e - s
-                task_vector_rows(tvs, s, e, rows)
-                found.append(np.stack([block_sums(np.multiply(rows[i, :m], rows[j, :m], out=products[:m]), block)
-                                       for i, j in pairs], axis=1))
-            return found
         bufs = [tv.buffer(unit_size) for tv in tvs]
         found = []
         for s, e, r0, r1 in share:
@@ -157,14 +148,16 @@ def model_stock(
             _kernels.loops().stock_into(*pair_operands(tvs[0], tvs[1], s, e), ratios[r0:r1], width or (e - s), outputs.direct(s, e))
 
     def write_rows(share):
-        """Three or more models: Σ δᵢ · t/n + base (`sum_into`: the torch path's additions in model order, then
-        the multiplication and the base's addition, each rounded as torch rounds them)."""
-        outputs = _kernels.OutputChunks(flat_out, unit_size)
-        rows, ratio, one = np.empty((n, unit_size), dtype=np.float32), np.float32(float(t_over_n[0])), np.float32(1)
+        """Three or more models: Σ δᵢ · t/n + base (`rows_merge_into`'s sum: the torch path's additions in model
+        order, then the multiplication and the base's addition, each rounded as torch rounds them)."""
+        outputs, loops = _kernels.OutputChunks(flat_out, unit_size), _kernels.loops()
+        rows, scratch = _kernels.rows_scratch(n)
+        limits, splits = row_bounds([KeepRule()] * n, 0)
+        ones, ratio, nothing = np.ones((n, 2), dtype=np.float32), np.float32(float(t_over_n[0])), np.empty(0, dtype=np.uint8)
         for s, e, _, _ in share:
-            target = outputs.target(s, e)
-            _kernels.loops().sum_into(task_vector_rows(tvs, s, e, rows), e - s, False, one, ratio, tvs[0].operands(s, e)[1], target)
-            outputs.done(s, e)
+            models, below = models_and_base(tvs, s, e)
+            loops.rows_merge_into(tuple(models), below, limits, splits, (nothing,) * n, ones, ones[:, 1],
+                                  (False, False, False, False), np.float32(1), ratio, rows, scratch, outputs.direct(s, e))
 
     in_parts(units, write_compiled if compiled else write_rows if rows_compiled else write, base.device)
     return out

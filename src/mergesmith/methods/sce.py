@@ -31,7 +31,7 @@ from mergesmith.methods._sparsify import (
     ANY_DISTANCE, KEEP_ALL_BOUNDS, Cut, KeepRule, StoredValues, TaskVector, check_tie_order, chunk_size, models_and_base,
     row_bounds, select_top_fraction, selection_dtype, spans, top_fraction_count, variance_across,
 )
-from mergesmith.methods._task_vectors import CONSENSUS, ROWS_BLOCK
+from mergesmith.methods._task_vectors import CONSENSUS
 from mergesmith.methods.registry import Param, merge_method
 
 
@@ -305,7 +305,7 @@ def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: 
     def in_blocks(chunks):
         """Four or more models, or election by count: rows a block of entries at a time (`rows_merge_into`)."""
         width = max(e - s for s, e in chunks)
-        rows, scratch = np.empty((count, ROWS_BLOCK), dtype=np.float32), np.empty((3, ROWS_BLOCK), dtype=np.float32)
+        rows, scratch = _kernels.rows_scratch(count)
         keep_buf, outputs, loops = np.empty(width, dtype=np.uint8), _kernels.OutputChunks(flat_out, width), _kernels.loops()
         for s, e in chunks:
             models, base = models_and_base(tvs, s, e)
