@@ -653,8 +653,8 @@ def test_model_stock_loops_equal_the_torch_path(dtype, filter_wise, shape, torch
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("method, count", [("slerp", 2), ("karcher", 2), ("nuslerp", 2), ("karcher", 3)])
-def test_the_gram_of_two_or_three_models_on_the_loop_equals_the_torch_path(method, count, dtype, torch_path, monkeypatch):
+@pytest.mark.parametrize("method, count", [("slerp", 2), ("karcher", 2), ("nuslerp", 2), ("karcher", 3), ("karcher", 5)])
+def test_the_gram_of_two_or_more_models_on_the_loop_equals_the_torch_path(method, count, dtype, torch_path, monkeypatch):
     g = torch.Generator().manual_seed(7)
     models = [(torch.randn(700, 640, generator=g) * 0.02).to(dtype) for _ in range(count)]
     if method == "slerp":  # the base is one end, the other model the other
@@ -662,7 +662,7 @@ def test_the_gram_of_two_or_three_models_on_the_loop_equals_the_torch_path(metho
     else:
         kwargs = {} if method == "karcher" else {"weight": [0.3, 0.6]}
         run = lambda: get_method(method).func(models, compute_dtype=torch.float32, **kwargs)
-    calls, loop = [], "pair_product_sums" if count == 2 else "triple_product_sums"
+    calls, loop = [], {2: "pair_product_sums", 3: "triple_product_sums"}.get(count, "product_sums")
     monkeypatch.setattr(_kernels.loops(), loop, lambda *a, _loop=getattr(_kernels.loops(), loop): calls.append(1) or _loop(*a))
     compiled = run()
     assert calls
@@ -672,17 +672,18 @@ def test_the_gram_of_two_or_three_models_on_the_loop_equals_the_torch_path(metho
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("method, count", [("multislerp", 2), ("nuslerp", 2), ("multislerp", 3)])
+@pytest.mark.parametrize("method, count", [("multislerp", 2), ("nuslerp", 2), ("multislerp", 3), ("multislerp", 4)])
 def test_task_vector_interpolations_on_the_loops_equal_the_torch_path(method, count, dtype, torch_path, monkeypatch):
     g = torch.Generator().manual_seed(5)
     base = torch.randn(700, 640, generator=g) * 0.02
     shared = torch.randn(700, 640, generator=g) * 0.002
     models = [(base + shared + torch.randn(700, 640, generator=g) * 0.002).to(dtype) for _ in range(count)]
     base = base.to(dtype)
-    weights = [0.3, 0.6, 0.45][:count]
+    weights = [0.3, 0.6, 0.45, 0.2][:count]
     run = lambda **kw: get_method(method).func(models, base=base, weight=weights, compute_dtype=torch.float32, **kw)
     loops, calls = _kernels.loops(), []
-    names = ("pair_product_sums", "pair_combine_into") if count == 2 else ("triple_product_sums", "triple_combine_into")
+    names = {2: ("pair_product_sums", "pair_combine_into"), 3: ("triple_product_sums", "triple_combine_into")}.get(
+        count, ("product_sums", "rows_merge_into"))
     for name in names:
         monkeypatch.setattr(loops, name, lambda *a, _loop=getattr(loops, name), _name=name: calls.append(_name) or _loop(*a))
     compiled, rounded = run(), run(output_dtype=torch.bfloat16)

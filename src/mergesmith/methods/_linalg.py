@@ -7,10 +7,10 @@ N x N matrix), do the small geometry in float64 on the host, and finish with a s
 
 On CPU the inner products are float64 sums of float32 partial sums over blocks of 4096 products, each in
 numpy's order (`block_sums`), so that the compiled loops that do the common case, two task vectors in
-float32 (nuslerp and multislerp with a base: `pair_product_sums`, `pair_combine_into`; three task vectors:
-`triple_product_sums`, `triple_combine_into`), give the numpy path's bits; BLAS dots on a 1B merge left the
-two-model methods 2x slower than the loops. Four or more vectors take BLAS dots (their last bits then depend on
-the BLAS build).
+float32 (nuslerp and multislerp with a base: `pair_product_sums`, `pair_combine_into`; three:
+`triple_product_sums`, `triple_combine_into`; up to eight: `product_sums`, `rows_merge_into`), give the numpy
+path's bits; BLAS dots on a 1B merge left the two-model methods 2x slower than the loops. More than eight
+vectors take blocked matrix products (their last bits then depend on the BLAS build).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from mergesmith.methods import _kernels
 from mergesmith.methods._parallel import in_parts
 from mergesmith.methods._sums import run_sums
-from mergesmith.methods._sparsify import TaskVector, loop_operand, spans, zeros_operand
+from mergesmith.methods._sparsify import KeepRule, TaskVector, loop_operand, row_bounds, spans, zeros_operand
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Up to this many vectors, pairwise dot products; above, blocked matrix products (data read once).
@@ -66,12 +66,12 @@ def total(sums: np.ndarray) -> float:
     return float(np.add.reduce(sums, dtype=np.float64))
 
 
-# How many vectors the compiled loops take at once (`_kernel_loops`' pair and triple loops).
-_LOOP_COUNTS = (2, 3)
+# How many vectors the compiled loops take at once (`_kernel_loops`' pair, triple and general loops).
+_LOOP_COUNTS = range(2, _PAIRWISE_MAX + 1)
 
 
 def _compiled(models: Sequence[torch.Tensor], base: torch.Tensor | None, dtype: torch.dtype | None) -> bool:
-    """Whether `_kernels`' loops do the work for two or three vectors (task vectors against `base`, when given)
+    """Whether `_kernels`' loops do the work for two to eight vectors (task vectors against `base`, when given)
     in float32 on CPU."""
     reference = base if base is not None else models[0]
     return (len(models) in _LOOP_COUNTS and dtype in (None, torch.float32) and reference.dtype != torch.float64
@@ -128,8 +128,8 @@ def gram(vectors: Sequence[torch.Tensor], dtype: torch.dtype | None = None, *, b
 
 def _pair_dots(flats: Sequence[torch.Tensor]) -> torch.Tensor:
     """Dot products of every pair i <= j (row-major upper triangle) as a float64 CPU vector: BLAS dot (not
-    subject to TF32), except for two or three float32 vectors on CPU, the cases the compiled loops do, whose
-    products are summed as they sum them (the float64 sum of their `block_sums`)."""
+    subject to TF32), except for float32 vectors on CPU, the cases the compiled loops do, whose products are
+    summed as they sum them (the float64 sum of their `block_sums`)."""
     n = len(flats)
     pairs = [(i, j) for i in range(n) for j in range(i, n)]
     if n in _LOOP_COUNTS and flats[0].device.type == "cpu" and flats[0].dtype == torch.float32:
@@ -138,7 +138,7 @@ def _pair_dots(flats: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _compiled_gram(flats: Sequence[torch.Tensor], base: torch.Tensor | None, chunk: int) -> torch.Tensor:
-    """`gram`'s upper triangle for two or three vectors (task vectors against `base`, when given) with
+    """`gram`'s upper triangle for two to eight vectors (task vectors against `base`, when given) with
     `_kernel_loops`' product sums, the chunks shared between the CPU's threads and their sums added in chunk
     order afterwards (as `_pair_dots` adds them)."""
     operands = [loop_operand(f) for f in flats]
@@ -211,9 +211,9 @@ def combine_task_vectors(
 ) -> torch.Tensor:
     """`base + Σ cᵢ·(modelsᵢ − base)` in `dtype` (default: the base's), chunk by chunk from the inputs as stored
     (bf16 as read): each chunk's task vectors are computed in `dtype` and scaled by their coefficients (each
-    product rounded), added up, then the base added. Two or three float32 task vectors on CPU take one compiled
-    loop (`_kernel_loops.pair_combine_into`, `triple_combine_into`: the same operations), which writes a bf16 `output_dtype` directly
-    (`_kernels.OutputChunks`); otherwise the result is in `dtype`."""
+    product rounded), added up, then the base added. Two to eight float32 task vectors on CPU take one compiled
+    loop (`_kernel_loops.pair_combine_into`, `triple_combine_into`, `rows_merge_into`: the same operations),
+    which writes a bf16 `output_dtype` directly (`_kernels.OutputChunks`); otherwise the result is in `dtype`."""
     dtype = dtype or base.dtype
     compiled = _compiled(models, base, dtype)
     out = torch.empty(base.shape, dtype=_kernels.result_dtype(dtype, output_dtype, compiled), device=base.device)
@@ -236,14 +236,25 @@ def combine_task_vectors(
 
 
 def _compiled_combine(flats: Sequence[torch.Tensor], base: torch.Tensor, coefficients: list, flat_out: torch.Tensor, chunk: int) -> None:
-    """`combine_task_vectors`' chunks for two or three task vectors with `_kernel_loops.pair_combine_into` or
-    `triple_combine_into`, shared between the CPU's threads."""
+    """`combine_task_vectors`' chunks with `_kernel_loops.pair_combine_into`, `triple_combine_into` or, for four
+    or more task vectors, `rows_merge_into`'s sum (each delta times its coefficient, added in order, then the
+    base: the same operations), shared between the CPU's threads."""
     operands, below = [loop_operand(f) for f in flats], loop_operand(base)
+    count = len(operands)
+    factors = np.array([(1, c) for c in coefficients], dtype=np.float32)  # rescale 1, weight c
+    limits, splits = row_bounds([KeepRule()] * count, 0)
+    nothing, one = np.empty(0, dtype=np.uint8), np.float32(1)
 
     def share(part):
         outputs = _kernels.OutputChunks(flat_out, chunk)
         loops = _kernels.loops()
-        combine_into = loops.pair_combine_into if len(operands) == 2 else loops.triple_combine_into
+        if count > 3:
+            rows, scratch = _kernels.rows_scratch(count)
+            for s, e in part:
+                loops.rows_merge_into(tuple(o[s:e] for o in operands), below[s:e], limits, splits, (nothing,) * count, factors,
+                                      factors[:, 1], (False, False, False, False), one, one, rows, scratch, outputs.direct(s, e))
+            return
+        combine_into = loops.pair_combine_into if count == 2 else loops.triple_combine_into
         for s, e in part:
             combine_into(*(o[s:e] for o in operands), below[s:e], *coefficients, outputs.direct(s, e))
 
