@@ -352,11 +352,21 @@ def test_weighted_delta_keeps_ties_before_the_split_only():
     assert out.tolist() == [0.5, 0, 0.5, -0.5, 0.5, 0, 0, 0]
 
 
-def test_plain_task_arithmetic_of_four_stays_on_torch(monkeypatch):
-    # no mask and no election, four models: rows and a loop each would buy nothing over torch's three ops a model
+def test_plain_task_arithmetic_of_four_merges_in_blocks_in_mergekits_order(monkeypatch):
+    # no mask and no election, four models: `rows_merge_into`'s sum, each weighted delta rounded, then added in
+    # model order and scaled, one rounding each (mergekit's (weights * deltas).sum(0))
     models, base = _family(torch.float32)
-    monkeypatch.setattr(_task_vectors, "_compiled_merge", lambda *a, **k: pytest.fail("compiled path taken"))
-    get_method("task_arithmetic").func(models + models[:1], base=base, weight=[0.5, 0.3, 0.4, 0.2], compute_dtype=torch.float32)
+    models = _fourth(models, base)
+    weights = [0.5, 0.3, 0.4, 0.2]
+    calls = []
+    loops = _kernels.loops()
+    monkeypatch.setattr(loops, "rows_merge_into", lambda *a, _loop=loops.rows_merge_into: calls.append(1) or _loop(*a))
+    got = get_method("task_arithmetic").func(models, base=base, weight=weights, lambda_=0.8, compute_dtype=torch.float32)
+    assert calls
+    mixed = (models[0] - base) * weights[0]
+    for model, w in zip(models[1:], weights[1:]):
+        mixed = mixed + (model - base) * w
+    assert torch.equal(got, mixed * 0.8 + base)
 
 
 def test_bfloat16_rounding_is_torchs_bit_for_bit():
