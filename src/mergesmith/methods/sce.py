@@ -109,7 +109,8 @@ class _Selection:
 
 
 _EVERYTHING = np.empty(0, dtype=np.uint8)
-# Model counts whose energies and merge run in one loop from the inputs (`_kernel_loops`' pair and triple loops).
+# Model counts whose merge runs in one pass from the inputs (`_kernel_loops`' pair and triple loops); the rest
+# merge on rows a block at a time (`rows_merge_into`).
 _ONE_PASS_COUNTS = (2, 3)
 
 
