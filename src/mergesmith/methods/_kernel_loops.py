@@ -225,21 +225,29 @@ def variance_into(models, base, rows, mean, m2, out):
     block = rows.shape[1]
     for start in range(0, n, block):
         m = min(block, n - start)
-        below = base[start:start + m]
-        j = 0
-        for model in literal_unroll(models):
-            row, chunk = rows[j], model[start:start + m]
-            for i in range(m):
-                row[i] = widen(chunk[i]) - widen(below[i])
-            j += 1
+        task_vector_block(models, base, start, m, rows)
         welford_variance_into(rows, m, mean, m2, out[start:start + m])
+
+
+@jit
+def task_vector_block(models, base, start, m, rows):
+    """rows[j, :m] = model j's task vector d = model - base over the entries [start, start + m), float32 as
+    torch subtracts them: the block rows of the loops for any number of models (`models`: a tuple of their
+    chunks, unrolled over, so their dtypes may differ)."""
+    below = base[start:start + m]
+    j = 0
+    for model in literal_unroll(models):
+        row, chunk = rows[j], model[start:start + m]
+        for i in range(m):
+            row[i] = widen(chunk[i]) - widen(below[i])
+        j += 1
 
 
 @jit
 def triple_variance_into(model0, model1, model2, base, out):
     """`welford_variance_into` for three task vectors d = model - base made as it goes (float32, as
-    `_sparsify.task_vector_rows` makes them): the same float64 operations entry by entry, without writing the
-    three rows and reading them back."""
+    `task_vector_block` makes them): the same float64 operations entry by entry, without writing the three
+    rows and reading them back."""
     for i in range(out.size):
         x = widen(base[i])
         first, second, third = np.float64(widen(model0[i]) - x), np.float64(widen(model1[i]) - x), np.float64(widen(model2[i]) - x)
@@ -636,8 +644,7 @@ def cut_mask(x, y, ge, gt, split, out):
 def above_into(values, ge, gt, split, out):
     """out[i] = 1 when values[i] exceeds ge (i < split) or gt (i >= split), else 0 (a NaN exceeds nothing): a
     cut's membership on stored values (SCE's variance), as `Cut.mask_into` and a uint8 copy make it."""
-    bounds = distance_bounds((ge, gt, split), out.size)
-    bound_ge, bound_gt, at = bounds
+    bound_ge, bound_gt, at = distance_bounds((ge, gt, split), out.size)
     for i in range(out.size):
         out[i] = values[i] > (bound_ge if np.int32(i) < at else bound_gt)
 
@@ -1370,6 +1377,22 @@ def triple_product_sums(model0, model1, model2, base, block, sums):
 
 
 @jit
+def block_plan(m):
+    """(leaves, adds, scratch): `sum_plan` of m entries with its `sum_scratch`, for loops that sum blocks."""
+    leaves, adds = sum_plan(m)
+    return leaves, adds, sum_scratch(leaves)
+
+
+@jit
+def block_span(b, block, n, whole):
+    """(start, length, plan) of block b of the n entries cut in `block`s: the plan `whole` (`block_plan(block)`),
+    or one made for the last block when it is shorter."""
+    start = b * block
+    m = min(block, n - start)
+    return start, m, (whole if m == block else block_plan(m))
+
+
+@jit
 def _product_sums(model0, model1, model2, base, block, sums):
     """The block loop of `pair_product_sums` (`model2` empty: three products) and `triple_product_sums` (six):
     each block's products written to rows, then each row summed by the block's plan. The model count is
@@ -1377,14 +1400,10 @@ def _product_sums(model0, model1, model2, base, block, sums):
     n = base.size
     three = model2.size > 0
     products = np.empty((6 if three else 3, block), dtype=np.float32)
-    leaves, adds = sum_plan(block)
-    scratch = sum_scratch(leaves)
+    whole = block_plan(block)
     for b in range((n + block - 1) // block):
-        start = b * block
-        m = min(block, n - start)
-        if m < block:  # the last block, shorter
-            leaves, adds = sum_plan(m)
-            scratch = sum_scratch(leaves)
+        start, m, plan = block_span(b, block, n, whole)
+        leaves, adds, scratch = plan
         first, second, bases = model0[start : start + m], model1[start : start + m], base[start : start + m]
         if three:
             third = model2[start : start + m]
@@ -1412,21 +1431,11 @@ def product_sums(models, base, block, rows, products, sums):
     `block`. Rows of a block stay in cache, where rows of a whole chunk spill out of it."""
     n = base.size
     count = rows.shape[0]
-    leaves, adds = sum_plan(block)
-    scratch = sum_scratch(leaves)
+    whole = block_plan(block)
     for b in range((n + block - 1) // block):
-        start = b * block
-        m = min(block, n - start)
-        if m < block:  # the last block, shorter
-            leaves, adds = sum_plan(m)
-            scratch = sum_scratch(leaves)
-        below = base[start:start + m]
-        j = 0
-        for model in literal_unroll(models):
-            row, chunk = rows[j], model[start:start + m]
-            for t in range(m):
-                row[t] = widen(chunk[t]) - widen(below[t])
-            j += 1
+        start, m, plan = block_span(b, block, n, whole)
+        leaves, adds, scratch = plan
+        task_vector_block(models, base, start, m, rows)
         p = 0
         for i in range(count):
             for k in range(i, count):
@@ -1445,7 +1454,24 @@ def pair_square_sums(model0, model1, base, keep, apart, sums):
     deltas, `np.square` and `np.add.reduce`. The squares are made and summed a span of leaves at a time
     (`leaf_span`): 0.91-1.05 ns an entry against 1.11-1.31 writing the chunk's squares first (one chunk of the
     bench's 1B bf16 merge, alternating runs)."""
-    _square_sums(model0, model1, base, keep, apart, sums)
+    n = base.size
+    leaves, adds = sum_plan(n)
+    count = leaves.shape[1]
+    first_sums, second_sums = sum_scratch(leaves), sum_scratch(leaves)
+    squares = np.empty((2, SPAN_WIDTH), dtype=np.float32)
+    ge, gt, split = distance_bounds(apart, n)
+    k = 0
+    while k < count:
+        k1, start, end = leaf_span(leaves, k)
+        m = end - start
+        span_keep = keep[start:end] if keep.size else keep
+        _span_squares(model0[start:end], model1[start:end], base[start:end], span_keep, (ge, gt, np.int32(split - start)),
+                      squares[0, :m], squares[1, :m])
+        leaf_sums(squares[0], leaves, k, k1, start, first_sums)
+        leaf_sums(squares[1], leaves, k, k1, start, second_sums)
+        k = k1
+    sums[0] = added_leaves(adds, count, first_sums)
+    sums[1] = added_leaves(adds, count, second_sums)
 
 
 @jit
@@ -1482,29 +1508,6 @@ def square_sums(models, base, keep, sums):
         k = k1
     for j in range(len(models)):
         sums[j] = added_leaves(adds, count, scratch[j])
-
-
-@jit
-def _square_sums(model0, model1, base, keep, apart, sums):
-    """The loop of `pair_square_sums`."""
-    n = base.size
-    leaves, adds = sum_plan(n)
-    count = leaves.shape[1]
-    first_sums, second_sums = sum_scratch(leaves), sum_scratch(leaves)
-    squares = np.empty((2, SPAN_WIDTH), dtype=np.float32)
-    ge, gt, split = distance_bounds(apart, n)
-    k = 0
-    while k < count:
-        k1, start, end = leaf_span(leaves, k)
-        m = end - start
-        span_keep = keep[start:end] if keep.size else keep
-        _span_squares(model0[start:end], model1[start:end], base[start:end], span_keep, (ge, gt, np.int32(split - start)),
-                      squares[0, :m], squares[1, :m])
-        leaf_sums(squares[0], leaves, k, k1, start, first_sums)
-        leaf_sums(squares[1], leaves, k, k1, start, second_sums)
-        k = k1
-    sums[0] = added_leaves(adds, count, first_sums)
-    sums[1] = added_leaves(adds, count, second_sums)
 
 
 @jit
