@@ -23,7 +23,7 @@ import torch
 from mergesmith.methods import _kernels
 from mergesmith.methods._parallel import in_parts
 from mergesmith.methods._sums import run_sums
-from mergesmith.methods._sparsify import KeepRule, TaskVector, loop_operand, row_bounds, spans, zeros_operand
+from mergesmith.methods._sparsify import RowSum, TaskVector, loop_operand, spans, zeros_operand
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Up to this many vectors, pairwise dot products; above, blocked matrix products (data read once).
@@ -240,21 +240,16 @@ def _compiled_combine(flats: Sequence[torch.Tensor], base: torch.Tensor, coeffic
     or more task vectors, `rows_merge_into`'s sum (each delta times its coefficient, added in order, then the
     base: the same operations), shared between the CPU's threads."""
     operands, below = [loop_operand(f) for f in flats], loop_operand(base)
-    count = len(operands)
-    factors = np.array([(1, c) for c in coefficients], dtype=np.float32)  # rescale 1, weight c
-    limits, splits = row_bounds([KeepRule()] * count, 0)
-    nothing, one = np.empty(0, dtype=np.uint8), np.float32(1)
 
     def share(part):
         outputs = _kernels.OutputChunks(flat_out, chunk)
-        loops = _kernels.loops()
-        if count > 3:
-            rows, scratch = _kernels.rows_scratch(count)
+        if len(operands) > 3:
+            summed = RowSum(coefficients, 1)
             for s, e in part:
-                loops.rows_merge_into(tuple(o[s:e] for o in operands), below[s:e], limits, splits, (nothing,) * count, factors,
-                                      factors[:, 1], (False, False, False, False), one, one, rows, scratch, outputs.direct(s, e))
+                summed.into([o[s:e] for o in operands], below[s:e], outputs.direct(s, e))
             return
-        combine_into = loops.pair_combine_into if count == 2 else loops.triple_combine_into
+        loops = _kernels.loops()
+        combine_into = loops.pair_combine_into if len(operands) == 2 else loops.triple_combine_into
         for s, e in part:
             combine_into(*(o[s:e] for o in operands), below[s:e], *coefficients, outputs.direct(s, e))
 

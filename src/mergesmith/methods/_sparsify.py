@@ -157,12 +157,6 @@ def loops_read(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype in _KERNEL_INPUTS for t in tensors) and _kernels.available()
 
 
-def pair_operands(first: TaskVector, second: TaskVector, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(first's model, second's model, their shared base)[start:end] as the two-model loops read them
-    (`loop_operand`: views, no copy)."""
-    return first.loop_inputs()[0][start:end], *second.operands(start, end)
-
-
 def models_and_base(tvs: Sequence[TaskVector], start: int, end: int) -> tuple[list[np.ndarray], np.ndarray]:
     """([every model], their shared base)[start:end] as the loops for several models read them (`loop_operand`:
     views, no copy)."""
@@ -399,6 +393,25 @@ def row_bounds(rules: Sequence[KeepRule], start: int) -> tuple[np.ndarray, np.nd
     bounds = [(rule.keep.bounds(start), rule.drop.bounds(start)) for rule in rules]
     limits = np.array([(keep[0], keep[1], drop[0], drop[1]) for keep, drop in bounds], dtype=np.float32)
     return limits, np.array([(keep[2], drop[2]) for keep, drop in bounds], dtype=np.int64)
+
+
+class RowSum:
+    """out = base + scale · Σ wⱼ·(modelⱼ − base) over every entry of a chunk, by `_kernel_loops.rows_merge_into`'s
+    sum: each product rounded, added in model order, then scaled and the base added (Model Stock's output,
+    `_linalg.combine_task_vectors` for four or more). Holds the loop's buffers: one a thread."""
+
+    def __init__(self, weights: Sequence[float], scale: float):
+        count = len(weights)
+        self.limits, self.splits = row_bounds([KeepRule()] * count, 0)
+        self.factors = np.array([(1, w) for w in weights], dtype=np.float32)  # rescale 1, weight w
+        self.masks, self.scale = (_NO_MASK,) * count, np.float32(scale)
+        self.rows, self.scratch = _kernels.rows_scratch(count)
+
+    def into(self, models: Sequence[np.ndarray], base: np.ndarray, out: np.ndarray) -> None:
+        """Write the chunk's sum into `out` (float32, or a bf16 output's bit patterns); loop operands."""
+        _kernels.loops().rows_merge_into(tuple(models), base, self.limits, self.splits, self.masks, self.factors,
+                                         self.factors[:, 1], (False, False, False, False), np.float32(1), self.scale,
+                                         self.rows, self.scratch, out)
 
 
 def _cut(threshold: torch.Tensor, n_ge: int, n_gt: int, k: int, nth_tie: Callable[[int], int]) -> Cut:

@@ -28,7 +28,7 @@ import torch
 from mergesmith.methods import _kernels
 from mergesmith.methods._linalg import PRODUCT_BLOCK, block_sums, product_block_sums, total
 from mergesmith.methods._parallel import in_parts
-from mergesmith.methods._sparsify import KeepRule, TaskVector, chunk_size, models_and_base, pair_operands, row_bounds, spans
+from mergesmith.methods._sparsify import RowSum, TaskVector, chunk_size, models_and_base, spans
 from mergesmith.methods.registry import Param, merge_method
 
 PAIR_NORM_FLOOR = 1e-6
@@ -145,19 +145,15 @@ def model_stock(
         outputs = _kernels.OutputChunks(flat_out, unit_size)
         ratios = t_over_n.numpy()
         for s, e, r0, r1 in share:
-            _kernels.loops().stock_into(*pair_operands(tvs[0], tvs[1], s, e), ratios[r0:r1], width or (e - s), outputs.direct(s, e))
+            models, below = models_and_base(tvs, s, e)
+            _kernels.loops().stock_into(*models, below, ratios[r0:r1], width or (e - s), outputs.direct(s, e))
 
     def write_rows(share):
         """Three or more models: Σ δᵢ · t/n + base (`rows_merge_into`'s sum: the torch path's additions in model
         order, then the multiplication and the base's addition, each rounded as torch rounds them)."""
-        outputs, loops = _kernels.OutputChunks(flat_out, unit_size), _kernels.loops()
-        rows, scratch = _kernels.rows_scratch(n)
-        limits, splits = row_bounds([KeepRule()] * n, 0)
-        ones, ratio, nothing = np.ones((n, 2), dtype=np.float32), np.float32(float(t_over_n[0])), np.empty(0, dtype=np.uint8)
+        outputs, summed = _kernels.OutputChunks(flat_out, unit_size), RowSum([1] * n, float(t_over_n[0]))
         for s, e, _, _ in share:
-            models, below = models_and_base(tvs, s, e)
-            loops.rows_merge_into(tuple(models), below, limits, splits, (nothing,) * n, ones, ones[:, 1],
-                                  (False, False, False, False), np.float32(1), ratio, rows, scratch, outputs.direct(s, e))
+            summed.into(*models_and_base(tvs, s, e), outputs.direct(s, e))
 
     in_parts(units, write_compiled if compiled else write_rows if rows_compiled else write, base.device)
     return out
