@@ -172,17 +172,14 @@ def test_windows_gather_keeps_everything_inside_narrow_open_and_several_windows(
             assert counts[w] == expected.size
             assert np.array_equal(positions[w, : counts[w]], expected + 100)
             assert np.array_equal(values[w, : counts[w]], a[expected])
-            no_flags = np.zeros(0, np.uint8)
-            above, count, nonzero = loops.window_count(model, base, lows[w], highs[w], no_flags)
+            above, count, nonzero = loops.window_count(model, base, lows[w], highs[w])
             assert (above, count, nonzero) == (int((a > highs[w]).sum()), expected.size, 5003)
-            flags = np.full(5008, 7, np.uint8)  # with flags: the same counts, and the entries inside flagged
-            assert loops.window_count(model, base, lows[w], highs[w], flags) == (above, count, nonzero)
-            assert np.array_equal(np.flatnonzero(flags), expected)
 
 
 def test_windows_tally_counts_and_flags_as_one_window_at_a_time():
     # the one-pass tally of up to three windows gives window_count's counts per window, flags exactly the
-    # entries inside the windows it gathers (not those of a counted-only window), and NaN in none
+    # entries inside the windows it gathers (not those of a counted-only window), and NaN in none; it stores
+    # every entry's magnitude, from which gather_stored gathers what windows_gather gathers from the inputs
     loops = _kernels.loops()
     rng = np.random.default_rng(4)
     model = rng.standard_normal(5003).astype(np.float32)
@@ -194,21 +191,37 @@ def test_windows_tally_counts_and_flags_as_one_window_at_a_time():
     for windows, gathers in [([(v[1000], v[1100]), (v[2500], v[2600])], [1, 1]),
                              ([(v[1000], v[1100]), (v[2500], v[2500]), (-np.inf, v[50])], [1, 0, 1]),
                              ([(v[4900], np.inf), (v[10], v[4000]), (v[1050], v[3000])], [1, 1, 1]),
-                             ([(v[1000], v[1100]), (v[2500], v[2600]), (np.inf, np.inf)], [1, 1, 0])]:  # a tie group at inf
-        padded = windows + [(np.inf, np.inf)] * (3 - len(windows))
+                             ([(v[1000], v[1100]), (v[2500], v[2600]), (np.inf, np.inf)], [1, 1, 0]),  # a tie group at inf
+                             ([(v[2000], v[2300])], [1]), ([(v[2000], v[2000])], [0])]:  # one window, gathered or counted
+        padded = windows + [(np.nan, np.nan)] * (3 - len(windows))
         lows = np.array([lo for lo, _ in padded], np.float32)
         highs = np.array([hi for _, hi in padded], np.float32)
         tallies = np.zeros(7, np.int64)
         flags = np.full(5008, 7, np.uint8)
-        loops.windows_tally(model, base, lows, highs, np.array(gathers + [0] * (3 - len(gathers)), np.uint8), len(windows), tallies, flags)
+        stored = np.full(5003, -1, np.float32)
+        loops.windows_tally(model, base, lows, highs, np.array(gathers + [0] * (3 - len(gathers)), np.uint8), len(windows), tallies, flags, stored)
+        assert np.array_equal(stored, a, equal_nan=True)
         flagged = np.zeros(5003, bool)
         for w, (lo, hi) in enumerate(windows):
-            above, inside, nonzero = loops.window_count(model, base, lows[w], highs[w], np.zeros(0, np.uint8))
+            above, inside, nonzero = loops.window_count(model, base, lows[w], highs[w])
             assert (tallies[w], tallies[3 + w], tallies[6]) == (above, inside, nonzero)
             if gathers[w]:
                 flagged |= (a >= lows[w]) & (a <= highs[w])
         assert tallies[len(windows):3].sum() == 0 and tallies[3 + len(windows):6].sum() == 0  # padding
         assert np.array_equal(flags[:5003], flagged.astype(np.uint8)) and not flags[5003:].any()
+        ws = [w for w, g in enumerate(gathers) if g]
+        if not ws:
+            continue
+        counts = [int(tallies[3 + w]) for w in ws]
+        rows = [np.empty((len(ws), max(counts) + 1), dt) for dt in (np.float32, np.int64)] * 2
+        found = [np.zeros(len(ws), np.int64) for _ in range(2)]
+        loops.gather_stored(stored, lows[ws], highs[ws], 100, rows[0], rows[1], found[0], sum(counts), flags,
+                            np.empty(5003, np.int32), np.empty(5003, np.float32))
+        loops.windows_gather(model, base, lows[ws], highs[ws], 100, rows[2], rows[3], found[1], sum(counts),
+                             np.empty(5008, np.uint8), np.empty(5003, np.int32), np.empty(5003, np.float32))
+        assert found[0].tolist() == found[1].tolist() == counts
+        for r, c in enumerate(counts):
+            assert np.array_equal(rows[0][r, :c], rows[2][r, :c]) and np.array_equal(rows[1][r, :c], rows[3][r, :c])
 
 
 @pytest.mark.parametrize("cut,expected", [

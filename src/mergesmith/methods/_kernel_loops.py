@@ -662,12 +662,9 @@ def sum_into(deltas, n, divide, divisor, scale, base, out):
 
 
 @jit
-def window_count(model, base, lo, hi, flags):
+def window_count(model, base, lo, hi):
     """(entries with |model - base| > hi, entries with lo <= |model - base| <= hi, non-zero entries) of a
-    chunk of fewer than 2^31 entries; unless `flags` is empty, flags[i] = whether entry i is inside, for
-    `gather_flagged` (flags past the chunk zeroed): a window's count and flags in one pass, where
-    `windows_gather` would read the chunk again (TIES's scan on a 5632x2048 bf16 matrix: 1.5 -> 1.3 ns an
-    entry).
+    chunk of fewer than 2^31 entries.
 
     The counters are int32, each sum cast back (`np.int32(count + np.int32(test))`, which LLVM narrows to a
     32-bit add): numba widens integer sums to int64, and int64 counters hold four lanes a register and need
@@ -675,23 +672,11 @@ def window_count(model, base, lo, hi, flags):
     `windows_tally`: 1.43 -> 0.54 ns an entry, in cache, on this Zen 3 VM)."""
     above = inside = nonzero = np.int32(0)
     zero = np.float32(0)
-    n = model.size
-    if flags.size == 0:
-        for i in range(n):
-            a = abs(widen(model[i]) - widen(base[i]))
-            above = np.int32(above + np.int32(a > hi))
-            inside = np.int32(inside + np.int32((a >= lo) & (a <= hi)))
-            nonzero = np.int32(nonzero + np.int32(a != zero))
-        return above, inside, nonzero
-    for i in range(n):
+    for i in range(model.size):
         a = abs(widen(model[i]) - widen(base[i]))
-        within = (a >= lo) & (a <= hi)
         above = np.int32(above + np.int32(a > hi))
-        inside = np.int32(inside + np.int32(within))
+        inside = np.int32(inside + np.int32((a >= lo) & (a <= hi)))
         nonzero = np.int32(nonzero + np.int32(a != zero))
-        flags[i] = within
-    for i in range(n, flags.size):
-        flags[i] = 0
     return above, inside, nonzero
 
 
@@ -842,12 +827,32 @@ def list_by_scan(flags, n, flagged, hits):
 def gather_flagged(model, base, lows, highs, offset, values, positions, counts, flagged, flags, hits, magnitudes):
     """`windows_gather` after its flag passes: list the flagged positions and gather each window's entries
     (`flagged`: the windows' counts added up, see `list_flagged`)."""
-    k = lows.size
     found = list_flagged(flags, model.size, flagged, hits)
     for t in range(found):
         i = hits[t]
         magnitudes[t] = abs(widen(model[i]) - widen(base[i]))
-    for w in range(k):  # a window at a time: its count stays in a register
+    _split_windows(magnitudes, hits, found, lows, highs, offset, values, positions, counts)
+
+
+@jit
+def gather_stored(stored, lows, highs, offset, values, positions, counts, flagged, flags, hits, magnitudes):
+    """`gather_flagged` from the chunk's magnitudes as `windows_tally` stored them (`stored`, float32, the
+    chunk's length) instead of the inputs: the flagged entries (1-2% of a TIES chunk, scattered over a third
+    of its cache lines) are read back from the 1 MB scratch, in cache, where recomputing them read the two
+    inputs at random again (1B, layer 3's matrices, three fine-tunes: tally and gather 1.77 -> 1.37 ns an
+    entry)."""
+    found = list_flagged(flags, stored.size, flagged, hits)
+    for t in range(found):
+        magnitudes[t] = stored[hits[t]]
+    _split_windows(magnitudes, hits, found, lows, highs, offset, values, positions, counts)
+
+
+@jit
+def _split_windows(magnitudes, hits, found, lows, highs, offset, values, positions, counts):
+    """Row w of values and positions gets the listed magnitudes (magnitudes[:found], at hits[:found]) inside
+    [lows[w], highs[w]], with their positions + offset, in order; counts[w] how many. A window at a time, its
+    count in a register, without branches (each row is written one entry past its count)."""
+    for w in range(lows.size):
         lo, hi, c = lows[w], highs[w], 0
         for t in range(found):
             a = magnitudes[t]
@@ -858,23 +863,23 @@ def gather_flagged(model, base, lows, highs, offset, values, positions, counts, 
 
 
 @jit
-def windows_tally(model, base, lows, highs, gathers, used, tallies, flags):
-    """One pass for `used` (2 or 3) selection windows [lows[w], highs[w]] of three (pad with [inf, inf]): tallies[w]
-    += the magnitudes |model - base| above highs[w], tallies[3 + w] += those inside, tallies[6] += the non-zero
-    ones; flags[i] = 1 where entry i is inside a window with gathers[w] != 0, else 0, for `gather_flagged`
-    (flags past the chunk are zeroed). A NaN is in no window and above none. For several windows this reads
-    the chunk once, where a count a window and a flag pass a window read it twice a window. Chunks of fewer
-    than 2^31 entries (int32 counters, as in `window_count`). With two windows (most of TIES's and
-    Breadcrumbs' chunks), a copy of the loop without the third; its tallies stay as they were. (The caller
-    says how many: a real window may be [inf, inf], a tie group of infinite magnitudes.)"""
-    if used == 2:
-        _tally_loop(model, base, lows, highs, gathers, tallies, flags, False)
+def windows_tally(model, base, lows, highs, gathers, used, tallies, flags, magnitudes):
+    """One pass for `used` (1 to 3) selection windows [lows[w], highs[w]] of three (pad with [nan, nan]):
+    tallies[w] += the magnitudes |model - base| above highs[w], tallies[3 + w] += those inside, tallies[6] +=
+    the non-zero ones; flags[i] = 1 where entry i is inside a window with gathers[w] != 0, else 0 (flags past
+    the chunk are zeroed); magnitudes[i] = entry i's magnitude, for `gather_stored`. A NaN is in no window and
+    above none. For several windows this reads the chunk once, where a count a window and a flag pass a
+    window read it twice a window. Chunks of fewer than 2^31 entries (int32 counters, as in `window_count`).
+    With one or two windows (most of TIES's and Breadcrumbs' chunks), a copy of the loop without the third;
+    its tallies stay as they were. (The caller says how many.)"""
+    if used <= 2:
+        _tally_loop(model, base, lows, highs, gathers, tallies, flags, magnitudes, False)
     else:
-        _tally_loop(model, base, lows, highs, gathers, tallies, flags, True)
+        _tally_loop(model, base, lows, highs, gathers, tallies, flags, magnitudes, True)
 
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy", inline="always")
-def _tally_loop(model, base, lows, highs, gathers, tallies, flags, third):
+def _tally_loop(model, base, lows, highs, gathers, tallies, flags, magnitudes, third):
     """`windows_tally`'s loop, inlined where it is called so that the constant `third` folds away."""
     lo0, lo1, lo2 = lows[0], lows[1], lows[2]
     hi0, hi1, hi2 = highs[0], highs[1], highs[2]
@@ -884,6 +889,7 @@ def _tally_loop(model, base, lows, highs, gathers, tallies, flags, third):
     n = model.size
     for i in range(n):
         a = abs(widen(model[i]) - widen(base[i]))
+        magnitudes[i] = a
         in0 = (a >= lo0) & (a <= hi0)
         in1 = (a >= lo1) & (a <= hi1)
         above0 = np.int32(above0 + np.int32(a > hi0))

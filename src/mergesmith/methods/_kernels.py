@@ -4,8 +4,9 @@ Why: a streamed TIES merge chunk made ~30 PyTorch passes (subtract, magnitude, m
 divide, add), each a trip through memory and an OpenMP region: ~5 ns an entry for two models on this
 2-core machine. One compiled loop per model and one to combine them do the same float operations at
 ~0.7 ns. The selection pass counts each window in one vectorised loop a chunk, and gathers the entries of
-all its windows in one more (flagged by vectorised tests, then listed from the flags' set bits); two or
-three windows are counted and flagged together in a single pass (`windows_tally`). DARE's
+all its windows in one more (flagged by vectorised tests, then listed from the flags' set bits); up to
+three windows are counted and flagged together in a single pass (`windows_tally`), which stores the chunk's
+magnitudes for the gather to read back. DARE's
 and DELLA's keep masks are drawn by loops that run numpy's SFC64 generator themselves, so they make the
 very masks of the numpy path without its passes.
 
@@ -54,7 +55,7 @@ KEEP_BLOCK = 1 << 14  # DARE's keep words come in blocks of this many entries (`
 ROWS_BLOCK = 1024  # entries per block of `_kernel_loops.rows_merge_into`: four models' rows of a block, 16 KB, stay in L1
 
 LOOPS = (
-    "weighted_delta", "consensus_into", "pair_delta_merge_into", "sum_into", "window_count", "windows_gather", "windows_tally", "gather_flagged", "to_bfloat16", "partner_keep",
+    "weighted_delta", "consensus_into", "pair_delta_merge_into", "sum_into", "window_count", "windows_gather", "windows_tally", "gather_flagged", "gather_stored", "to_bfloat16", "partner_keep",
     "della_rows", "bernoulli_rows", "weighted_consensus_into", "cut_mask", "magnitudes_into", "scaled_magnitudes_into", "choose_scaled_into",
     "contribution_into", "contributor_tallies", "ram_combine_into", "pair_product_sums", "stock_into", "pair_combine_into", "pair_tallies", "pair_square_sums",
     "row_divergences_into", "welford_variance_into", "triple_delta_merge_into", "triple_product_sums", "triple_combine_into", "square_sums", "triple_variance_into", "variance_into", "product_sums", "above_into", "triple_tallies", "rows_merge_into",
@@ -62,7 +63,7 @@ LOOPS = (
 
 # Loops that only other loops call (compiled into them: their own cache entries are never loaded), listed in
 # LOOPS so that tests can check a one-pass loop against them.
-INNER_LOOPS = ("weighted_delta", "consensus_into", "weighted_consensus_into", "sum_into", "welford_variance_into")
+INNER_LOOPS = ("weighted_delta", "consensus_into", "weighted_consensus_into", "sum_into", "welford_variance_into", "gather_flagged")
 
 _LOCK = threading.Lock()
 _LOOPS: SimpleNamespace | None = None

@@ -618,7 +618,7 @@ def _scan_in_parts(tv: TaskVector, chunks: list[tuple[int, int]], windows: dict,
     cut is one selection a tensor: on one thread it left the other core idle (1B: ~3.5 s of 6.3)."""
     def share(part: list[tuple[int, int]]) -> tuple[int, dict, dict, dict]:
         scratch = _GatherScratch(max(e - s for s, e in part))
-        if 2 <= len(windows) <= _TALLY_WINDOWS:
+        if len(windows) <= _TALLY_WINDOWS:
             tally = _WindowsTally(windows, single, scratch)
             for s, e in part:
                 tally.chunk(*tv.operands(s, e), s)
@@ -640,13 +640,14 @@ def _scan_in_parts(tv: TaskVector, chunks: list[tuple[int, int]], windows: dict,
 
 
 class _GatherScratch:
-    """`windows_gather`'s per-thread scratch for chunks of up to `width` entries, made once a scan: fresh
-    arrays a chunk would page-fault on every chunk."""
+    """The gather's per-thread scratch for chunks of up to `width` entries, made once a scan: fresh arrays a
+    chunk would page-fault on every chunk. `stored`: the chunk's magnitudes as `windows_tally` stores them."""
 
     def __init__(self, width: int):
         self.flags = np.empty(-(-width // 8) * 8, dtype=np.uint8)
         self.hits = np.empty(width, dtype=np.int32)
         self.magnitudes = np.empty(width, dtype=np.float32)
+        self.stored = np.empty(width, dtype=np.float32)
 
     def for_chunk(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.flags[: -(-n // 8) * 8], self.hits[:n], self.magnitudes[:n]
@@ -654,18 +655,17 @@ class _GatherScratch:
 
 def _scan_compiled(model: np.ndarray, base: np.ndarray, start: int, windows: dict, single: dict, above: dict,
                    equal: dict, found: dict, scratch: _GatherScratch) -> int:
-    """`_select`'s work on one chunk with `_kernels`' loops, for one window or more than three (two or three:
+    """`_select`'s work on one chunk with `_kernels`' loops for more than three windows (up to three:
     `_WindowsTally`): per window, count the magnitudes above it and (single-value windows) equal to it; then
-    gather those inside the other windows, with their positions, in one pass for all of them (a lone window
-    to gather is flagged by its count pass). `windows`: each one's (lo, hi) as the loops read them
-    (`_loop_bounds`); `above` holds Python ints. Returns the chunk's non-zero count."""
+    gather those inside the other windows, with their positions, in one pass for all of them.
+    `windows`: each one's (lo, hi) as the loops read them (`_loop_bounds`); `above` holds Python ints.
+    Returns the chunk's non-zero count."""
     loops = _kernels.loops()
     flags, hits, magnitudes = scratch.for_chunk(model.size)
-    lone = len(windows) == 1 and not single  # flagged as it is counted
     nonzero = 0
     bounds, counts = {}, {}
     for j, (low, high) in windows.items():
-        n_above, n_inside, nonzero = loops.window_count(model, base, low, high, flags if lone else _NO_FLAGS)
+        n_above, n_inside, nonzero = loops.window_count(model, base, low, high)
         above[j] += n_above
         if j in single:
             equal[j].append(torch.tensor(n_inside))
@@ -676,13 +676,9 @@ def _scan_compiled(model: np.ndarray, base: np.ndarray, start: int, windows: dic
     keys = list(bounds)
     lows = np.array([bounds[j][0] for j in keys], dtype=np.float32)
     highs = np.array([bounds[j][1] for j in keys], dtype=np.float32)
-    gather = loops.gather_flagged if lone else loops.windows_gather  # the latter flags first
-    _gather(keys, [counts[j] for j in keys], found, lambda *rows: gather(
+    _gather(keys, [counts[j] for j in keys], found, lambda *rows: loops.windows_gather(
         model, base, lows, highs, start, *rows, flags, hits, magnitudes))
     return nonzero
-
-
-_NO_FLAGS = np.zeros(0, dtype=np.uint8)  # `window_count` without flags
 
 
 def _loop_bounds(window: tuple[torch.Tensor | None, torch.Tensor | None]) -> tuple[np.float32, np.float32]:
@@ -692,6 +688,7 @@ def _loop_bounds(window: tuple[torch.Tensor | None, torch.Tensor | None]) -> tup
 
 
 _TALLY_WINDOWS = 3  # the windows `windows_tally` tests in its one pass (unused ones are padded empty)
+_NAN = np.float32(np.nan)  # a padding window's bounds: no magnitude is inside or above it
 
 
 def _gather(keys: list, counts: list[int], found: dict, gather: Callable) -> None:
@@ -707,16 +704,16 @@ def _gather(keys: list, counts: list[int], found: dict, gather: Callable) -> Non
 
 
 class _WindowsTally:
-    """`_scan_compiled` for two or three windows over one thread's share of chunks: their counts and the
-    gather's flags from one pass a chunk (`windows_tally`), then the gather of the flagged entries. The
-    loops' bounds are made once a share and the counts kept in numpy until `results`: per chunk, the
-    bounds, the counts as torch tensors and their conversions had cost ~60 us of Python a chunk (held under
-    the GIL, against ~0.5 ms of loop work)."""
+    """`_scan_compiled` for up to three windows over one thread's share of chunks: their counts, the gather's
+    flags and the chunk's magnitudes from one pass a chunk (`windows_tally`), then the gather of the flagged
+    entries from the stored magnitudes (`gather_stored`). The loops' bounds are made once a share and the
+    counts kept in numpy until `results`: per chunk, the bounds, the counts as torch tensors and their
+    conversions had cost ~60 us of Python a chunk (held under the GIL, against ~0.5 ms of loop work)."""
 
     def __init__(self, windows: dict, single: dict, scratch: _GatherScratch):
         self.keys, self.scratch = list(windows), scratch
         padding = _TALLY_WINDOWS - len(self.keys)
-        bounds = [_loop_bounds(window) for window in windows.values()] + [(_PLUS_INF, _PLUS_INF)] * padding  # empty
+        bounds = [_loop_bounds(window) for window in windows.values()] + [(_NAN, _NAN)] * padding  # empty
         self.lows, self.highs = (np.array(side, dtype=np.float32) for side in zip(*bounds))
         self.gathers = np.array([j not in single for j in self.keys] + [False] * padding, dtype=np.uint8)
         self.ws = [w for w, j in enumerate(self.keys) if j not in single]
@@ -728,14 +725,15 @@ class _WindowsTally:
     def chunk(self, model: np.ndarray, base: np.ndarray, start: int) -> None:
         inside_before = self.tallies[_TALLY_WINDOWS: 2 * _TALLY_WINDOWS].copy()
         flags, hits, magnitudes = self.scratch.for_chunk(model.size)
+        stored = self.scratch.stored[: model.size]
         loops = _kernels.loops()
-        loops.windows_tally(model, base, self.lows, self.highs, self.gathers, len(self.keys), self.tallies, flags)
+        loops.windows_tally(model, base, self.lows, self.highs, self.gathers, len(self.keys), self.tallies, flags, stored)
         inside = (self.tallies[_TALLY_WINDOWS: 2 * _TALLY_WINDOWS] - inside_before).tolist()
         for j in self.equal:
             self.equal[j].append(inside[self.keys.index(j)])
         if self.ws:
-            _gather([self.keys[w] for w in self.ws], [inside[w] for w in self.ws], self.found, lambda *rows: loops.gather_flagged(
-                model, base, self.gather_lows, self.gather_highs, start, *rows, flags, hits, magnitudes))
+            _gather([self.keys[w] for w in self.ws], [inside[w] for w in self.ws], self.found, lambda *rows: loops.gather_stored(
+                stored, self.gather_lows, self.gather_highs, start, *rows, flags, hits, magnitudes))
 
     def results(self) -> tuple[int, dict, dict, dict]:
         """(non-zero count, above, equal, found) of the share, as `_scan_in_parts` adds them up."""
