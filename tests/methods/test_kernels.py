@@ -59,10 +59,11 @@ CASES = [
     ("breadcrumbs", {"density": [0.6, 0.5], "gamma": [0.02, 0.01]}),  # two models summed, no election
     ("della_linear", {"density": [0.4, 0.6], "epsilon": [0.1, 0.2]}),
     ("dare_linear", {"density": [0.4, 0.6], "rescale": False, "normalize": True}),
-    # three models: one pass too (`triple_delta_merge_into`); the flags not covered above
+    # three and four models: one pass too (`delta_merge_into`); the flags not covered above
     ("ties", {"density": [0.5, 0.4, 0.6], "normalize": False, "lambda_": 0.7}),
     ("dare_linear", {"density": [0.4, 0.5, 0.6], "rescale": False, "normalize": True}),
-    # four models: rows a block at a time (`rows_merge_into`), every kind of mask and both elections
+    # four models: one pass (`delta_merge_into`), by count rows a block at a time (`rows_merge_into`); every kind
+    # of mask and both elections
     ("ties", {"density": [0.4, 0.5, 0.6, 0.3]}),
     ("ties", {"density": [0.4, 0.5, 0.6, 0.3], "consensus_method": "count", "normalize": False, "lambda_": 0.7}),
     ("breadcrumbs_ties", {"density": [0.6, 0.5, 0.7, 0.4], "gamma": [0.02, 0.05, 0.01, 0.0]}),
@@ -71,9 +72,9 @@ CASES = [
 ]
 
 
-def _fourth(models, base, dtype=None):
-    """The family's models and a fourth fine-tune (in `dtype`, default the others')."""
-    g = torch.Generator().manual_seed(99)
+def _fourth(models, base, dtype=None, seed=99):
+    """The family's models and one more fine-tune (in `dtype`, default the others')."""
+    g = torch.Generator().manual_seed(seed)
     fourth = base.float() + torch.randn(base.shape, generator=g) * 0.002
     return [*models, fourth.to(dtype or base.dtype)]
 
@@ -324,14 +325,15 @@ def test_pair_square_sums_are_numpys_sums_of_the_selected_squares(stored):
         assert sums[j] == np.add.reduce(np.square(delta))
 
 
-@pytest.mark.parametrize("count", [2, 3])
+@pytest.mark.parametrize("count", [2, 3, 4])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_task_arithmetic_of_two_or_three_takes_the_one_pass_in_mergekits_order(count, normalize, monkeypatch):
-    # plain task arithmetic of two or three models runs the one-pass loops: each weighted delta rounded, then
+def test_task_arithmetic_of_two_to_four_takes_the_one_pass_in_mergekits_order(count, normalize, monkeypatch):
+    # plain task arithmetic of two to four models runs the one-pass loops: each weighted delta rounded, then
     # added in model order, divided, scaled and added to the base, one rounding each (mergekit's
     # (weights * deltas).sum(0)); a bf16 output is that result rounded once
     models, base = _family(torch.float32)
-    weights = [0.6, 0.3, 0.45][:count]
+    models = _fourth(models, base)
+    weights = [0.6, 0.3, 0.45, 0.2][:count]
     used = []
     compiled_merge = _task_vectors._compiled_merge
     monkeypatch.setattr(_task_vectors, "_compiled_merge", lambda *a, **k: used.append(1) or compiled_merge(*a, **k))
@@ -339,9 +341,9 @@ def test_task_arithmetic_of_two_or_three_takes_the_one_pass_in_mergekits_order(c
                                                           lambda_=0.8, compute_dtype=torch.float32, **kw)
     got, rounded = run(), run(output_dtype=torch.bfloat16)
     assert len(used) == 2
-    mixed = (models[0] - base) * weights[0] + (models[1] - base) * weights[1]
-    if count == 3:
-        mixed = mixed + (models[2] - base) * weights[2]
+    mixed = (models[0] - base) * weights[0]
+    for model, w in zip(models[1:count], weights[1:]):
+        mixed = mixed + (model - base) * w
     if normalize:
         mixed = mixed / torch.tensor(sum(weights), dtype=torch.float32)
     assert got.dtype == torch.float32 and torch.equal(got, mixed * 0.8 + base)
@@ -365,12 +367,12 @@ def test_weighted_delta_keeps_ties_before_the_split_only():
     assert out.tolist() == [0.5, 0, 0.5, -0.5, 0.5, 0, 0, 0]
 
 
-def test_plain_task_arithmetic_of_four_merges_in_blocks_in_mergekits_order(monkeypatch):
-    # no mask and no election, four models: `rows_merge_into`'s sum, each weighted delta rounded, then added in
+def test_plain_task_arithmetic_of_five_merges_in_blocks_in_mergekits_order(monkeypatch):
+    # no mask and no election, five models: `rows_merge_into`'s sum, each weighted delta rounded, then added in
     # model order and scaled, one rounding each (mergekit's (weights * deltas).sum(0))
     models, base = _family(torch.float32)
-    models = _fourth(models, base)
-    weights = [0.5, 0.3, 0.4, 0.2]
+    models = _fourth(_fourth(models, base), base, seed=7)
+    weights = [0.5, 0.3, 0.4, 0.2, 0.35]
     calls = []
     loops = _kernels.loops()
     monkeypatch.setattr(loops, "rows_merge_into", lambda *a, _loop=loops.rows_merge_into: calls.append(1) or _loop(*a))
@@ -422,20 +424,63 @@ def test_a_bfloat16_output_is_the_float32_result_rounded_once(method, params, to
         assert run(output_dtype=torch.bfloat16).dtype == torch.float32
 
 
-def test_four_models_of_mixed_dtypes_merge_in_blocks_as_on_torch(torch_path, monkeypatch):
-    # `rows_merge_into` unrolls its loop over the models, so a float32 fine-tune among bf16 ones stays on it
+@pytest.mark.parametrize("count,loop", [(4, "delta_merge_into"), (5, "rows_merge_into")])
+def test_models_of_mixed_dtypes_stay_on_the_loops_as_on_torch(count, loop, torch_path, monkeypatch):
+    # the one-pass loop takes each model's dtype, and `rows_merge_into` unrolls its loop over the models, so a
+    # float32 fine-tune among bf16 ones stays on them
     models, base = _family(torch.bfloat16)
     models = _fourth(models, base, torch.float32)
+    if count == 5:
+        models = _fourth(models, base, seed=7)
     calls = []
     loops = _kernels.loops()
-    monkeypatch.setattr(loops, "rows_merge_into", lambda *a, _loop=loops.rows_merge_into: calls.append(1) or _loop(*a))
-    run = lambda: get_method("ties").func(models, base=base, weight=[0.5, 0.3, 0.4, 0.6], density=[0.4, 0.5, 0.6, 0.3],
-                                          compute_dtype=torch.float32)
+    monkeypatch.setattr(loops, loop, lambda *a, _loop=getattr(loops, loop): calls.append(1) or _loop(*a))
+    run = lambda: get_method("ties").func(models, base=base, weight=[0.5, 0.3, 0.4, 0.6, 0.2][:count],
+                                          density=[0.4, 0.5, 0.6, 0.3, 0.5][:count], compute_dtype=torch.float32)
     compiled = run()
     assert calls
     with torch_path:
         reference = run()
     assert torch.equal(compiled, reference) and not torch.equal(compiled, base.float())
+
+
+@pytest.mark.parametrize("how", [(True, False, True), (True, False, False), (True, True, True), (False, False, True),
+                                 (False, False, False)])  # elect, weigh (SCE), normalize
+@pytest.mark.parametrize("count", [3, 4])
+def test_the_three_and_four_model_pass_equals_the_rows_bit_for_bit(how, count):
+    # delta_merge_into against rows_merge_into (each model's weighted_delta row, then consensus_into,
+    # weighted_consensus_into or sum_into) on bf16 inputs as stored: cuts with ties split by position, stored
+    # masks, deltas summing to zero, unchanged entries
+    loops = _kernels.loops()
+    g = torch.Generator().manual_seed(5)
+    n = 5000
+    base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
+    models = [(base.float() + torch.randn(n, generator=g) * 0.004).to(torch.bfloat16) for _ in range(count)]
+    models[1][:300] = (2 * base[:300].float() - models[0][:300].float()).to(torch.bfloat16)
+    models[2][300:400] = base[300:400]
+    inputs = [_sparsify.loop_operand(t) for t in models]
+    below = _sparsify.loop_operand(base)
+    inf, t = np.float32(np.inf), np.float32(0.004)
+    bounds = [(np.nextafter(t, np.float32(0)), t, 2500, np.float32(0.01), np.float32(0.01), 0),
+              (np.float32(0.002), np.float32(0.002), 0, np.nextafter(np.float32(0.02), np.float32(0)), np.float32(0.02), 4000),
+              (-inf, -inf, 0, inf, inf, 0), (np.float32(0.003), np.float32(0.003), 0, inf, inf, 0)][:count]
+    stored = [np.empty(0, np.uint8), np.empty(0, np.uint8), (torch.rand(n, generator=g) < 0.6).numpy().view(np.uint8),
+              (torch.rand(n, generator=g) < 0.3).numpy().view(np.uint8)][:count]
+    pairs = [(1.25, 0.6), (0.8, 0.3), (1.0, 0.45), (1.1, 0.2)][:count]
+    weights = np.array([0.45, 0.55, 0.35, 0.25][:count], dtype=np.float32)
+    elect, weigh, normalize = how
+    scale, divisor = (np.float32(1), np.float32(0.3)) if weigh else (np.float32(0.7), np.float32(0.9))
+    limits = np.array([(b[0], b[1], b[3], b[4]) for b in bounds], dtype=np.float32)
+    splits = np.array([(b[2], b[5]) for b in bounds], dtype=np.int64)
+    rows, scratch = _kernels.rows_scratch(count)
+    expected = np.empty(n, dtype=np.float32)
+    loops.rows_merge_into(tuple(inputs), below, limits, splits, tuple(stored), np.array(pairs, dtype=np.float32), weights,
+                          (elect, weigh, False, normalize and not weigh), divisor, scale, rows, scratch, expected)
+    got = np.empty(n, dtype=np.float32)
+    models4, bounds4, stored4, factors, weights4 = _kernels.four_models(inputs, bounds, stored, pairs, weights)
+    loops.delta_merge_into(*models4, below, *bounds4, *stored4, factors, weights4, (*how, count == 4), divisor, scale, got)
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    assert not np.array_equal(got, below.view(np.int16).astype(np.int32) << 16)  # the deltas did something
 
 
 @pytest.mark.parametrize("cols", [333, 16, 7, 2])  # rows not a whole number of lanes, a whole number, fewer
@@ -613,7 +658,8 @@ for name in ("ties", "breadcrumbs", "dare_linear", "della", "sce"):
         kwargs["generator"] = torch.Generator().manual_seed(1)
     get_method(name).func(models, base=base, **kwargs)
 get_method("ties").func(models + models[:1], base=base, weight=[0.5] * 3, density=[0.5] * 3, compute_dtype=torch.float32)  # three: one pass
-get_method("ties").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] * 4, compute_dtype=torch.float32)  # four: rows_merge_into
+get_method("ties").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] * 4, compute_dtype=torch.float32)  # four: one pass
+get_method("ties").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] * 4, consensus_method="count", compute_dtype=torch.float32)  # by count: rows_merge_into
 get_method("sce").func(models + models[:1], base=base, select_topk=0.5, compute_dtype=torch.float32)  # three: one pass
 get_method("sce").func(models * 2, base=base, select_topk=0.5, compute_dtype=torch.float32)  # four: the rows' variance
 get_method("sce").func(models, base=base, select_topk=0.5, consensus_method="count", compute_dtype=torch.float32)  # cut_mask

@@ -58,7 +58,7 @@ LOOPS = (
     "weighted_delta", "consensus_into", "pair_delta_merge_into", "sum_into", "window_count", "windows_gather", "windows_tally", "gather_flagged", "gather_stored", "to_bfloat16", "partner_keep",
     "della_rows", "bernoulli_rows", "weighted_consensus_into", "cut_mask", "magnitudes_into", "scaled_magnitudes_into", "choose_scaled_into",
     "contribution_into", "contributor_tallies", "ram_combine_into", "pair_product_sums", "stock_into", "pair_combine_into", "pair_tallies", "pair_square_sums",
-    "row_divergences_into", "welford_variance_into", "triple_delta_merge_into", "triple_product_sums", "triple_combine_into", "square_sums", "triple_variance_into", "variance_into", "product_sums", "above_into", "triple_tallies", "rows_merge_into",
+    "row_divergences_into", "welford_variance_into", "delta_merge_into", "triple_product_sums", "triple_combine_into", "square_sums", "triple_variance_into", "variance_into", "product_sums", "above_into", "triple_tallies", "rows_merge_into",
 )
 
 # Loops that only other loops call (compiled into them: their own cache entries are never loaded), listed in
@@ -123,6 +123,19 @@ def loop_operand(tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(np.uint16)
     return tensor.numpy()
+
+
+ONE_PASS_COUNTS = (2, 3, 4)  # model counts merged in one pass from the inputs (`pair_delta_merge_into`, `delta_merge_into`)
+
+
+def four_models(models: list, bounds: list, stored: list, factors: list[tuple[float, float]], weights: list[float]) -> tuple:
+    """`delta_merge_into`'s per-model arguments for three or four models: (models, bounds, stored masks, each a
+    list of four; factors, float32 (rescale, weight) of each of four; weights, float32 of four). Three are
+    padded with the third model's again, which the loop ignores (its `four` flag off)."""
+    pad = 4 - len(models)
+    models, bounds, stored = models + models[-1:] * pad, bounds + bounds[-1:] * pad, stored + stored[-1:] * pad
+    factors = np.array([x for pair in factors + factors[-1:] * pad for x in pair], dtype=np.float32)
+    return models, bounds, stored, factors, np.array(list(weights) + list(weights[-1:]) * pad, dtype=np.float32)
 
 
 def rows_scratch(count: int) -> tuple[np.ndarray, np.ndarray]:

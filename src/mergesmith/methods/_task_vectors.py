@@ -183,8 +183,8 @@ def merge_task_vectors(
 def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: str | None, normalize: bool,
                     total: float, scale: float, flat_out: torch.Tensor) -> Callable[[list[tuple[int, int]]], None]:
     """`merge_task_vectors`' chunk work on float32 CPU tensors with `_kernels`' loops, each writing the output
-    directly (float32, or bf16 rounded as it is stored): two or three models (unless elected by count) in one
-    pass that keeps the deltas in registers (`pair_delta_merge_into`, `triple_delta_merge_into`); otherwise
+    directly (float32, or bf16 rounded as it is stored): two to four models (unless elected by count) in one
+    pass that keeps the deltas in registers (`pair_delta_merge_into`, `delta_merge_into`); otherwise
     each model's masked, rescaled, weighted delta written as a row and the rows combined, a block of entries
     at a time (`rows_merge_into`)."""
     loops = _kernels.loops()
@@ -193,8 +193,7 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
     ws = np.array(weights, dtype=np.float32)
     divide = normalize and abs(total) >= 1e-8
 
-    if consensus != "count" and len(tvs) in (2, 3):  # one loop from the inputs to the output, no deltas in memory
-        factors = np.array([x for pair in zip(rescales, ws) for x in pair], dtype=np.float32)  # rescale, weight each
+    if consensus != "count" and len(tvs) in _kernels.ONE_PASS_COUNTS:  # one loop from inputs to output, no rows
         elect = consensus == "sum"
         how = (elect, False, normalize if elect else divide)  # the loops' elect, weigh (SCE's only), normalize
         divisor = np.float32(0 if elect else total)
@@ -207,11 +206,13 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
                 stored = [rule.stored_array(s, e) for rule in rules]
                 models, base = _sparsify.models_and_base(tvs, s, e)
                 if len(tvs) == 2:  # the pair loop also takes SCE's distance bounds
+                    factors = np.array([x for pair in zip(rescales, ws) for x in pair], dtype=np.float32)
                     loops.pair_delta_merge_into(*models, base, *bounds, *stored, _sparsify.ANY_DISTANCE, factors, ws,
                                                 how, divisor, np.float32(scale), outputs.direct(s, e))
                 else:
-                    loops.triple_delta_merge_into(*models, base, *bounds, *stored, factors, ws, how, divisor,
-                                                  np.float32(scale), outputs.direct(s, e))
+                    models, bounds, stored, factors, weights = _kernels.four_models(models, bounds, stored, list(zip(rescales, ws)), ws)
+                    loops.delta_merge_into(*models, base, *bounds, *stored, factors, weights, (*how, len(tvs) == 4), divisor,
+                                           np.float32(scale), outputs.direct(s, e))
 
         return one_pass
 

@@ -101,7 +101,7 @@ class _Selection:
 
     def loop_terms(self, s: int, e: int) -> tuple[np.ndarray, tuple]:
         """The selection of [s, e) as the one-pass loops take it (`_kernel_loops.pair_delta_merge_into`,
-        `triple_delta_merge_into`): a uint8 mask (empty: none) and bounds on two models' distance, which the
+        `delta_merge_into`): a uint8 mask (empty: none) and bounds on two models' distance, which the
         pair loops test as they go (three models are never cut: the bounds then pass everything)."""
         if self.cut is not None:
             return _EVERYTHING, self.cut.bounds(s)
@@ -109,9 +109,6 @@ class _Selection:
 
 
 _EVERYTHING = np.empty(0, dtype=np.uint8)
-# Model counts whose merge runs in one pass from the inputs (`_kernel_loops`' pair and triple loops); the rest
-# merge on rows a block at a time (`rows_merge_into`).
-_ONE_PASS_COUNTS = (2, 3)
 
 
 def _selection(tvs, fraction: float, size: int, tie_order: str) -> _Selection:
@@ -276,27 +273,28 @@ def _compiled_energy(tvs, selection: _Selection, chunks: list[tuple[int, int]]) 
 
 def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: bool, flat_out: torch.Tensor):
     """The merge pass's chunk work on the compiled path (`_kernel_loops.weighted_consensus_into`'s operations),
-    writing the output directly: two or three models elected by sum in one pass from the inputs
-    (`pair_delta_merge_into`, `triple_delta_merge_into`; three models' merge pass at 1B: 2.6 s through rows of
-    whole chunks), otherwise on rows a block of entries at a time (`rows_merge_into`)."""
+    writing the output directly: two to four models elected by sum in one pass from the inputs
+    (`pair_delta_merge_into`, `delta_merge_into`; three models' merge pass at 1B: 2.6 s through rows of whole
+    chunks), otherwise on rows a block of entries at a time (`rows_merge_into`)."""
     ws = np.array(weights, dtype=np.float32)
     floor = np.float32(1e-6)
     count = len(tvs)
-    if count in _ONE_PASS_COUNTS and not by_count:
-        ones, how = np.ones(2 * count, dtype=np.float32), (True, True, True)  # unscaled deltas; elect, weigh
+    if count in _kernels.ONE_PASS_COUNTS and not by_count:
+        how = (True, True, True)  # elect, weigh, normalize; the deltas unscaled
 
         def one_pass(chunks):
             outputs, loops = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks)), _kernels.loops()
             for s, e in chunks:
                 models, base = models_and_base(tvs, s, e)
                 keep, apart = selection.loop_terms(s, e)
-                bounds, keeps = (KEEP_ALL_BOUNDS,) * count, (keep,) * count
+                bounds, keeps = [KEEP_ALL_BOUNDS] * count, [keep] * count
                 if count == 2:
-                    loops.pair_delta_merge_into(*models, base, *bounds, *keeps, apart, ones, ws, how, floor, np.float32(1),
-                                                outputs.direct(s, e))
+                    loops.pair_delta_merge_into(*models, base, *bounds, *keeps, apart, np.ones(4, dtype=np.float32), ws, how,
+                                                floor, np.float32(1), outputs.direct(s, e))
                 else:
-                    loops.triple_delta_merge_into(*models, base, *bounds, *keeps, ones, ws, how, floor, np.float32(1),
-                                                  outputs.direct(s, e))
+                    models, bounds, keeps, ones, weights = _kernels.four_models(models, bounds, keeps, [(1.0, 1.0)] * count, ws)
+                    loops.delta_merge_into(*models, base, *bounds, *keeps, ones, weights, (*how, count == 4), floor,
+                                           np.float32(1), outputs.direct(s, e))
 
         return one_pass
 
