@@ -220,7 +220,7 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
     how = (consensus is not None, False, consensus == "count", divide if consensus is None else normalize)  # SCE weighs
 
     def in_blocks(chunks: list[tuple[int, int]]) -> None:
-        """Four or more models, or election by count: rows a block of entries at a time."""
+        """Five or more models, or election by count: rows a block of entries at a time."""
         rows, scratch = _kernels.rows_scratch(len(tvs))
         outputs = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks))
         for s, e in chunks:

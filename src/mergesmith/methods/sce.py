@@ -102,7 +102,7 @@ class _Selection:
     def loop_terms(self, s: int, e: int) -> tuple[np.ndarray, tuple]:
         """The selection of [s, e) as the one-pass loops take it (`_kernel_loops.pair_delta_merge_into`,
         `delta_merge_into`): a uint8 mask (empty: none) and bounds on two models' distance, which the
-        pair loops test as they go (three models are never cut: the bounds then pass everything)."""
+        pair loop tests as it goes (three or four models are never cut: the bounds then pass everything)."""
         if self.cut is not None:
             return _EVERYTHING, self.cut.bounds(s)
         return (_EVERYTHING if self.stored is None else self.stored[s:e].numpy()), ANY_DISTANCE
@@ -302,7 +302,7 @@ def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: 
     factors = np.ones((count, 2), dtype=np.float32)
 
     def in_blocks(chunks):
-        """Four or more models, or election by count: rows a block of entries at a time (`rows_merge_into`)."""
+        """Five or more models, or election by count: rows a block of entries at a time (`rows_merge_into`)."""
         width = max(e - s for s, e in chunks)
         rows, scratch = _kernels.rows_scratch(count)
         keep_buf, outputs, loops = np.empty(width, dtype=np.uint8), _kernels.OutputChunks(flat_out, width), _kernels.loops()
