@@ -833,11 +833,17 @@ def test_sce_loops_equal_the_torch_path(count, params, dtype, torch_path, monkey
     ("ram", 2, {"epsilon": 2e-3}),  # about half the entries contribute: shared, unique and untouched all common
     ("ramplus_tl", 3, {"epsilon": 2e-3}),
     ("ramplus_tl", 2, {"epsilon": 1e-3, "r": 0.5, "alpha": 1.0}),
+    ("ramplus_tl", 4, {"epsilon": 2e-3}),  # four: the tallies' rows a block at a time (`ram_rows_tallies`)
+    ("ram", 5, {"epsilon": 2e-3}),
 ])
 def test_ram_loops_equal_the_torch_path(name, count, params, dtype, torch_path, monkeypatch):
     from mergesmith.methods import ram as module
 
     models, base = _family(dtype)
+    if count >= 4:
+        models = _fourth(models, base)
+    if count == 5:
+        models = _fourth(models, base, seed=7)
     models = [m.clone() for m in models[:count]]
     models[0][3, :5] = float("nan")  # a NaN delta never contributes but poisons the sums, in both paths
     merge = get_method(name).func

@@ -368,6 +368,42 @@ def ram_combine_into(deltas, n, epsilon, lams, amplify, base, counts, amplified,
 
 
 @jit
+def ram_rows_merge_into(models, base, epsilon, lams, amplify, rows, counts, amplified, out):
+    """`ram_combine_into` a block of `rows.shape[1]` entries at a time, on the block's masked task vectors
+    (`contribution_rows`) in rows that stay in cache, where rows of whole 2^18-entry chunks (1 MB a model)
+    spilled out of it (1B RAM+, four fine-tunes: writing and reading them back was half its thread time).
+    The same float operations entry by entry. `counts`, `amplified`: scratch of the block's length; `out`:
+    float32."""
+    block = rows.shape[1]
+    for start in range(0, out.size, block):
+        m = contribution_rows(models, base, epsilon, start, rows)
+        ram_combine_into(rows, m, epsilon, lams, amplify, base[start : start + m], counts, amplified, out[start : start + m])
+
+
+@jit
+def ram_rows_tallies(models, base, epsilon, rows, counts, tallies):
+    """`contributor_tallies` a block of `rows.shape[1]` entries at a time (as `ram_rows_merge_into` merges):
+    RAM+'s counts for four or more models."""
+    block = rows.shape[1]
+    for start in range(0, base.size, block):
+        m = contribution_rows(models, base, epsilon, start, rows)
+        contributor_tallies(rows, m, epsilon, counts, tallies)
+
+
+@jit
+def contribution_rows(models, base, epsilon, start, rows):
+    """rows[j, :m] = model j's masked task vector (`contribution_into`) on the block of m = min(block, n -
+    start) entries from `start`; returns m. Unrolled over the models (a tuple; their dtypes may differ)."""
+    m = min(rows.shape[1], base.size - start)
+    below = base[start : start + m]
+    j = 0
+    for model in literal_unroll(models):
+        contribution_into(model[start : start + m], below, epsilon, rows[j, :m])
+        j += 1
+    return m
+
+
+@jit
 def elect_into(deltas, n, by_count, votes):
     """votes[:n] = the majority sign (+1 or -1) of the rows of `deltas`: the sign of their sum (or of the sum of
     their signs, `by_count`); >= 0 elects +."""
