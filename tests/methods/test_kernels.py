@@ -661,7 +661,8 @@ get_method("ties").func(models + models[:1], base=base, weight=[0.5] * 3, densit
 get_method("ties").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] * 4, compute_dtype=torch.float32)  # four: one pass
 get_method("ties").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] * 4, consensus_method="count", compute_dtype=torch.float32)  # by count: rows_merge_into
 get_method("sce").func(models + models[:1], base=base, select_topk=0.5, compute_dtype=torch.float32)  # three: one pass
-get_method("sce").func(models * 2, base=base, select_topk=0.5, compute_dtype=torch.float32)  # four: the rows' variance
+get_method("sce").func(models * 2, base=base, select_topk=0.5, compute_dtype=torch.float32)  # four: one pass
+get_method("sce").func(models * 2 + models[:1], base=base, select_topk=0.5, compute_dtype=torch.float32)  # five: the rows' variance
 get_method("sce").func(models, base=base, select_topk=0.5, consensus_method="count", compute_dtype=torch.float32)  # cut_mask
 get_method("dare_linear").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] * 4,
                                compute_dtype=torch.float32, generator=torch.Generator().manual_seed(1))  # four, summed
