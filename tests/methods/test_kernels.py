@@ -477,8 +477,10 @@ def test_the_three_and_four_model_pass_equals_the_rows_bit_for_bit(how, count):
     loops.rows_merge_into(tuple(inputs), below, limits, splits, tuple(stored), np.array(pairs, dtype=np.float32), weights,
                           (elect, weigh, False, normalize and not weigh), divisor, scale, rows, scratch, expected)
     got = np.empty(n, dtype=np.float32)
-    models4, bounds4, stored4, factors, weights4 = _kernels.four_models(inputs, bounds, stored, pairs, weights)
-    loops.delta_merge_into(*models4, below, *bounds4, *stored4, factors, weights4, (*how, count == 4), divisor, scale, got)
+    factors = np.array([x for pair in _kernels.as_four(pairs) for x in pair], dtype=np.float32)
+    four = _kernels.as_four
+    loops.delta_merge_into(*four(inputs), below, *four(bounds), *four(stored), factors,
+                           np.array(four(list(weights)), dtype=np.float32), (*how, count == 4), divisor, scale, got)
     assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
     assert not np.array_equal(got, below.view(np.int16).astype(np.int32) << 16)  # the deltas did something
 

@@ -131,14 +131,11 @@ def loop_operand(tensor: torch.Tensor) -> np.ndarray:
 ONE_PASS_COUNTS = (2, 3, 4)  # model counts merged in one pass from the inputs (`pair_delta_merge_into`, `delta_merge_into`)
 
 
-def four_models(models: list, bounds: list, stored: list, factors: list[tuple[float, float]], weights: list[float]) -> tuple:
-    """`delta_merge_into`'s per-model arguments for three or four models: (models, bounds, stored masks, each a
-    list of four; factors, float32 (rescale, weight) of each of four; weights, float32 of four). Three are
-    padded with the third model's again, which the loop ignores (its `four` flag off)."""
-    pad = 4 - len(models)
-    models, bounds, stored = models + models[-1:] * pad, bounds + bounds[-1:] * pad, stored + stored[-1:] * pad
-    factors = np.array([x for pair in factors + factors[-1:] * pad for x in pair], dtype=np.float32)
-    return models, bounds, stored, factors, np.array(list(weights) + list(weights[-1:]) * pad, dtype=np.float32)
+def as_four(items: list) -> list:
+    """`delta_merge_into`'s per-model arguments (models, bounds, stored masks, factor pairs, weights) for three or
+    four models, as a list of four: three are padded with the third's again, which the loop ignores (its
+    `four` flag off)."""
+    return list(items) + list(items[-1:]) * (4 - len(items))
 
 
 def rows_scratch(count: int) -> tuple[np.ndarray, np.ndarray]:

@@ -280,21 +280,21 @@ def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: 
     floor = np.float32(1e-6)
     count = len(tvs)
     if count in _kernels.ONE_PASS_COUNTS and not by_count:
-        how = (True, True, True)  # elect, weigh, normalize; the deltas unscaled
+        how = (True, True, True)  # elect, weigh, normalize
+        ones = np.ones(8, dtype=np.float32)  # each model's (rescale, weight), up to four: the deltas unscaled
+        loop_weights = ws if count == 2 else np.array(_kernels.as_four(list(ws)), dtype=np.float32)
 
         def one_pass(chunks):
             outputs, loops = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks)), _kernels.loops()
             for s, e in chunks:
                 models, base = models_and_base(tvs, s, e)
                 keep, apart = selection.loop_terms(s, e)
-                bounds, keeps = [KEEP_ALL_BOUNDS] * count, [keep] * count
                 if count == 2:
-                    loops.pair_delta_merge_into(*models, base, *bounds, *keeps, apart, np.ones(4, dtype=np.float32), ws, how,
-                                                floor, np.float32(1), outputs.direct(s, e))
+                    loops.pair_delta_merge_into(*models, base, KEEP_ALL_BOUNDS, KEEP_ALL_BOUNDS, keep, keep, apart, ones, loop_weights,
+                                                how, floor, np.float32(1), outputs.direct(s, e))
                 else:
-                    models, bounds, keeps, ones, weights = _kernels.four_models(models, bounds, keeps, [(1.0, 1.0)] * count, ws)
-                    loops.delta_merge_into(*models, base, *bounds, *keeps, ones, weights, (*how, count == 4), floor,
-                                           np.float32(1), outputs.direct(s, e))
+                    loops.delta_merge_into(*_kernels.as_four(models), base, *(KEEP_ALL_BOUNDS,) * 4, *(keep,) * 4, ones, loop_weights,
+                                           (*how, count == 4), floor, np.float32(1), outputs.direct(s, e))
 
         return one_pass
 
