@@ -52,7 +52,7 @@ from mergesmith import runtime
 CHUNK = 1 << 18  # entries per chunk of the merge pass
 LANES = 8  # DELLA's random streams, stepped together (`_sparsify.LaneWords`, `_kernel_loops.partner_keep`)
 KEEP_BLOCK = 1 << 14  # DARE's keep words come in blocks of this many entries (`_sparsify.LaneWords.block_words`)
-ROWS_BLOCK = 1024  # entries per block of `_kernel_loops.rows_merge_into`: four models' rows of a block, 16 KB, stay in L1
+ROWS_BLOCK = 1024  # entries per block of the loops on rows (`rows_merge_into`, `ram_rows_merge_into`): five models' rows, 20 KB, stay in L1
 
 LOOPS = (
     "weighted_delta", "consensus_into", "pair_delta_merge_into", "sum_into", "window_count", "windows_gather", "windows_tally", "gather_flagged", "gather_stored", "to_bfloat16", "partner_keep",
@@ -132,9 +132,10 @@ ONE_PASS_COUNTS = (2, 3, 4)  # model counts merged in one pass from the inputs (
 
 
 def as_four(items: list) -> list:
-    """`delta_merge_into`'s per-model arguments (models, bounds, stored masks, factor pairs, weights) for three or
-    four models, as a list of four: three are padded with the third's again, which the loop ignores (its
-    `four` flag off)."""
+    """The one-pass loops' per-model arguments (models, bounds, stored masks, factor pairs, weights) for two to
+    four models, as a list of four, padded with the last one's again: `delta_merge_into` ignores a fourth
+    with its `four` flag off (`few_variance_into` too), `pair_delta_merge_into` reads the first two factor
+    pairs and weights only."""
     return list(items) + list(items[-1:]) * (4 - len(items))
 
 

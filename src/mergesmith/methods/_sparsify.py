@@ -1315,8 +1315,7 @@ def _compiled_variance(tvs: Sequence[TaskVector], size: int, out: torch.Tensor) 
         if len(tvs) in (3, 4):  # one loop from the inputs (1B, three: 2.75 s of 5.5 s thread time were the rows)
             for s, e in chunks:
                 models, base = models_and_base(tvs, s, e)
-                fourth = models[3] if len(models) == 4 else models[2]  # three: ignored
-                loops.few_variance_into(*models[:3], fourth, base, len(models) == 4, flat[s:e])
+                loops.few_variance_into(*_kernels.as_four(models), base, len(models) == 4, flat[s:e])
             return
         rows = np.empty((len(tvs), VARIANCE_BLOCK), dtype=np.float32)
         mean, m2 = np.empty(VARIANCE_BLOCK, dtype=np.float64), np.empty(VARIANCE_BLOCK, dtype=np.float64)

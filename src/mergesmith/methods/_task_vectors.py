@@ -197,9 +197,8 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
         elect = consensus == "sum"
         how = (elect, False, normalize if elect else divide)  # the loops' elect, weigh (SCE's only), normalize
         divisor = np.float32(0 if elect else total)
-        pairs = list(zip(rescales, ws)) if len(tvs) == 2 else _kernels.as_four(list(zip(rescales, ws)))
-        factors = np.array([x for pair in pairs for x in pair], dtype=np.float32)  # rescale, weight each
-        loop_weights = ws if len(tvs) == 2 else np.array(_kernels.as_four(list(ws)), dtype=np.float32)
+        factors = np.array([x for pair in _kernels.as_four(list(zip(rescales, ws))) for x in pair], dtype=np.float32)
+        loop_weights = np.array(_kernels.as_four(list(ws)), dtype=np.float32)
 
         def one_pass(chunks: list[tuple[int, int]]) -> None:
             """(Three models: 1B TIES' merge pass had taken 3.35 s through the rows, against 1.07 for two.)"""

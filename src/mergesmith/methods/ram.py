@@ -106,8 +106,8 @@ class _LoopBuffers:
 
     def __init__(self, tvs: list[TaskVector], epsilon: float, width: int, flat_out: torch.Tensor | None):
         self.tvs, self.epsilon = tvs, np.float32(epsilon)
-        self.rows, _ = _kernels.rows_scratch(len(tvs))
-        self.counts, self.amplified = np.empty(_kernels.ROWS_BLOCK, dtype=np.float32), np.empty(_kernels.ROWS_BLOCK, dtype=np.float32)
+        self.rows, scratch = _kernels.rows_scratch(len(tvs))
+        self.counts, self.amplified = scratch[0], scratch[1]
         self.outputs = _kernels.OutputChunks(flat_out, width) if flat_out is not None else None
 
 

@@ -282,7 +282,7 @@ def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: 
     if count in _kernels.ONE_PASS_COUNTS and not by_count:
         how = (True, True, True)  # elect, weigh, normalize
         ones = np.ones(8, dtype=np.float32)  # each model's (rescale, weight), up to four: the deltas unscaled
-        loop_weights = ws if count == 2 else np.array(_kernels.as_four(list(ws)), dtype=np.float32)
+        loop_weights = np.array(_kernels.as_four(list(ws)), dtype=np.float32)
 
         def one_pass(chunks):
             outputs, loops = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks)), _kernels.loops()
