@@ -744,18 +744,18 @@ def test_the_gram_of_two_or_more_models_on_the_loop_equals_the_torch_path(method
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("method, count", [("multislerp", 2), ("nuslerp", 2), ("multislerp", 3), ("multislerp", 4)])
+@pytest.mark.parametrize("method, count", [("multislerp", 2), ("nuslerp", 2), ("multislerp", 3), ("multislerp", 4), ("multislerp", 5)])
 def test_task_vector_interpolations_on_the_loops_equal_the_torch_path(method, count, dtype, torch_path, monkeypatch):
     g = torch.Generator().manual_seed(5)
     base = torch.randn(700, 640, generator=g) * 0.02
     shared = torch.randn(700, 640, generator=g) * 0.002
     models = [(base + shared + torch.randn(700, 640, generator=g) * 0.002).to(dtype) for _ in range(count)]
     base = base.to(dtype)
-    weights = [0.3, 0.6, 0.45, 0.2][:count]
+    weights = [0.3, 0.6, 0.45, 0.2, 0.35][:count]
     run = lambda **kw: get_method(method).func(models, base=base, weight=weights, compute_dtype=torch.float32, **kw)
     loops, calls = _kernels.loops(), []
-    names = {2: ("pair_product_sums", "pair_combine_into"), 3: ("triple_product_sums", "triple_combine_into")}.get(
-        count, ("product_sums", "rows_merge_into"))
+    names = {2: ("pair_product_sums", "pair_combine_into"), 3: ("triple_product_sums", "triple_combine_into"),
+             4: ("product_sums", "delta_merge_into")}.get(count, ("product_sums", "rows_merge_into"))
     for name in names:
         monkeypatch.setattr(loops, name, lambda *a, _loop=getattr(loops, name), _name=name: calls.append(_name) or _loop(*a))
     compiled, rounded = run(), run(output_dtype=torch.bfloat16)

@@ -396,22 +396,35 @@ def row_bounds(rules: Sequence[KeepRule], start: int) -> tuple[np.ndarray, np.nd
 
 
 class RowSum:
-    """out = base + scale · Σ wⱼ·(modelⱼ − base) over every entry of a chunk, by `_kernel_loops.rows_merge_into`'s
+    """out = base + scale · Σ wⱼ·(modelⱼ − base) over every entry of a chunk, in `_kernel_loops.rows_merge_into`'s
     sum: each product rounded, added in model order, then scaled and the base added (Model Stock's output,
-    `_linalg.combine_task_vectors` for four or more). Holds the loop's buffers: one a thread."""
+    `_linalg.combine_task_vectors` for four or more). Three or four models take `delta_merge_into`'s sum,
+    the same operations in one pass from the inputs (in cache, four models: 1.2 against 2.55 ns an entry).
+    Holds the loop's buffers: one a thread."""
 
     def __init__(self, weights: Sequence[float], scale: float):
         count = len(weights)
+        self.scale = np.float32(scale)
+        self.one_pass = count in (3, 4)
+        if self.one_pass:
+            self.factors = np.array([x for w in _kernels.as_four(list(weights)) for x in (1, w)], dtype=np.float32)
+            self.how = (False, False, False, count == 4)  # no election, no division
+            return
         self.limits, self.splits = row_bounds([KeepRule()] * count, 0)
         self.factors = np.array([(1, w) for w in weights], dtype=np.float32)  # rescale 1, weight w
-        self.masks, self.scale = (_NO_MASK,) * count, np.float32(scale)
+        self.masks = (_NO_MASK,) * count
         self.rows, self.scratch = _kernels.rows_scratch(count)
 
     def into(self, models: Sequence[np.ndarray], base: np.ndarray, out: np.ndarray) -> None:
         """Write the chunk's sum into `out` (float32, or a bf16 output's bit patterns); loop operands."""
-        _kernels.loops().rows_merge_into(tuple(models), base, self.limits, self.splits, self.masks, self.factors,
-                                         self.factors[:, 1], (False, False, False, False), np.float32(1), self.scale,
-                                         self.rows, self.scratch, out)
+        loops = _kernels.loops()
+        if self.one_pass:
+            loops.delta_merge_into(*_kernels.as_four(list(models)), base, *(KEEP_ALL_BOUNDS,) * 4, *(_NO_MASK,) * 4,
+                                   self.factors, self.factors[1::2], self.how, np.float32(1), self.scale, out)
+            return
+        loops.rows_merge_into(tuple(models), base, self.limits, self.splits, self.masks, self.factors,
+                              self.factors[:, 1], (False, False, False, False), np.float32(1), self.scale,
+                              self.rows, self.scratch, out)
 
 
 def _cut(threshold: torch.Tensor, n_ge: int, n_gt: int, k: int, nth_tie: Callable[[int], int]) -> Cut:
