@@ -545,23 +545,30 @@ def pair_delta_merge_into(model0, model1, base, bounds0, bounds1, stored0, store
 
 
 @jit
-def agreeing_merge(d0, d1, d2, d3, w0, w1, w2, w3, four, weigh, normalize, floor):
-    """The disjoint merge of one entry's three deltas (four with `four`; d3 and w3 are ignored without it),
-    elected by the sign of their sum: `consensus_into`'s float operations on three or four rows (the sums in
-    row order, from zero), or with weigh `weighted_consensus_into`'s (each agreeing delta times its weight,
-    over the agreeing weights floored at `floor`: SCE), for one entry in registers."""
+def agreeing_merge(d0, d1, d2, d3, d4, w0, w1, w2, w3, w4, four, five, weigh, normalize, floor):
+    """The disjoint merge of one entry's three deltas (four with `four`, five with `five` too; the unused
+    deltas and weights are ignored), elected by the sign of their sum: `consensus_into`'s float operations
+    on three to five rows (the sums in row order, from zero), or with weigh `weighted_consensus_into`'s (each
+    agreeing delta times its weight, over the agreeing weights floored at `floor`: SCE), for one entry in
+    registers."""
     zero, one = np.float32(0), np.float32(1)
     votes = (d0 + d1) + d2
     if four:
         votes = votes + d3
+    if five:
+        votes = votes + d4
     vote = one if votes >= zero else -one
-    agree0, agree1, agree2, agree3 = d0 * vote > zero, d1 * vote > zero, d2 * vote > zero, d3 * vote > zero
-    f0, f1, f2, f3 = (w0, w1, w2, w3) if weigh else (one, one, one, one)
+    agree0, agree1, agree2 = d0 * vote > zero, d1 * vote > zero, d2 * vote > zero
+    agree3, agree4 = d3 * vote > zero, d4 * vote > zero
+    f0, f1, f2, f3, f4 = (w0, w1, w2, w3, w4) if weigh else (one, one, one, one, one)
     total = ((zero + (d0 * f0 if agree0 else zero)) + (d1 * f1 if agree1 else zero)) + (d2 * f2 if agree2 else zero)
     divisor = ((zero + (w0 if agree0 else zero)) + (w1 if agree1 else zero)) + (w2 if agree2 else zero)
     if four:
         total = total + (d3 * f3 if agree3 else zero)
         divisor = divisor + (w3 if agree3 else zero)
+    if five:
+        total = total + (d4 * f4 if agree4 else zero)
+        divisor = divisor + (w4 if agree4 else zero)
     if weigh:
         return total / max(divisor, floor)
     if normalize:
@@ -570,16 +577,19 @@ def agreeing_merge(d0, d1, d2, d3, w0, w1, w2, w3, four, weigh, normalize, floor
 
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy", inline="always")
-def _delta_loop(model0, model1, model2, model3, base, bounds0, bounds1, bounds2, bounds3, stored0, stored1, stored2,
-                stored3, factors, weights, elect, weigh, normalize, four, divisor, scale, out):
+def _delta_loop(models, base, bounds, stored, factors, weights, elect, weigh, normalize, four, five, divisor, scale, out):
     """`delta_merge_into`'s loop, inlined where it is called so that its flags fold away (without `four`, every
-    term of the fourth model)."""
+    term of the fourth model; without `five`, of the fifth). models, bounds, stored: five-tuples."""
+    model0, model1, model2, model3, model4 = models
+    stored0, stored1, stored2, stored3, stored4 = stored
     n = out.size
-    bounds0, bounds1, bounds2 = delta_bounds(bounds0, n), delta_bounds(bounds1, n), delta_bounds(bounds2, n)
-    bounds3 = delta_bounds(bounds3, n)
-    every0, every1, every2, every3 = stored0.size == 0, stored1.size == 0, stored2.size == 0, stored3.size == 0
-    r0, f0, r1, f1, r2, f2, r3, f3 = factors[0], factors[1], factors[2], factors[3], factors[4], factors[5], factors[6], factors[7]
-    w0, w1, w2, w3 = weights[0], weights[1], weights[2], weights[3]
+    bounds0, bounds1, bounds2 = delta_bounds(bounds[0], n), delta_bounds(bounds[1], n), delta_bounds(bounds[2], n)
+    bounds3, bounds4 = delta_bounds(bounds[3], n), delta_bounds(bounds[4], n)
+    every0, every1, every2 = stored0.size == 0, stored1.size == 0, stored2.size == 0
+    every3, every4 = stored3.size == 0, stored4.size == 0
+    r0, f0, r1, f1, r2, f2 = factors[0], factors[1], factors[2], factors[3], factors[4], factors[5]
+    r3, f3, r4, f4 = factors[6], factors[7], factors[8], factors[9]
+    w0, w1, w2, w3, w4 = weights[0], weights[1], weights[2], weights[3], weights[4]
     zero = np.float32(0)
     for i in range(n):
         x = widen(base[i])
@@ -587,52 +597,60 @@ def _delta_loop(model0, model1, model2, model3, base, bounds0, bounds1, bounds2,
         d1 = kept_delta(widen(model1[i]) - x, i, bounds1, every1 or stored1[i] != 0, r1, f1)
         d2 = kept_delta(widen(model2[i]) - x, i, bounds2, every2 or stored2[i] != 0, r2, f2)
         d3 = kept_delta(widen(model3[i]) - x, i, bounds3, every3 or stored3[i] != 0, r3, f3) if four else zero
+        d4 = kept_delta(widen(model4[i]) - x, i, bounds4, every4 or stored4[i] != 0, r4, f4) if five else zero
         if elect:
-            total = agreeing_merge(d0, d1, d2, d3, w0, w1, w2, w3, four, weigh, normalize, divisor)
+            total = agreeing_merge(d0, d1, d2, d3, d4, w0, w1, w2, w3, w4, four, five, weigh, normalize, divisor)
         else:
             total = (d0 + d1) + d2
             if four:
                 total = total + d3
+            if five:
+                total = total + d4
             if normalize:
                 total = total / divisor
         out[i] = narrow(total * scale + x, out)
 
 
 @jit
-def delta_merge_into(model0, model1, model2, model3, base, bounds0, bounds1, bounds2, bounds3, stored0, stored1, stored2,
-                     stored3, factors, weights, how, divisor, scale, out):
-    """Three or four models' masked deltas combined into the output in one pass, as `pair_delta_merge_into`
+def delta_merge_into(model0, model1, model2, model3, model4, base, bounds0, bounds1, bounds2, bounds3, bounds4, stored0,
+                     stored1, stored2, stored3, stored4, factors, weights, how, divisor, scale, out):
+    """Three to five models' masked deltas combined into the output in one pass, as `pair_delta_merge_into`
     does for two: `weighted_delta` on each model, then `consensus_into` (elected by sum),
     `weighted_consensus_into` or `sum_into`, bit for bit, without writing the float32 rows and reading them
-    back (1B TIES, three models: 3.35 s through rows against 1.07 s for two; four models, 2^18 bf16 entries
-    in cache: 1.2 against 2.55 ns an entry through `rows_merge_into`). factors: (rescale, weight) of each of
-    the four; weights: the election's four; how: (elect, weigh, normalize, four), the first three as
-    `pair_delta_merge_into` takes them; without `four` the fourth model's arguments are ignored (pass the
-    third's again, and any factors and weight); divisor: the sum's (without election) or the weighted merge's
-    floor. `out`: float32, or a bf16 output's bit patterns (`narrow`)."""
-    elect, weigh, normalize, four = how
-    if four:
-        _delta_merge_flags(model0, model1, model2, model3, base, bounds0, bounds1, bounds2, bounds3, stored0, stored1,
-                           stored2, stored3, factors, weights, elect, weigh, normalize, True, divisor, scale, out)
+    back (1B TIES, three models: 3.35 s through rows against 1.07 s for two; 2^18 bf16 entries in cache,
+    four models: 1.2 against 2.55 ns an entry through `rows_merge_into`, five: 1.84 against 3.38).
+    factors: (rescale, weight) of each of the five; weights: the election's five; how: (elect, weigh,
+    normalize, count), the first three as `pair_delta_merge_into` takes them; the arguments of models past
+    `count` are ignored (pass the last one's again, and any factors and weights: `_kernels.padded`);
+    divisor: the sum's (without election) or the weighted merge's floor. `out`: float32, or a bf16 output's
+    bit patterns (`narrow`)."""
+    elect, weigh, normalize, count = how
+    models, bounds = (model0, model1, model2, model3, model4), (bounds0, bounds1, bounds2, bounds3, bounds4)
+    stored = (stored0, stored1, stored2, stored3, stored4)
+    if count == 5:
+        _delta_merge_flags(models, base, bounds, stored, factors, weights, elect, weigh, normalize, True, True, divisor,
+                           scale, out)
+    elif count == 4:
+        _delta_merge_flags(models, base, bounds, stored, factors, weights, elect, weigh, normalize, True, False, divisor,
+                           scale, out)
     else:
-        _delta_merge_flags(model0, model1, model2, model3, base, bounds0, bounds1, bounds2, bounds3, stored0, stored1,
-                           stored2, stored3, factors, weights, elect, weigh, normalize, False, divisor, scale, out)
+        _delta_merge_flags(models, base, bounds, stored, factors, weights, elect, weigh, normalize, False, False, divisor,
+                           scale, out)
 
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy", inline="always")
-def _delta_merge_flags(m0, m1, m2, m3, b, k0, k1, k2, k3, s0, s1, s2, s3, f, w, elect, weigh, normalize, four, divisor,
-                       scale, out):
+def _delta_merge_flags(m, b, k, s, f, w, elect, weigh, normalize, four, five, divisor, scale, out):
     """`delta_merge_into`'s copy of the loop for its flags, each one constant in its copy."""
     if elect and weigh:  # SCE
-        _delta_loop(m0, m1, m2, m3, b, k0, k1, k2, k3, s0, s1, s2, s3, f, w, True, True, True, four, divisor, scale, out)
+        _delta_loop(m, b, k, s, f, w, True, True, True, four, five, divisor, scale, out)
     elif elect and normalize:
-        _delta_loop(m0, m1, m2, m3, b, k0, k1, k2, k3, s0, s1, s2, s3, f, w, True, False, True, four, divisor, scale, out)
+        _delta_loop(m, b, k, s, f, w, True, False, True, four, five, divisor, scale, out)
     elif elect:
-        _delta_loop(m0, m1, m2, m3, b, k0, k1, k2, k3, s0, s1, s2, s3, f, w, True, False, False, four, divisor, scale, out)
+        _delta_loop(m, b, k, s, f, w, True, False, False, four, five, divisor, scale, out)
     elif normalize:
-        _delta_loop(m0, m1, m2, m3, b, k0, k1, k2, k3, s0, s1, s2, s3, f, w, False, False, True, four, divisor, scale, out)
+        _delta_loop(m, b, k, s, f, w, False, False, True, four, five, divisor, scale, out)
     else:
-        _delta_loop(m0, m1, m2, m3, b, k0, k1, k2, k3, s0, s1, s2, s3, f, w, False, False, False, four, divisor, scale, out)
+        _delta_loop(m, b, k, s, f, w, False, False, False, four, five, divisor, scale, out)
 
 
 @jit

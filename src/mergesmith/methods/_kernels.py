@@ -15,7 +15,7 @@ them too; the divergences' loop (`_divergence_loops`) is the one that does not r
 
 What stays in PyTorch: every other dtype (16-bit compute for mergekit's arithmetic, float64), other devices,
 and any machine without numba (`available()` is then False and the callers take their torch path). Two to
-four models merge in one pass from the inputs (`pair_delta_merge_into`, `delta_merge_into`); more, or an
+five models merge in one pass from the inputs (`pair_delta_merge_into`, `delta_merge_into`); more, or an
 election by count, on rows a block of entries at a time (`rows_merge_into`).
 Inputs stored as bf16 are read by the loops as they are (uint16 bit patterns, widened exactly entry by entry:
 `_kernel_loops.widen`), which saves the float32 copy of every input chunk that torch made before.
@@ -128,15 +128,15 @@ def loop_operand(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-ONE_PASS_COUNTS = (2, 3, 4)  # model counts merged in one pass from the inputs (`pair_delta_merge_into`, `delta_merge_into`)
+ONE_PASS_COUNTS = (2, 3, 4, 5)  # model counts merged in one pass from the inputs (`pair_delta_merge_into`, `delta_merge_into`)
 
 
-def as_four(items: list) -> list:
-    """The one-pass loops' per-model arguments (models, bounds, stored masks, factor pairs, weights) for two to
-    four models, as a list of four, padded with the last one's again: `delta_merge_into` ignores a fourth
-    with its `four` flag off (`few_variance_into` too), `pair_delta_merge_into` reads the first two factor
-    pairs and weights only."""
-    return list(items) + list(items[-1:]) * (4 - len(items))
+def padded(items: list, length: int = 5) -> list:
+    """The one-pass loops' per-model arguments (models, bounds, stored masks, factor pairs, weights) as a list
+    of `length`, padded with the last one's again: `delta_merge_into` (five) ignores those past its count,
+    `few_variance_into` (four) a fourth with its `four` flag off, `pair_delta_merge_into` reads the first two
+    factor pairs and weights only."""
+    return list(items) + list(items[-1:]) * (length - len(items))
 
 
 def rows_scratch(count: int) -> tuple[np.ndarray, np.ndarray]:

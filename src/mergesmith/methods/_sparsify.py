@@ -398,17 +398,17 @@ def row_bounds(rules: Sequence[KeepRule], start: int) -> tuple[np.ndarray, np.nd
 class RowSum:
     """out = base + scale · Σ wⱼ·(modelⱼ − base) over every entry of a chunk, in `_kernel_loops.rows_merge_into`'s
     sum: each product rounded, added in model order, then scaled and the base added (Model Stock's output,
-    `_linalg.combine_task_vectors` for four or more). Three or four models take `delta_merge_into`'s sum,
+    `_linalg.combine_task_vectors` for four or more). Three to five models take `delta_merge_into`'s sum,
     the same operations in one pass from the inputs (in cache, four models: 1.2 against 2.55 ns an entry).
     Holds the loop's buffers: one a thread."""
 
     def __init__(self, weights: Sequence[float], scale: float):
         count = len(weights)
         self.scale = np.float32(scale)
-        self.one_pass = count in (3, 4)
+        self.one_pass = count in (3, 4, 5)
         if self.one_pass:
-            self.factors = np.array([x for w in _kernels.as_four(list(weights)) for x in (1, w)], dtype=np.float32)
-            self.how = (False, False, False, count == 4)  # no election, no division
+            self.factors = np.array([x for w in _kernels.padded(list(weights)) for x in (1, w)], dtype=np.float32)
+            self.how = (False, False, False, count)  # no election, no division
             return
         self.limits, self.splits = row_bounds([KeepRule()] * count, 0)
         self.factors = np.array([(1, w) for w in weights], dtype=np.float32)  # rescale 1, weight w
@@ -419,7 +419,7 @@ class RowSum:
         """Write the chunk's sum into `out` (float32, or a bf16 output's bit patterns); loop operands."""
         loops = _kernels.loops()
         if self.one_pass:
-            loops.delta_merge_into(*_kernels.as_four(list(models)), base, *(KEEP_ALL_BOUNDS,) * 4, *(_NO_MASK,) * 4,
+            loops.delta_merge_into(*_kernels.padded(list(models)), base, *(KEEP_ALL_BOUNDS,) * 5, *(_NO_MASK,) * 5,
                                    self.factors, self.factors[1::2], self.how, np.float32(1), self.scale, out)
             return
         loops.rows_merge_into(tuple(models), base, self.limits, self.splits, self.masks, self.factors,
@@ -1328,7 +1328,7 @@ def _compiled_variance(tvs: Sequence[TaskVector], size: int, out: torch.Tensor) 
         if len(tvs) in (3, 4):  # one loop from the inputs (1B, three: 2.75 s of 5.5 s thread time were the rows)
             for s, e in chunks:
                 models, base = models_and_base(tvs, s, e)
-                loops.few_variance_into(*_kernels.as_four(models), base, len(models) == 4, flat[s:e])
+                loops.few_variance_into(*_kernels.padded(models, 4), base, len(models) == 4, flat[s:e])
             return
         rows = np.empty((len(tvs), VARIANCE_BLOCK), dtype=np.float32)
         mean, m2 = np.empty(VARIANCE_BLOCK, dtype=np.float64), np.empty(VARIANCE_BLOCK, dtype=np.float64)

@@ -183,7 +183,7 @@ def merge_task_vectors(
 def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: str | None, normalize: bool,
                     total: float, scale: float, flat_out: torch.Tensor) -> Callable[[list[tuple[int, int]]], None]:
     """`merge_task_vectors`' chunk work on float32 CPU tensors with `_kernels`' loops, each writing the output
-    directly (float32, or bf16 rounded as it is stored): two to four models (unless elected by count) in one
+    directly (float32, or bf16 rounded as it is stored): two to five models (unless elected by count) in one
     pass that keeps the deltas in registers (`pair_delta_merge_into`, `delta_merge_into`); otherwise
     each model's masked, rescaled, weighted delta written as a row and the rows combined, a block of entries
     at a time (`rows_merge_into`)."""
@@ -197,8 +197,8 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
         elect = consensus == "sum"
         how = (elect, False, normalize if elect else divide)  # the loops' elect, weigh (SCE's only), normalize
         divisor = np.float32(0 if elect else total)
-        factors = np.array([x for pair in _kernels.as_four(list(zip(rescales, ws))) for x in pair], dtype=np.float32)
-        loop_weights = np.array(_kernels.as_four(list(ws)), dtype=np.float32)
+        factors = np.array([x for pair in _kernels.padded(list(zip(rescales, ws))) for x in pair], dtype=np.float32)
+        loop_weights = np.array(_kernels.padded(list(ws)), dtype=np.float32)
 
         def one_pass(chunks: list[tuple[int, int]]) -> None:
             """(Three models: 1B TIES' merge pass had taken 3.35 s through the rows, against 1.07 for two.)"""
@@ -211,8 +211,8 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
                     loops.pair_delta_merge_into(*models, base, *bounds, *stored, _sparsify.ANY_DISTANCE, factors, loop_weights,
                                                 how, divisor, np.float32(scale), outputs.direct(s, e))
                 else:
-                    loops.delta_merge_into(*_kernels.as_four(models), base, *_kernels.as_four(bounds), *_kernels.as_four(stored),
-                                           factors, loop_weights, (*how, len(tvs) == 4), divisor, np.float32(scale),
+                    loops.delta_merge_into(*_kernels.padded(models), base, *_kernels.padded(bounds), *_kernels.padded(stored),
+                                           factors, loop_weights, (*how, len(tvs)), divisor, np.float32(scale),
                                            outputs.direct(s, e))
 
         return one_pass
@@ -221,7 +221,7 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
     how = (consensus is not None, False, consensus == "count", divide if consensus is None else normalize)  # SCE weighs
 
     def in_blocks(chunks: list[tuple[int, int]]) -> None:
-        """Five or more models, or election by count: rows a block of entries at a time."""
+        """Six or more models, or election by count: rows a block of entries at a time."""
         rows, scratch = _kernels.rows_scratch(len(tvs))
         outputs = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks))
         for s, e in chunks:

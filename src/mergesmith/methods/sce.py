@@ -102,7 +102,7 @@ class _Selection:
     def loop_terms(self, s: int, e: int) -> tuple[np.ndarray, tuple]:
         """The selection of [s, e) as the one-pass loops take it (`_kernel_loops.pair_delta_merge_into`,
         `delta_merge_into`): a uint8 mask (empty: none) and bounds on two models' distance, which the
-        pair loop tests as it goes (three or four models are never cut: the bounds then pass everything)."""
+        pair loop tests as it goes (three to five models are never cut: the bounds then pass everything)."""
         if self.cut is not None:
             return _EVERYTHING, self.cut.bounds(s)
         return (_EVERYTHING if self.stored is None else self.stored[s:e].numpy()), ANY_DISTANCE
@@ -273,7 +273,7 @@ def _compiled_energy(tvs, selection: _Selection, chunks: list[tuple[int, int]]) 
 
 def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: bool, flat_out: torch.Tensor):
     """The merge pass's chunk work on the compiled path (`_kernel_loops.weighted_consensus_into`'s operations),
-    writing the output directly: two to four models elected by sum in one pass from the inputs
+    writing the output directly: two to five models elected by sum in one pass from the inputs
     (`pair_delta_merge_into`, `delta_merge_into`; three models' merge pass at 1B: 2.6 s through rows of whole
     chunks), otherwise on rows a block of entries at a time (`rows_merge_into`)."""
     ws = np.array(weights, dtype=np.float32)
@@ -281,8 +281,8 @@ def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: 
     count = len(tvs)
     if count in _kernels.ONE_PASS_COUNTS and not by_count:
         how = (True, True, True)  # elect, weigh, normalize
-        ones = np.ones(8, dtype=np.float32)  # each model's (rescale, weight), up to four: the deltas unscaled
-        loop_weights = np.array(_kernels.as_four(list(ws)), dtype=np.float32)
+        ones = np.ones(10, dtype=np.float32)  # each model's (rescale, weight), up to five: the deltas unscaled
+        loop_weights = np.array(_kernels.padded(list(ws)), dtype=np.float32)
 
         def one_pass(chunks):
             outputs, loops = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks)), _kernels.loops()
@@ -293,8 +293,8 @@ def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: 
                     loops.pair_delta_merge_into(*models, base, KEEP_ALL_BOUNDS, KEEP_ALL_BOUNDS, keep, keep, apart, ones, loop_weights,
                                                 how, floor, np.float32(1), outputs.direct(s, e))
                 else:
-                    loops.delta_merge_into(*_kernels.as_four(models), base, *(KEEP_ALL_BOUNDS,) * 4, *(keep,) * 4, ones, loop_weights,
-                                           (*how, count == 4), floor, np.float32(1), outputs.direct(s, e))
+                    loops.delta_merge_into(*_kernels.padded(models), base, *(KEEP_ALL_BOUNDS,) * 5, *(keep,) * 5, ones, loop_weights,
+                                           (*how, count), floor, np.float32(1), outputs.direct(s, e))
 
         return one_pass
 
@@ -302,7 +302,7 @@ def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: 
     factors = np.ones((count, 2), dtype=np.float32)
 
     def in_blocks(chunks):
-        """Five or more models, or election by count: rows a block of entries at a time (`rows_merge_into`)."""
+        """Six or more models, or election by count: rows a block of entries at a time (`rows_merge_into`)."""
         width = max(e - s for s, e in chunks)
         rows, scratch = _kernels.rows_scratch(count)
         keep_buf, outputs, loops = np.empty(width, dtype=np.uint8), _kernels.OutputChunks(flat_out, width), _kernels.loops()
