@@ -686,7 +686,8 @@ get_method("ties").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] *
 get_method("ties").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] * 4, consensus_method="count", compute_dtype=torch.float32)  # by count: rows_merge_into
 get_method("sce").func(models + models[:1], base=base, select_topk=0.5, compute_dtype=torch.float32)  # three: one pass
 get_method("sce").func(models * 2, base=base, select_topk=0.5, compute_dtype=torch.float32)  # four: one pass
-get_method("sce").func(models * 2 + models[:1], base=base, select_topk=0.5, compute_dtype=torch.float32)  # five: the rows' variance, the one-pass merge
+get_method("sce").func(models * 2 + models[:1], base=base, select_topk=0.5, compute_dtype=torch.float32)  # five: one pass each
+get_method("sce").func(models * 3, base=base, select_topk=0.5, compute_dtype=torch.float32)  # six: the rows' variance
 get_method("sce").func(models, base=base, select_topk=0.5, consensus_method="count", compute_dtype=torch.float32)  # cut_mask
 get_method("dare_linear").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] * 4,
                                compute_dtype=torch.float32, generator=torch.Generator().manual_seed(1))  # four, summed
@@ -832,8 +833,8 @@ def test_pair_product_sums_are_numpys_block_sums():
     (3, {"select_topk": 1.0, "energy_floor": 0.0}),  # everything selected, energy weights
     (2, {"select_topk": 1.0, "energy_floor": 0.0}),  # two models, everything selected: the energies' empty keep
     (4, {"select_topk": 0.5, "energy_floor": 0.0}),  # four: `square_sums` and `delta_merge_into` on the stored mask
-    (5, {"select_topk": 0.5}),  # five: the rows' variance (`variance_into`), the one-pass merge
-    (6, {"select_topk": 0.5}),  # six: the merge on rows (`rows_merge_into`)
+    (5, {"select_topk": 0.5}),  # five: the variance and the merge in one pass each
+    (6, {"select_topk": 0.5}),  # six: the variance and the merge on rows (`variance_into`, `rows_merge_into`)
     (4, {"select_topk": 1.0, "energy_floor": 0.0, "consensus_method": "count"}),  # every entry, elected by count
     (2, {"select_topk": 0.4, "consensus_method": "count"}),  # the two-model cut made into a mask for the rows
 ])

@@ -133,9 +133,8 @@ ONE_PASS_COUNTS = (2, 3, 4, 5)  # model counts merged in one pass from the input
 
 def padded(items: list, length: int = 5) -> list:
     """The one-pass loops' per-model arguments (models, bounds, stored masks, factor pairs, weights) as a list
-    of `length`, padded with the last one's again: `delta_merge_into` (five) ignores those past its count,
-    `few_variance_into` (four) a fourth with its `four` flag off, `pair_delta_merge_into` reads the first two
-    factor pairs and weights only."""
+    of `length`, padded with the last one's again: `delta_merge_into` and `few_variance_into` ignore those
+    past their count, `pair_delta_merge_into` reads the first two factor pairs and weights only."""
     return list(items) + list(items[-1:]) * (length - len(items))
 
 

@@ -1319,16 +1319,16 @@ VARIANCE_BLOCK = 512
 def _compiled_variance(tvs: Sequence[TaskVector], size: int, out: torch.Tensor) -> torch.Tensor:
     """`variance_across` for three or more float32 task vectors on CPU, by `_kernels`' loops on every thread:
     the float64 Welford update across the task vectors (`welford_variance_into`), on float32 rows made a block
-    at a time (`variance_into`), or for three or four models entry by entry (`few_variance_into`): the same
+    at a time (`variance_into`), or for three to five models entry by entry (`few_variance_into`): the same
     bits as the torch loop, which took 9.7 of a 19.8 s SCE merge of three 1B fine-tunes on one thread."""
     flat = out.numpy()
 
     def work(chunks):
         loops = _kernels.loops()
-        if len(tvs) in (3, 4):  # one loop from the inputs (1B, three: 2.75 s of 5.5 s thread time were the rows)
+        if len(tvs) in (3, 4, 5):  # one loop from the inputs (1B, three: 2.75 s of 5.5 s thread time were the rows)
             for s, e in chunks:
                 models, base = models_and_base(tvs, s, e)
-                loops.few_variance_into(*_kernels.padded(models, 4), base, len(models) == 4, flat[s:e])
+                loops.few_variance_into(*_kernels.padded(models), base, len(models), flat[s:e])
             return
         rows = np.empty((len(tvs), VARIANCE_BLOCK), dtype=np.float32)
         mean, m2 = np.empty(VARIANCE_BLOCK, dtype=np.float64), np.empty(VARIANCE_BLOCK, dtype=np.float64)
