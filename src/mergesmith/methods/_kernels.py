@@ -128,7 +128,8 @@ def loop_operand(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-ONE_PASS_COUNTS = (2, 3, 4, 5)  # model counts merged in one pass from the inputs (`pair_delta_merge_into`, `delta_merge_into`)
+FEW_COUNTS = (3, 4, 5)  # model counts of the loops with folded models (`delta_merge_into`, `few_variance_into`)
+ONE_PASS_COUNTS = (2, *FEW_COUNTS)  # model counts merged in one pass from the inputs (`pair_delta_merge_into` for two)
 
 
 def padded(items: list, length: int = 5) -> list:

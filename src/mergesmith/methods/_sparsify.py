@@ -405,7 +405,7 @@ class RowSum:
     def __init__(self, weights: Sequence[float], scale: float):
         count = len(weights)
         self.scale = np.float32(scale)
-        self.one_pass = count in (3, 4, 5)
+        self.one_pass = count in _kernels.FEW_COUNTS
         if self.one_pass:
             self.factors = np.array([x for w in _kernels.padded(list(weights)) for x in (1, w)], dtype=np.float32)
             self.how = (False, False, False, count)  # no election, no division
@@ -1325,7 +1325,7 @@ def _compiled_variance(tvs: Sequence[TaskVector], size: int, out: torch.Tensor) 
 
     def work(chunks):
         loops = _kernels.loops()
-        if len(tvs) in (3, 4, 5):  # one loop from the inputs (1B, three: 2.75 s of 5.5 s thread time were the rows)
+        if len(tvs) in _kernels.FEW_COUNTS:  # one loop from the inputs (1B, three: 2.75 s of 5.5 s thread time were the rows)
             for s, e in chunks:
                 models, base = models_and_base(tvs, s, e)
                 loops.few_variance_into(*_kernels.padded(models), base, len(models), flat[s:e])
