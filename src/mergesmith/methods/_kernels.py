@@ -139,6 +139,19 @@ def padded(items: list, length: int = 5) -> list:
     return list(items) + list(items[-1:]) * (length - len(items))
 
 
+def one_pass_merge_into(models, base, bounds, stored, apart, factors, weights, how, divisor, scale, out) -> None:
+    """Two to five models' masked deltas merged into `out` in one pass from the inputs: the pair loop for two
+    (`_kernel_loops.pair_delta_merge_into`, which also tests SCE's distance bounds `apart`), else
+    `delta_merge_into` on the per-model arguments padded to five (`apart` must then pass every distance).
+    bounds, stored: one a model; factors, weights: already `padded` (made once a merge); how: (elect,
+    weigh, normalize)."""
+    if len(models) == 2:
+        loops().pair_delta_merge_into(*models, base, *bounds, *stored, apart, factors, weights, how, divisor, scale, out)
+        return
+    loops().delta_merge_into(*padded(models), base, *padded(bounds), *padded(stored), factors, weights,
+                             (*how, len(models)), divisor, scale, out)
+
+
 def rows_scratch(count: int) -> tuple[np.ndarray, np.ndarray]:
     """`_kernel_loops.rows_merge_into`'s buffers for `count` models: their rows of a block, and the scratch rows
     for the votes, the divisors and the block's result (one pair a thread)."""

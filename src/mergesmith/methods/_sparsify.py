@@ -408,7 +408,6 @@ class RowSum:
         self.one_pass = count in _kernels.FEW_COUNTS
         if self.one_pass:
             self.factors = np.array([x for w in _kernels.padded(list(weights)) for x in (1, w)], dtype=np.float32)
-            self.how = (False, False, False, count)  # no election, no division
             return
         self.limits, self.splits = row_bounds([KeepRule()] * count, 0)
         self.factors = np.array([(1, w) for w in weights], dtype=np.float32)  # rescale 1, weight w
@@ -417,12 +416,13 @@ class RowSum:
 
     def into(self, models: Sequence[np.ndarray], base: np.ndarray, out: np.ndarray) -> None:
         """Write the chunk's sum into `out` (float32, or a bf16 output's bit patterns); loop operands."""
-        loops = _kernels.loops()
-        if self.one_pass:
-            loops.delta_merge_into(*_kernels.padded(list(models)), base, *(KEEP_ALL_BOUNDS,) * 5, *(_NO_MASK,) * 5,
-                                   self.factors, self.factors[1::2], self.how, np.float32(1), self.scale, out)
+        if self.one_pass:  # no election, no division
+            count = len(models)
+            _kernels.one_pass_merge_into(models, base, (KEEP_ALL_BOUNDS,) * count, (_NO_MASK,) * count, ANY_DISTANCE,
+                                         self.factors, self.factors[1::2], (False, False, False), np.float32(1),
+                                         self.scale, out)
             return
-        loops.rows_merge_into(tuple(models), base, self.limits, self.splits, self.masks, self.factors,
+        _kernels.loops().rows_merge_into(tuple(models), base, self.limits, self.splits, self.masks, self.factors,
                               self.factors[:, 1], (False, False, False, False), np.float32(1), self.scale,
                               self.rows, self.scratch, out)
 

@@ -207,13 +207,8 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
                 bounds = [(*rule.keep.bounds(s), *rule.drop.bounds(s)) for rule in rules]
                 stored = [rule.stored_array(s, e) for rule in rules]
                 models, base = _sparsify.models_and_base(tvs, s, e)
-                if len(tvs) == 2:  # the pair loop also takes SCE's distance bounds
-                    loops.pair_delta_merge_into(*models, base, *bounds, *stored, _sparsify.ANY_DISTANCE, factors, loop_weights,
-                                                how, divisor, np.float32(scale), outputs.direct(s, e))
-                else:
-                    loops.delta_merge_into(*_kernels.padded(models), base, *_kernels.padded(bounds), *_kernels.padded(stored),
-                                           factors, loop_weights, (*how, len(tvs)), divisor, np.float32(scale),
-                                           outputs.direct(s, e))
+                _kernels.one_pass_merge_into(models, base, bounds, stored, _sparsify.ANY_DISTANCE, factors, loop_weights,
+                                             how, divisor, np.float32(scale), outputs.direct(s, e))
 
         return one_pass
 

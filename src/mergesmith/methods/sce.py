@@ -285,16 +285,12 @@ def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: 
         loop_weights = np.array(_kernels.padded(list(ws)), dtype=np.float32)
 
         def one_pass(chunks):
-            outputs, loops = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks)), _kernels.loops()
+            outputs = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks))
             for s, e in chunks:
                 models, base = models_and_base(tvs, s, e)
                 keep, apart = selection.loop_terms(s, e)
-                if count == 2:
-                    loops.pair_delta_merge_into(*models, base, KEEP_ALL_BOUNDS, KEEP_ALL_BOUNDS, keep, keep, apart, ones, loop_weights,
-                                                how, floor, np.float32(1), outputs.direct(s, e))
-                else:
-                    loops.delta_merge_into(*_kernels.padded(models), base, *(KEEP_ALL_BOUNDS,) * 5, *(keep,) * 5, ones, loop_weights,
-                                           (*how, count), floor, np.float32(1), outputs.direct(s, e))
+                _kernels.one_pass_merge_into(models, base, (KEEP_ALL_BOUNDS,) * count, (keep,) * count, apart, ones,
+                                             loop_weights, how, floor, np.float32(1), outputs.direct(s, e))
 
         return one_pass
 
