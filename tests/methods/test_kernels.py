@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergesmith.methods import _kernels, _linalg, _sparsify, _task_vectors
+from mergesmith.methods import _generated_loops, _kernels, _linalg, _sparsify, _task_vectors
 from mergesmith.methods.registry import get_method
 
 pytestmark = pytest.mark.skipif(not _kernels.available(), reason="numba is not installed")
@@ -59,26 +59,30 @@ CASES = [
     ("breadcrumbs", {"density": [0.6, 0.5], "gamma": [0.02, 0.01]}),  # two models summed, no election
     ("della_linear", {"density": [0.4, 0.6], "epsilon": [0.1, 0.2]}),
     ("dare_linear", {"density": [0.4, 0.6], "rescale": False, "normalize": True}),
-    # three and four models: one pass too (`delta_merge_into`); the flags not covered above
+    # three and four models: one pass too (the loop generated for the count); the flags not covered above
     ("ties", {"density": [0.5, 0.4, 0.6], "normalize": False, "lambda_": 0.7}),
     ("dare_linear", {"density": [0.4, 0.5, 0.6], "rescale": False, "normalize": True}),
-    # four models: one pass (`delta_merge_into`), by count rows a block at a time (`rows_merge_into`); every kind
+    # four models: one pass (generated loop), by count rows a block at a time (`rows_merge_into`); every kind
     # of mask and both elections
     ("ties", {"density": [0.4, 0.5, 0.6, 0.3]}),
     ("ties", {"density": [0.4, 0.5, 0.6, 0.3], "consensus_method": "count", "normalize": False, "lambda_": 0.7}),
     ("breadcrumbs_ties", {"density": [0.6, 0.5, 0.7, 0.4], "gamma": [0.02, 0.05, 0.01, 0.0]}),
     ("dare_linear", {"density": [0.4, 0.5, 0.6, 0.7], "rescale": False, "normalize": True}),
     ("della", {"density": [0.4, 0.5, 0.6, 0.5], "epsilon": [0.1, 0.1, 0.2, 0.1]}),
-    # five models: one pass too (`delta_merge_into`), by count the rows
+    # five models: one pass too, by count the rows
     ("ties", {"density": [0.4, 0.5, 0.6, 0.3, 0.5]}),
     ("ties", {"density": [0.4, 0.5, 0.6, 0.3, 0.5], "normalize": False, "lambda_": 0.7}),
     ("ties", {"density": [0.4, 0.5, 0.6, 0.3, 0.5], "consensus_method": "count"}),
     ("breadcrumbs", {"density": [0.6, 0.5, 0.7, 0.4, 0.6], "gamma": [0.02, 0.05, 0.01, 0.0, 0.03]}),
     ("dare_ties", {"density": [0.4, 0.5, 0.6, 0.7, 0.5]}),
     ("della_linear", {"density": [0.4, 0.5, 0.6, 0.5, 0.3], "epsilon": [0.1, 0.1, 0.2, 0.1, 0.1]}),
-    # six: rows a block at a time (`rows_merge_into`)
+    # six and seven: one pass too; more than `_generated_loops.MAX_MODELS`: rows a block at a time
     ("ties", {"density": [0.4, 0.5, 0.6, 0.3, 0.5, 0.45]}),
+    ("della_linear", {"density": [0.4, 0.5, 0.6, 0.5, 0.3, 0.45, 0.55], "epsilon": [0.1] * 7}),
+    ("ties", {"density": [0.4, 0.5, 0.6, 0.3, 0.5, 0.45, 0.35, 0.55, 0.4, 0.5, 0.6, 0.3, 0.45]}),
 ]
+
+WEIGHTS = [0.5, 0.3, 0.4, 0.6, 0.35, 0.25, 0.45, 0.55, 0.2, 0.3, 0.4, 0.5, 0.65]  # up to thirteen models' weights
 
 
 def _fourth(models, base, dtype=None, seed=99):
@@ -110,7 +114,7 @@ def test_loops_equal_the_torch_path(method, params, dtype, torch_path, monkeypat
         models[1][:40] = (2 * base[:40].float() - models[0][:40].float()).to(dtype)
 
     def run():
-        kwargs = {"weight": [0.5, 0.3, 0.4, 0.6, 0.35, 0.25][:count], **params, "compute_dtype": torch.float32}
+        kwargs = {"weight": WEIGHTS[:count], **params, "compute_dtype": torch.float32}
         if info.random:
             kwargs["generator"] = torch.Generator().manual_seed(11)
         return info.func(models, base=base, **kwargs)
@@ -388,15 +392,15 @@ def test_weighted_delta_keeps_ties_before_the_split_only():
     assert out.tolist() == [0.5, 0, 0.5, -0.5, 0.5, 0, 0, 0]
 
 
-def test_plain_task_arithmetic_of_six_merges_in_blocks_in_mergekits_order(monkeypatch):
-    # no mask and no election, six models: `rows_merge_into`'s sum, each weighted delta rounded, then added in
-    # model order and scaled, one rounding each (mergekit's (weights * deltas).sum(0))
+@pytest.mark.parametrize("count,loop", [(6, "generated"), (13, "rows_merge_into")])
+def test_plain_task_arithmetic_of_many_models_merges_in_mergekits_order(count, loop, monkeypatch):
+    # no mask and no election: the generated loop's or `rows_merge_into`'s sum, each weighted delta rounded,
+    # then added in model order and scaled, one rounding each (mergekit's (weights * deltas).sum(0))
     models, base = _family(torch.float32)
-    models = _models(6, models, base)
-    weights = [0.5, 0.3, 0.4, 0.2, 0.35, 0.25]
+    models = _models(count, models, base)
+    weights = WEIGHTS[:count]
     calls = []
-    loops = _kernels.loops()
-    monkeypatch.setattr(loops, "rows_merge_into", lambda *a, _loop=loops.rows_merge_into: calls.append(1) or _loop(*a))
+    _count_calls(monkeypatch, loop, calls)
     got = get_method("task_arithmetic").func(models, base=base, weight=weights, lambda_=0.8, compute_dtype=torch.float32)
     assert calls
     mixed = (models[0] - base) * weights[0]
@@ -446,17 +450,26 @@ def test_a_bfloat16_output_is_the_float32_result_rounded_once(method, params, to
         assert run(output_dtype=torch.bfloat16).dtype == torch.float32
 
 
-@pytest.mark.parametrize("count,loop", [(4, "delta_merge_into"), (5, "delta_merge_into"), (6, "rows_merge_into")])
+def _count_calls(monkeypatch, loop: str, calls: list) -> None:
+    """Append to `calls` on each call of the named compiled loop, or of a generated one-pass loop ("generated")."""
+    if loop == "generated":
+        load = _generated_loops.merge_loop
+        monkeypatch.setattr(_generated_loops, "merge_loop", lambda count: lambda *a: calls.append(loop) or load(count)(*a))
+        return
+    loops = _kernels.loops()
+    monkeypatch.setattr(loops, loop, lambda *a, _loop=getattr(loops, loop): calls.append(loop) or _loop(*a))
+
+
+@pytest.mark.parametrize("count,loop", [(4, "generated"), (6, "generated"), (13, "rows_merge_into")])
 def test_models_of_mixed_dtypes_stay_on_the_loops_as_on_torch(count, loop, torch_path, monkeypatch):
     # the one-pass loop takes each model's dtype, and `rows_merge_into` unrolls its loop over the models, so a
     # float32 fine-tune among bf16 ones stays on them
     models, base = _family(torch.bfloat16)
     models = _models(count, _fourth(models, base, torch.float32), base, seed=7)
     calls = []
-    loops = _kernels.loops()
-    monkeypatch.setattr(loops, loop, lambda *a, _loop=getattr(loops, loop): calls.append(1) or _loop(*a))
-    run = lambda: get_method("ties").func(models, base=base, weight=[0.5, 0.3, 0.4, 0.6, 0.2, 0.35][:count],
-                                          density=[0.4, 0.5, 0.6, 0.3, 0.5, 0.45][:count], compute_dtype=torch.float32)
+    _count_calls(monkeypatch, loop, calls)
+    run = lambda: get_method("ties").func(models, base=base, weight=WEIGHTS[:count],
+                                          density=([0.4, 0.5, 0.6, 0.3, 0.5, 0.45] * 3)[:count], compute_dtype=torch.float32)
     compiled = run()
     assert calls
     with torch_path:
@@ -466,9 +479,9 @@ def test_models_of_mixed_dtypes_stay_on_the_loops_as_on_torch(count, loop, torch
 
 @pytest.mark.parametrize("how", [(True, False, True), (True, False, False), (True, True, True), (False, False, True),
                                  (False, False, False)])  # elect, weigh (SCE), normalize
-@pytest.mark.parametrize("count", [3, 4, 5])
-def test_the_three_to_five_model_pass_equals_the_rows_bit_for_bit(how, count):
-    # delta_merge_into against rows_merge_into (each model's weighted_delta row, then consensus_into,
+@pytest.mark.parametrize("count", [3, 4, 5, 6, 8])
+def test_the_generated_one_pass_loops_equal_the_rows_bit_for_bit(how, count):
+    # the loop generated for the count against rows_merge_into (each model's weighted_delta row, then consensus_into,
     # weighted_consensus_into or sum_into) on bf16 inputs as stored: cuts with ties split by position, stored
     # masks, deltas summing to zero, unchanged entries
     loops = _kernels.loops()
@@ -484,12 +497,14 @@ def test_the_three_to_five_model_pass_equals_the_rows_bit_for_bit(how, count):
     bounds = [(np.nextafter(t, np.float32(0)), t, 2500, np.float32(0.01), np.float32(0.01), 0),
               (np.float32(0.002), np.float32(0.002), 0, np.nextafter(np.float32(0.02), np.float32(0)), np.float32(0.02), 4000),
               (-inf, -inf, 0, inf, inf, 0), (np.float32(0.003), np.float32(0.003), 0, inf, inf, 0),
-              (np.float32(0.001), np.float32(0.002), 1200, np.float32(0.015), np.float32(0.015), 0)][:count]
+              (np.float32(0.001), np.float32(0.002), 1200, np.float32(0.015), np.float32(0.015), 0)] * 2
+    bounds = bounds[:count]
     stored = [np.empty(0, np.uint8), np.empty(0, np.uint8), (torch.rand(n, generator=g) < 0.6).numpy().view(np.uint8),
               (torch.rand(n, generator=g) < 0.3).numpy().view(np.uint8),
-              (torch.rand(n, generator=g) < 0.5).numpy().view(np.uint8)][:count]
-    pairs = [(1.25, 0.6), (0.8, 0.3), (1.0, 0.45), (1.1, 0.2), (0.9, 0.35)][:count]
-    weights = np.array([0.45, 0.55, 0.35, 0.25, 0.4][:count], dtype=np.float32)
+              (torch.rand(n, generator=g) < 0.5).numpy().view(np.uint8)] * 2
+    stored = stored[:count]
+    pairs = ([(1.25, 0.6), (0.8, 0.3), (1.0, 0.45), (1.1, 0.2), (0.9, 0.35)] * 2)[:count]
+    weights = np.array(([0.45, 0.55, 0.35, 0.25, 0.4] * 2)[:count], dtype=np.float32)
     elect, weigh, normalize = how
     scale, divisor = (np.float32(1), np.float32(0.3)) if weigh else (np.float32(0.7), np.float32(0.9))
     limits = np.array([(b[0], b[1], b[3], b[4]) for b in bounds], dtype=np.float32)
@@ -499,10 +514,9 @@ def test_the_three_to_five_model_pass_equals_the_rows_bit_for_bit(how, count):
     loops.rows_merge_into(tuple(inputs), below, limits, splits, tuple(stored), np.array(pairs, dtype=np.float32), weights,
                           (elect, weigh, False, normalize and not weigh), divisor, scale, rows, scratch, expected)
     got = np.empty(n, dtype=np.float32)
-    factors = np.array([x for pair in _kernels.padded(pairs) for x in pair], dtype=np.float32)
-    five = _kernels.padded
-    loops.delta_merge_into(*five(inputs), below, *five(bounds), *five(stored), factors,
-                           np.array(five(list(weights)), dtype=np.float32), (*how, count), divisor, scale, got)
+    factors = np.array([x for pair in pairs for x in pair], dtype=np.float32)
+    _generated_loops.merge_loop(count)(tuple(inputs), below, tuple(bounds), tuple(stored), factors, weights, how, divisor,
+                                       scale, got)
     assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
     assert not np.array_equal(got, below.view(np.int16).astype(np.int32) << 16)  # the deltas did something
 
@@ -707,8 +721,10 @@ from mergesmith.methods._sparsify import TaskVector, chunk_size, select_top
 n = base.numel()  # four windows at once: counted one by one, then gathered by windows_gather
 select_top(TaskVector(models[0], base, torch.float32), [n // 5, 2 * n // 5, 3 * n // 5, 4 * n // 5], chunk_size(base))
 loops = _kernels.loops()
-print({name: (sum(getattr(loops, name).stats.cache_hits.values()), sum(getattr(loops, name).stats.cache_misses.values()))
-       for name in _kernels.LOOPS if name not in _kernels.INNER_LOOPS})
+from mergesmith.methods import _generated_loops
+compiled = {name: getattr(loops, name) for name in _kernels.LOOPS if name not in _kernels.INNER_LOOPS}
+compiled.update({f"generated for {count}": _generated_loops.merge_loop(count) for count in (3, 4, 5, 6)})
+print({name: (sum(loop.stats.cache_hits.values()), sum(loop.stats.cache_misses.values())) for name, loop in compiled.items()})
 """
 
 
@@ -777,11 +793,11 @@ def test_task_vector_interpolations_on_the_loops_equal_the_torch_path(method, co
     base = base.to(dtype)
     weights = [0.3, 0.6, 0.45, 0.2, 0.35, 0.25][:count]
     run = lambda **kw: get_method(method).func(models, base=base, weight=weights, compute_dtype=torch.float32, **kw)
-    loops, calls = _kernels.loops(), []
-    names = {2: ("pair_product_sums", "pair_combine_into"), 3: ("triple_product_sums", "triple_combine_into"),
-             4: ("product_sums", "delta_merge_into"), 5: ("product_sums", "delta_merge_into")}.get(count, ("product_sums", "rows_merge_into"))
+    calls = []
+    names = {2: ("pair_product_sums", "pair_combine_into"), 3: ("triple_product_sums", "triple_combine_into")}.get(
+        count, ("product_sums", "generated"))
     for name in names:
-        monkeypatch.setattr(loops, name, lambda *a, _loop=getattr(loops, name), _name=name: calls.append(_name) or _loop(*a))
+        _count_calls(monkeypatch, name, calls)
     compiled, rounded = run(), run(output_dtype=torch.bfloat16)
     assert set(names) <= set(calls)
     with torch_path:
@@ -832,9 +848,9 @@ def test_pair_product_sums_are_numpys_block_sums():
     (3, {"select_topk": 0.5}),  # the stored variance mask in the three-model loops (`square_sums`, one pass)
     (3, {"select_topk": 1.0, "energy_floor": 0.0}),  # everything selected, energy weights
     (2, {"select_topk": 1.0, "energy_floor": 0.0}),  # two models, everything selected: the energies' empty keep
-    (4, {"select_topk": 0.5, "energy_floor": 0.0}),  # four: `square_sums` and `delta_merge_into` on the stored mask
+    (4, {"select_topk": 0.5, "energy_floor": 0.0}),  # four: `square_sums` and the generated loop on the stored mask
     (5, {"select_topk": 0.5}),  # five: the variance and the merge in one pass each
-    (6, {"select_topk": 0.5}),  # six: the variance and the merge on rows (`variance_into`, `rows_merge_into`)
+    (6, {"select_topk": 0.5}),  # six: the variance on rows (`variance_into`), the merge in one pass
     (4, {"select_topk": 1.0, "energy_floor": 0.0, "consensus_method": "count"}),  # every entry, elected by count
     (2, {"select_topk": 0.4, "consensus_method": "count"}),  # the two-model cut made into a mask for the rows
 ])

@@ -104,7 +104,7 @@ def test_same_result_on_one_thread_and_a_narrow_output_rounded_once():
 @pytest.mark.parametrize("count,output_dtype", [(3, torch.bfloat16), (4, None), (3, None), (5, torch.bfloat16)])
 def test_three_or_more_models_on_the_loops_give_the_torch_paths_bits(count, output_dtype, monkeypatch):
     # the compiled loops (the products' block sums: `triple_product_sums`, `product_sums`; the output:
-    # `delta_merge_into` for three and four, `rows_merge_into` for five) against the torch path, on inputs stored as bf16 and a length spanning several chunks
+    # the loop generated for the count) against the torch path, on inputs stored as bf16 and a length spanning several chunks
     from mergesmith.methods import _kernels
     from mergesmith.methods._sparsify import TaskVector
 

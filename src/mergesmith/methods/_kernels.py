@@ -15,8 +15,8 @@ them too; the divergences' loop (`_divergence_loops`) is the one that does not r
 
 What stays in PyTorch: every other dtype (16-bit compute for mergekit's arithmetic, float64), other devices,
 and any machine without numba (`available()` is then False and the callers take their torch path). Two to
-five models merge in one pass from the inputs (`pair_delta_merge_into`, `delta_merge_into`); more, or an
-election by count, on rows a block of entries at a time (`rows_merge_into`).
+twelve models merge in one pass from the inputs (`pair_delta_merge_into`, and a loop generated per count:
+`_generated_loops`); more, or an election by count, on rows a block of entries at a time (`rows_merge_into`).
 Inputs stored as bf16 are read by the loops as they are (uint16 bit patterns, widened exactly entry by entry:
 `_kernel_loops.widen`), which saves the float32 copy of every input chunk that torch made before.
 A bf16 output is rounded from the float32 result chunk by chunk (`to_bfloat16`, bit for bit torch's rounding),
@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from mergesmith import runtime
+from mergesmith.methods import _generated_loops
 
 CHUNK = 1 << 18  # entries per chunk of the merge pass
 LANES = 8  # DELLA's random streams, stepped together (`_sparsify.LaneWords`, `_kernel_loops.partner_keep`)
@@ -58,7 +59,7 @@ LOOPS = (
     "weighted_delta", "consensus_into", "pair_delta_merge_into", "sum_into", "window_count", "windows_gather", "windows_tally", "gather_flagged", "gather_stored", "to_bfloat16", "partner_keep",
     "della_rows", "bernoulli_rows", "weighted_consensus_into", "cut_mask", "magnitudes_into", "scaled_magnitudes_into", "choose_scaled_into",
     "contribution_into", "contributor_tallies", "ram_combine_into", "ram_rows_merge_into", "ram_rows_tallies", "contribution_rows", "pair_product_sums", "stock_into", "pair_combine_into", "pair_tallies", "pair_square_sums",
-    "row_divergences_into", "welford_variance_into", "delta_merge_into", "triple_product_sums", "triple_combine_into", "square_sums", "few_variance_into", "variance_into", "product_sums", "above_into", "triple_tallies", "rows_merge_into",
+    "row_divergences_into", "welford_variance_into", "triple_product_sums", "triple_combine_into", "square_sums", "few_variance_into", "variance_into", "product_sums", "above_into", "triple_tallies", "rows_merge_into",
 )
 
 # Loops that only other loops call (compiled into them: their own cache entries are never loaded), listed in
@@ -128,28 +129,28 @@ def loop_operand(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-FEW_COUNTS = (3, 4, 5)  # model counts of the loops with folded models (`delta_merge_into`, `few_variance_into`)
-ONE_PASS_COUNTS = (2, *FEW_COUNTS)  # model counts merged in one pass from the inputs (`pair_delta_merge_into` for two)
+FEW_COUNTS = (3, 4, 5)  # model counts of SCE's variance loop with folded models (`few_variance_into`)
+# model counts merged in one pass from the inputs: `pair_delta_merge_into` for two, a generated loop for more
+ONE_PASS_COUNTS = range(2, _generated_loops.MAX_MODELS + 1)
 
 
 def padded(items: list, length: int = 5) -> list:
-    """The one-pass loops' per-model arguments (models, bounds, stored masks, factor pairs, weights) as a list
-    of `length`, padded with the last one's again: `delta_merge_into` and `few_variance_into` ignore those
-    past their count, `pair_delta_merge_into` reads the first two factor pairs and weights only."""
+    """`few_variance_into`'s models as a list of `length`, padded with the last one's again (the loop ignores
+    those past its count)."""
     return list(items) + list(items[-1:]) * (length - len(items))
 
 
 def one_pass_merge_into(models, base, bounds, stored, apart, factors, weights, how, divisor, scale, out) -> None:
-    """Two to five models' masked deltas merged into `out` in one pass from the inputs: the pair loop for two
-    (`_kernel_loops.pair_delta_merge_into`, which also tests SCE's distance bounds `apart`), else
-    `delta_merge_into` on the per-model arguments padded to five (`apart` must then pass every distance).
-    bounds, stored: one a model; factors, weights: already `padded` (made once a merge); how: (elect,
-    weigh, normalize)."""
+    """Two to `_generated_loops.MAX_MODELS` models' masked deltas merged into `out` in one pass from the
+    inputs: the pair loop for two (`_kernel_loops.pair_delta_merge_into`, which also tests SCE's distance
+    bounds `apart`), else the loop generated for the count (`_generated_loops.merge_loop`; `apart` must then
+    pass every distance). bounds, stored: one a model; factors: each model's (rescale, weight), flat;
+    weights: the election's, one a model; how: (elect, weigh, normalize)."""
     if len(models) == 2:
         loops().pair_delta_merge_into(*models, base, *bounds, *stored, apart, factors, weights, how, divisor, scale, out)
         return
-    loops().delta_merge_into(*padded(models), base, *padded(bounds), *padded(stored), factors, weights,
-                             (*how, len(models)), divisor, scale, out)
+    _generated_loops.merge_loop(len(models))(tuple(models), base, tuple(bounds), tuple(stored), factors, weights, how,
+                                            divisor, scale, out)
 
 
 def rows_scratch(count: int) -> tuple[np.ndarray, np.ndarray]:

@@ -398,16 +398,17 @@ def row_bounds(rules: Sequence[KeepRule], start: int) -> tuple[np.ndarray, np.nd
 class RowSum:
     """out = base + scale · Σ wⱼ·(modelⱼ − base) over every entry of a chunk, in `_kernel_loops.rows_merge_into`'s
     sum: each product rounded, added in model order, then scaled and the base added (Model Stock's output,
-    `_linalg.combine_task_vectors` for four or more). Three to five models take `delta_merge_into`'s sum,
-    the same operations in one pass from the inputs (in cache, four models: 1.2 against 2.55 ns an entry).
+    `_linalg.combine_task_vectors` for four or more). Three to twelve models take a generated loop's sum
+    (`_generated_loops`), the same operations in one pass from the inputs (in cache, four models: 1.2 against
+    2.55 ns an entry).
     Holds the loop's buffers: one a thread."""
 
     def __init__(self, weights: Sequence[float], scale: float):
         count = len(weights)
         self.scale = np.float32(scale)
-        self.one_pass = count in _kernels.FEW_COUNTS
+        self.one_pass = count in _kernels.ONE_PASS_COUNTS and count > 2
         if self.one_pass:
-            self.factors = np.array([x for w in _kernels.padded(list(weights)) for x in (1, w)], dtype=np.float32)
+            self.factors = np.array([x for w in weights for x in (1, w)], dtype=np.float32)
             return
         self.limits, self.splits = row_bounds([KeepRule()] * count, 0)
         self.factors = np.array([(1, w) for w in weights], dtype=np.float32)  # rescale 1, weight w

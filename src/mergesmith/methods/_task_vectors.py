@@ -183,8 +183,8 @@ def merge_task_vectors(
 def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: str | None, normalize: bool,
                     total: float, scale: float, flat_out: torch.Tensor) -> Callable[[list[tuple[int, int]]], None]:
     """`merge_task_vectors`' chunk work on float32 CPU tensors with `_kernels`' loops, each writing the output
-    directly (float32, or bf16 rounded as it is stored): two to five models (unless elected by count) in one
-    pass that keeps the deltas in registers (`pair_delta_merge_into`, `delta_merge_into`); otherwise
+    directly (float32, or bf16 rounded as it is stored): two to twelve models (unless elected by count) in one
+    pass that keeps the deltas in registers (`pair_delta_merge_into`, `_generated_loops`); otherwise
     each model's masked, rescaled, weighted delta written as a row and the rows combined, a block of entries
     at a time (`rows_merge_into`)."""
     loops = _kernels.loops()
@@ -197,8 +197,7 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
         elect = consensus == "sum"
         how = (elect, False, normalize if elect else divide)  # the loops' elect, weigh (SCE's only), normalize
         divisor = np.float32(0 if elect else total)
-        factors = np.array([x for pair in _kernels.padded(list(zip(rescales, ws))) for x in pair], dtype=np.float32)
-        loop_weights = np.array(_kernels.padded(list(ws)), dtype=np.float32)
+        factors = np.array([x for pair in zip(rescales, ws) for x in pair], dtype=np.float32)
 
         def one_pass(chunks: list[tuple[int, int]]) -> None:
             """(Three models: 1B TIES' merge pass had taken 3.35 s through the rows, against 1.07 for two.)"""
@@ -207,7 +206,7 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
                 bounds = [(*rule.keep.bounds(s), *rule.drop.bounds(s)) for rule in rules]
                 stored = [rule.stored_array(s, e) for rule in rules]
                 models, base = _sparsify.models_and_base(tvs, s, e)
-                _kernels.one_pass_merge_into(models, base, bounds, stored, _sparsify.ANY_DISTANCE, factors, loop_weights,
+                _kernels.one_pass_merge_into(models, base, bounds, stored, _sparsify.ANY_DISTANCE, factors, ws,
                                              how, divisor, np.float32(scale), outputs.direct(s, e))
 
         return one_pass
@@ -216,7 +215,7 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
     how = (consensus is not None, False, consensus == "count", divide if consensus is None else normalize)  # SCE weighs
 
     def in_blocks(chunks: list[tuple[int, int]]) -> None:
-        """Six or more models, or election by count: rows a block of entries at a time."""
+        """More than twelve models, or election by count: rows a block of entries at a time."""
         rows, scratch = _kernels.rows_scratch(len(tvs))
         outputs = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks))
         for s, e in chunks:

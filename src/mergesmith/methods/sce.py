@@ -101,8 +101,8 @@ class _Selection:
 
     def loop_terms(self, s: int, e: int) -> tuple[np.ndarray, tuple]:
         """The selection of [s, e) as the one-pass loops take it (`_kernel_loops.pair_delta_merge_into`,
-        `delta_merge_into`): a uint8 mask (empty: none) and bounds on two models' distance, which the
-        pair loop tests as it goes (three to five models are never cut: the bounds then pass everything)."""
+        `_generated_loops`): a uint8 mask (empty: none) and bounds on two models' distance, which the
+        pair loop tests as it goes (three or more models are never cut: the bounds then pass everything)."""
         if self.cut is not None:
             return _EVERYTHING, self.cut.bounds(s)
         return (_EVERYTHING if self.stored is None else self.stored[s:e].numpy()), ANY_DISTANCE
@@ -273,16 +273,15 @@ def _compiled_energy(tvs, selection: _Selection, chunks: list[tuple[int, int]]) 
 
 def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: bool, flat_out: torch.Tensor):
     """The merge pass's chunk work on the compiled path (`_kernel_loops.weighted_consensus_into`'s operations),
-    writing the output directly: two to five models elected by sum in one pass from the inputs
-    (`pair_delta_merge_into`, `delta_merge_into`; three models' merge pass at 1B: 2.6 s through rows of whole
+    writing the output directly: two to twelve models elected by sum in one pass from the inputs
+    (`pair_delta_merge_into`, `_generated_loops`; three models' merge pass at 1B: 2.6 s through rows of whole
     chunks), otherwise on rows a block of entries at a time (`rows_merge_into`)."""
     ws = np.array(weights, dtype=np.float32)
     floor = np.float32(1e-6)
     count = len(tvs)
     if count in _kernels.ONE_PASS_COUNTS and not by_count:
         how = (True, True, True)  # elect, weigh, normalize
-        ones = np.ones(10, dtype=np.float32)  # each model's (rescale, weight), up to five: the deltas unscaled
-        loop_weights = np.array(_kernels.padded(list(ws)), dtype=np.float32)
+        ones = np.ones(2 * count, dtype=np.float32)  # each model's (rescale, weight): the deltas unscaled
 
         def one_pass(chunks):
             outputs = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks))
@@ -290,7 +289,7 @@ def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: 
                 models, base = models_and_base(tvs, s, e)
                 keep, apart = selection.loop_terms(s, e)
                 _kernels.one_pass_merge_into(models, base, (KEEP_ALL_BOUNDS,) * count, (keep,) * count, apart, ones,
-                                             loop_weights, how, floor, np.float32(1), outputs.direct(s, e))
+                                             ws, how, floor, np.float32(1), outputs.direct(s, e))
 
         return one_pass
 
@@ -298,7 +297,7 @@ def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: 
     factors = np.ones((count, 2), dtype=np.float32)
 
     def in_blocks(chunks):
-        """Six or more models, or election by count: rows a block of entries at a time (`rows_merge_into`)."""
+        """More than twelve models, or election by count: rows a block of entries at a time (`rows_merge_into`)."""
         width = max(e - s for s, e in chunks)
         rows, scratch = _kernels.rows_scratch(count)
         keep_buf, outputs, loops = np.empty(width, dtype=np.uint8), _kernels.OutputChunks(flat_out, width), _kernels.loops()
