@@ -701,7 +701,8 @@ get_method("ties").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] *
 get_method("sce").func(models + models[:1], base=base, select_topk=0.5, compute_dtype=torch.float32)  # three: one pass
 get_method("sce").func(models * 2, base=base, select_topk=0.5, compute_dtype=torch.float32)  # four: one pass
 get_method("sce").func(models * 2 + models[:1], base=base, select_topk=0.5, compute_dtype=torch.float32)  # five: one pass each
-get_method("sce").func(models * 3, base=base, select_topk=0.5, compute_dtype=torch.float32)  # six: the rows' variance
+get_method("sce").func(models * 3, base=base, select_topk=0.5, compute_dtype=torch.float32)  # six: one pass each
+get_method("sce").func(models * 6 + models[:1], base=base, select_topk=0.5, compute_dtype=torch.float32)  # thirteen: the rows
 get_method("sce").func(models, base=base, select_topk=0.5, consensus_method="count", compute_dtype=torch.float32)  # cut_mask
 get_method("dare_linear").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] * 4,
                                compute_dtype=torch.float32, generator=torch.Generator().manual_seed(1))  # four, summed
@@ -724,6 +725,7 @@ loops = _kernels.loops()
 from mergesmith.methods import _generated_loops
 compiled = {name: getattr(loops, name) for name in _kernels.LOOPS if name not in _kernels.INNER_LOOPS}
 compiled.update({f"generated for {count}": _generated_loops.merge_loop(count) for count in (3, 4, 5, 6)})
+compiled.update({f"variance for {count}": _generated_loops.variance_loop(count) for count in (3, 5, 6)})
 print({name: (sum(loop.stats.cache_hits.values()), sum(loop.stats.cache_misses.values())) for name, loop in compiled.items()})
 """
 

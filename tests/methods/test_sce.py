@@ -89,9 +89,11 @@ def test_variance_equals_torch_var_bit_for_bit():
 
 
 @pytest.mark.parametrize("count,dtype", [(3, torch.bfloat16), (3, torch.float32), (4, torch.float32), (4, torch.bfloat16),
-                                         (5, torch.bfloat16), (5, torch.float32), (6, torch.bfloat16)])
+                                         (5, torch.bfloat16), (5, torch.float32), (6, torch.bfloat16), (7, torch.float32),
+                                         (13, torch.bfloat16)])
 def test_compiled_variance_of_three_or_more_equals_the_torch_loop_bit_for_bit(count, dtype, monkeypatch):
-    # `_compiled_variance` (three to five: `few_variance_into`; more: rows; float32 task vectors on CPU): inputs as stored (bf16 or float32),
+    # `_compiled_variance` (three to twelve: the loop generated for the count; more: rows; float32 task vectors
+    # on CPU): inputs as stored (bf16 or float32),
     # magnitudes far apart, zeros, equal entries, a length that is a multiple of neither the chunk nor the
     # loop's block
     from mergesmith.methods import _kernels

@@ -244,52 +244,6 @@ def task_vector_block(models, base, start, m, rows):
 
 
 @jit
-def few_variance_into(model0, model1, model2, model3, model4, base, count, out):
-    """`welford_variance_into` for `count` (three to five) task vectors d = model - base (the models past
-    `count` are ignored), made as it goes (float32, as `task_vector_block` makes them): the same float64
-    operations entry by entry, without writing the rows and reading them back (1B SCE, four fine-tunes: the
-    variance's rows a block at a time took a quarter of its thread time)."""
-    if count == 5:
-        _few_variance_loop(model0, model1, model2, model3, model4, base, True, True, out)
-    elif count == 4:
-        _few_variance_loop(model0, model1, model2, model3, model4, base, True, False, out)
-    else:
-        _few_variance_loop(model0, model1, model2, model3, model4, base, False, False, out)
-
-
-@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy", inline="always")
-def _few_variance_loop(model0, model1, model2, model3, model4, base, four, five, out):
-    """`few_variance_into`'s loop, inlined where it is called so that `four` and `five` fold away. The
-    divisions by the counts 2 and 4 are multiplications, by 3 and 5 divisions, as `welford_variance_into`
-    makes them (`exact_reciprocal`)."""
-    for i in range(out.size):
-        x = widen(base[i])
-        first, second, third = np.float64(widen(model0[i]) - x), np.float64(widen(model1[i]) - x), np.float64(widen(model2[i]) - x)
-        mean, m2 = first, 0.0
-        step = second - mean
-        mean += step * (1.0 / 2.0)
-        m2 += step * (second - mean)
-        step = third - mean
-        mean += step / 3.0
-        m2 += step * (third - mean)
-        if four:
-            fourth = np.float64(widen(model3[i]) - x)
-            step = fourth - mean
-            mean += step * (1.0 / 4.0)
-            m2 += step * (fourth - mean)
-        if five:
-            fifth = np.float64(widen(model4[i]) - x)
-            step = fifth - mean
-            mean += step / 5.0
-            m2 += step * (fifth - mean)
-            out[i] = np.float32(m2 / 5.0)
-        elif four:
-            out[i] = np.float32(m2 * (1.0 / 4.0))
-        else:
-            out[i] = np.float32(m2 / 3.0)
-
-
-@jit
 def exact_reciprocal(count):
     """Whether dividing by `count` is multiplying by 1 / count, bit for bit: for a power of two both are the
     same real number, correctly rounded once (vector division costs several times a multiplication)."""

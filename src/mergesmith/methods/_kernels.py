@@ -59,7 +59,7 @@ LOOPS = (
     "weighted_delta", "consensus_into", "pair_delta_merge_into", "sum_into", "window_count", "windows_gather", "windows_tally", "gather_flagged", "gather_stored", "to_bfloat16", "partner_keep",
     "della_rows", "bernoulli_rows", "weighted_consensus_into", "cut_mask", "magnitudes_into", "scaled_magnitudes_into", "choose_scaled_into",
     "contribution_into", "contributor_tallies", "ram_combine_into", "ram_rows_merge_into", "ram_rows_tallies", "contribution_rows", "pair_product_sums", "stock_into", "pair_combine_into", "pair_tallies", "pair_square_sums",
-    "row_divergences_into", "welford_variance_into", "triple_product_sums", "triple_combine_into", "square_sums", "few_variance_into", "variance_into", "product_sums", "above_into", "triple_tallies", "rows_merge_into",
+    "row_divergences_into", "welford_variance_into", "triple_product_sums", "triple_combine_into", "square_sums", "variance_into", "product_sums", "above_into", "triple_tallies", "rows_merge_into",
 )
 
 # Loops that only other loops call (compiled into them: their own cache entries are never loaded), listed in
@@ -129,15 +129,8 @@ def loop_operand(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-FEW_COUNTS = (3, 4, 5)  # model counts of SCE's variance loop with folded models (`few_variance_into`)
 # model counts merged in one pass from the inputs: `pair_delta_merge_into` for two, a generated loop for more
 ONE_PASS_COUNTS = range(2, _generated_loops.MAX_MODELS + 1)
-
-
-def padded(items: list, length: int = 5) -> list:
-    """`few_variance_into`'s models as a list of `length`, padded with the last one's again (the loop ignores
-    those past its count)."""
-    return list(items) + list(items[-1:]) * (length - len(items))
 
 
 def one_pass_merge_into(models, base, bounds, stored, apart, factors, weights, how, divisor, scale, out) -> None:

@@ -50,7 +50,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from mergesmith.methods import _kernels
+from mergesmith.methods import _generated_loops, _kernels
 from mergesmith.methods._kernels import loop_operand
 from mergesmith.methods._parallel import in_parts
 from mergesmith.methods._sums import run_sums
@@ -1319,18 +1319,20 @@ VARIANCE_BLOCK = 512
 
 def _compiled_variance(tvs: Sequence[TaskVector], size: int, out: torch.Tensor) -> torch.Tensor:
     """`variance_across` for three or more float32 task vectors on CPU, by `_kernels`' loops on every thread:
-    the float64 Welford update across the task vectors (`welford_variance_into`), on float32 rows made a block
-    at a time (`variance_into`), or for three to five models entry by entry (`few_variance_into`): the same
-    bits as the torch loop, which took 9.7 of a 19.8 s SCE merge of three 1B fine-tunes on one thread."""
+    the float64 Welford update across the task vectors (`welford_variance_into`): for three to twelve models
+    entry by entry in a loop generated for the count (`_generated_loops.variance_loop`), for more on float32
+    rows made a block at a time (`variance_into`). The same bits as the torch loop, which took 9.7 of a
+    19.8 s SCE merge of three 1B fine-tunes on one thread."""
     flat = out.numpy()
 
     def work(chunks):
-        loops = _kernels.loops()
-        if len(tvs) in _kernels.FEW_COUNTS:  # one loop from the inputs (1B, three: 2.75 s of 5.5 s thread time were the rows)
+        if len(tvs) <= _generated_loops.MAX_MODELS:  # one loop from the inputs (1B, three: 2.75 s of 5.5 s thread time were the rows)
+            variance_into = _generated_loops.variance_loop(len(tvs))
             for s, e in chunks:
                 models, base = models_and_base(tvs, s, e)
-                loops.few_variance_into(*_kernels.padded(models), base, len(models), flat[s:e])
+                variance_into(tuple(models), base, flat[s:e])
             return
+        loops = _kernels.loops()
         rows = np.empty((len(tvs), VARIANCE_BLOCK), dtype=np.float32)
         mean, m2 = np.empty(VARIANCE_BLOCK, dtype=np.float64), np.empty(VARIANCE_BLOCK, dtype=np.float64)
         for s, e in chunks:
