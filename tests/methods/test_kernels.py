@@ -62,14 +62,14 @@ CASES = [
     # three and four models: one pass too (the loop generated for the count); the flags not covered above
     ("ties", {"density": [0.5, 0.4, 0.6], "normalize": False, "lambda_": 0.7}),
     ("dare_linear", {"density": [0.4, 0.5, 0.6], "rescale": False, "normalize": True}),
-    # four models: one pass (generated loop), by count rows a block at a time (`rows_merge_into`); every kind
+    # four models: one pass (generated loop; by count, the loop that elects by count); every kind
     # of mask and both elections
     ("ties", {"density": [0.4, 0.5, 0.6, 0.3]}),
     ("ties", {"density": [0.4, 0.5, 0.6, 0.3], "consensus_method": "count", "normalize": False, "lambda_": 0.7}),
     ("breadcrumbs_ties", {"density": [0.6, 0.5, 0.7, 0.4], "gamma": [0.02, 0.05, 0.01, 0.0]}),
     ("dare_linear", {"density": [0.4, 0.5, 0.6, 0.7], "rescale": False, "normalize": True}),
     ("della", {"density": [0.4, 0.5, 0.6, 0.5], "epsilon": [0.1, 0.1, 0.2, 0.1]}),
-    # five models: one pass too, by count the rows
+    # five models: one pass too
     ("ties", {"density": [0.4, 0.5, 0.6, 0.3, 0.5]}),
     ("ties", {"density": [0.4, 0.5, 0.6, 0.3, 0.5], "normalize": False, "lambda_": 0.7}),
     ("ties", {"density": [0.4, 0.5, 0.6, 0.3, 0.5], "consensus_method": "count"}),
@@ -454,7 +454,8 @@ def _count_calls(monkeypatch, loop: str, calls: list) -> None:
     """Append to `calls` on each call of the named compiled loop, or of a generated one-pass loop ("generated")."""
     if loop == "generated":
         load = _generated_loops.merge_loop
-        monkeypatch.setattr(_generated_loops, "merge_loop", lambda count: lambda *a: calls.append(loop) or load(count)(*a))
+        monkeypatch.setattr(_generated_loops, "merge_loop",
+                            lambda count, by_count=False: lambda *a: calls.append(loop) or load(count, by_count)(*a))
         return
     loops = _kernels.loops()
     monkeypatch.setattr(loops, loop, lambda *a, _loop=getattr(loops, loop): calls.append(loop) or _loop(*a))
@@ -477,10 +478,13 @@ def test_models_of_mixed_dtypes_stay_on_the_loops_as_on_torch(count, loop, torch
     assert torch.equal(compiled, reference) and not torch.equal(compiled, base.float())
 
 
-@pytest.mark.parametrize("how", [(True, False, True), (True, False, False), (True, True, True), (False, False, True),
-                                 (False, False, False)])  # elect, weigh (SCE), normalize
+_ELECTIONS = [(True, False, True), (True, False, False), (True, True, True)]  # elect, weigh (SCE), normalize
+
+
+@pytest.mark.parametrize("how,by_count", [(how, False) for how in _ELECTIONS + [(False, False, True), (False, False, False)]]
+                         + [(how, True) for how in _ELECTIONS])  # the sign elected by sum, or by count
 @pytest.mark.parametrize("count", [3, 4, 5, 6, 8])
-def test_the_generated_one_pass_loops_equal_the_rows_bit_for_bit(how, count):
+def test_the_generated_one_pass_loops_equal_the_rows_bit_for_bit(how, by_count, count):
     # the loop generated for the count against rows_merge_into (each model's weighted_delta row, then consensus_into,
     # weighted_consensus_into or sum_into) on bf16 inputs as stored: cuts with ties split by position, stored
     # masks, deltas summing to zero, unchanged entries
@@ -512,11 +516,11 @@ def test_the_generated_one_pass_loops_equal_the_rows_bit_for_bit(how, count):
     rows, scratch = _kernels.rows_scratch(count)
     expected = np.empty(n, dtype=np.float32)
     loops.rows_merge_into(tuple(inputs), below, limits, splits, tuple(stored), np.array(pairs, dtype=np.float32), weights,
-                          (elect, weigh, False, normalize and not weigh), divisor, scale, rows, scratch, expected)
+                          (elect, weigh, by_count, normalize and not weigh), divisor, scale, rows, scratch, expected)
     got = np.empty(n, dtype=np.float32)
     factors = np.array([x for pair in pairs for x in pair], dtype=np.float32)
-    _generated_loops.merge_loop(count)(tuple(inputs), below, tuple(bounds), tuple(stored), factors, weights, how, divisor,
-                                       scale, got)
+    _generated_loops.merge_loop(count, by_count)(tuple(inputs), below, tuple(bounds), tuple(stored), factors, weights, how,
+                                                 divisor, scale, got)
     assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
     assert not np.array_equal(got, below.view(np.int16).astype(np.int32) << 16)  # the deltas did something
 
@@ -697,7 +701,8 @@ for name in ("ties", "breadcrumbs", "dare_linear", "della", "sce"):
     get_method(name).func(models, base=base, **kwargs)
 get_method("ties").func(models + models[:1], base=base, weight=[0.5] * 3, density=[0.5] * 3, compute_dtype=torch.float32)  # three: one pass
 get_method("ties").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] * 4, compute_dtype=torch.float32)  # four: one pass
-get_method("ties").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] * 4, consensus_method="count", compute_dtype=torch.float32)  # by count: rows_merge_into
+get_method("ties").func(models * 2, base=base, weight=[0.5] * 4, density=[0.5] * 4, consensus_method="count", compute_dtype=torch.float32)  # by count: one pass
+get_method("ties").func(models, base=base, weight=[0.5] * 2, density=[0.5] * 2, consensus_method="count", compute_dtype=torch.float32)  # two by count: rows_merge_into
 get_method("sce").func(models + models[:1], base=base, select_topk=0.5, compute_dtype=torch.float32)  # three: one pass
 get_method("sce").func(models * 2, base=base, select_topk=0.5, compute_dtype=torch.float32)  # four: one pass
 get_method("sce").func(models * 2 + models[:1], base=base, select_topk=0.5, compute_dtype=torch.float32)  # five: one pass each
@@ -725,6 +730,7 @@ loops = _kernels.loops()
 from mergesmith.methods import _generated_loops
 compiled = {name: getattr(loops, name) for name in _kernels.LOOPS if name not in _kernels.INNER_LOOPS}
 compiled.update({f"generated for {count}": _generated_loops.merge_loop(count) for count in (3, 4, 5, 6)})
+compiled["generated for 4, by count"] = _generated_loops.merge_loop(4, by_count=True)
 compiled.update({f"variance for {count}": _generated_loops.variance_loop(count) for count in (3, 5, 6)})
 print({name: (sum(loop.stats.cache_hits.values()), sum(loop.stats.cache_misses.values())) for name, loop in compiled.items()})
 """
@@ -846,13 +852,13 @@ def test_pair_product_sums_are_numpys_block_sums():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("count,params", [
     (2, {"select_topk": 0.4}),  # the streamed two-model cut
-    (3, {"select_topk": 0.6, "consensus_method": "count"}),  # the stored variance mask, the rows' merge
+    (3, {"select_topk": 0.6, "consensus_method": "count"}),  # the stored variance mask, the merge electing by count in one pass
     (3, {"select_topk": 0.5}),  # the stored variance mask in the three-model loops (`square_sums`, one pass)
     (3, {"select_topk": 1.0, "energy_floor": 0.0}),  # everything selected, energy weights
     (2, {"select_topk": 1.0, "energy_floor": 0.0}),  # two models, everything selected: the energies' empty keep
     (4, {"select_topk": 0.5, "energy_floor": 0.0}),  # four: `square_sums` and the generated loop on the stored mask
     (5, {"select_topk": 0.5}),  # five: the variance and the merge in one pass each
-    (6, {"select_topk": 0.5}),  # six: the variance on rows (`variance_into`), the merge in one pass
+    (6, {"select_topk": 0.5}),  # six: the variance and the merge in one pass each
     (4, {"select_topk": 1.0, "energy_floor": 0.0, "consensus_method": "count"}),  # every entry, elected by count
     (2, {"select_topk": 0.4, "consensus_method": "count"}),  # the two-model cut made into a mask for the rows
 ])

@@ -57,9 +57,10 @@ def _in_order(terms: list[str], start: str | None = None) -> str:
     return expression
 
 
-def merge_loop_source(count: int) -> str:
+def merge_loop_source(count: int, by_count: bool = False) -> str:
     """Python source of the module whose `merge_into(models, base, bounds, stored, factors, weights, how,
-    divisor, scale, out)` merges `count` models in one pass. models, bounds, stored: tuples of `count` (the
+    divisor, scale, out)` merges `count` models in one pass, the sign elected by the sum of the deltas or,
+    `by_count`, of their signs (one vote a model, `elect_into`'s; such a loop only elects). models, bounds, stored: tuples of `count` (the
     models' chunks as the loops read them, each keep rule's `Cut` bounds for `kept_delta`, uint8 stored
     masks, empty for none); factors: each model's (rescale, weight), flat; weights: the election's; how:
     (elect, weigh, normalize) as `pair_delta_merge_into` takes it; divisor: the sum's (without election) or
@@ -88,7 +89,8 @@ def merge_loop_source(count: int) -> str:
     lines += ["    for i in range(n):", "        x = widen(base[i])"]
     lines += [f"        d{j} = kept_delta(widen(model{j}[i]) - x, i, bounds{j}, every{j} or stored{j}[i] != 0, r{j}, f{j})"
               for j in models]
-    lines += ["        if elect:", f"            vote = one if {_in_order(deltas)} >= zero else -one"]
+    votes = _in_order([f"np.sign({d})" for d in deltas]) if by_count else _in_order(deltas)
+    lines += ["        if elect:", f"            vote = one if {votes} >= zero else -one"]
     for j in models:
         lines += [f"            a{j} = d{j} * vote > zero", f"            p{j} = d{j} * w{j} if weigh else d{j}"]
     lines += [
@@ -109,7 +111,9 @@ def merge_loop_source(count: int) -> str:
         "def merge_into(models, base, bounds, stored, factors, weights, how, divisor, scale, out):",
         "    elect, weigh, normalize = how",
     ]
-    for index, (test, flags) in enumerate(_OPERATION_SETS):
+    operation_sets = [(test, flags) for test, flags in _OPERATION_SETS if flags[0] or not by_count]
+    operation_sets[-1] = (None, operation_sets[-1][1])  # the last set is the else branch
+    for index, (test, flags) in enumerate(operation_sets):
         lines.append(f"    {'if' if index == 0 else 'elif'} {test}:" if test else "    else:")
         lines.append(f"        _loop(models, base, bounds, stored, factors, weights, {', '.join(map(str, flags))}, divisor, scale, out)")
     return "\n".join(lines) + "\n"
@@ -206,8 +210,11 @@ def _remove_stale(folder: Path, prefix: str, keep: str) -> None:
                 pass
 
 
-def merge_loop(count: int) -> Callable:
-    """The compiled `merge_into` of `merge_loop_source(count)` (3 to MAX_MODELS models)."""
+def merge_loop(count: int, by_count: bool = False) -> Callable:
+    """The compiled `merge_into` of `merge_loop_source(count, by_count)` (3 to MAX_MODELS models); the loop
+    that elects by count is a module of its own, so that only the merges that ask for it compile it."""
+    if by_count:
+        return _loaded("count_merge", count, lambda n: merge_loop_source(n, by_count=True), "merge_into")
     return _loaded("merge", count, merge_loop_source, "merge_into")
 
 

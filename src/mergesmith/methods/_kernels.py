@@ -133,17 +133,25 @@ def loop_operand(tensor: torch.Tensor) -> np.ndarray:
 ONE_PASS_COUNTS = range(2, _generated_loops.MAX_MODELS + 1)
 
 
-def one_pass_merge_into(models, base, bounds, stored, apart, factors, weights, how, divisor, scale, out) -> None:
+def one_pass_merge_into(models, base, bounds, stored, apart, factors, weights, how, divisor, scale, out,
+                        by_count: bool = False) -> None:
     """Two to `_generated_loops.MAX_MODELS` models' masked deltas merged into `out` in one pass from the
     inputs: the pair loop for two (`_kernel_loops.pair_delta_merge_into`, which also tests SCE's distance
     bounds `apart`), else the loop generated for the count (`_generated_loops.merge_loop`; `apart` must then
     pass every distance). bounds, stored: one a model; factors: each model's (rescale, weight), flat;
-    weights: the election's, one a model; how: (elect, weigh, normalize)."""
-    if len(models) == 2:
+    weights: the election's, one a model; how: (elect, weigh, normalize); `by_count`: the sign elected by
+    one vote a model (three or more models: see `one_pass`)."""
+    if len(models) == 2 and not by_count:
         loops().pair_delta_merge_into(*models, base, *bounds, *stored, apart, factors, weights, how, divisor, scale, out)
         return
-    _generated_loops.merge_loop(len(models))(tuple(models), base, tuple(bounds), tuple(stored), factors, weights, how,
-                                            divisor, scale, out)
+    _generated_loops.merge_loop(len(models), by_count)(tuple(models), base, tuple(bounds), tuple(stored), factors,
+                                                      weights, how, divisor, scale, out)
+
+
+def one_pass(count: int, by_count: bool = False) -> bool:
+    """Whether `one_pass_merge_into` merges `count` models (two elected by count take the rows: the pair loop
+    elects by sum only)."""
+    return count in ONE_PASS_COUNTS and not (by_count and count == 2)
 
 
 def rows_scratch(count: int) -> tuple[np.ndarray, np.ndarray]:

@@ -183,8 +183,8 @@ def merge_task_vectors(
 def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: str | None, normalize: bool,
                     total: float, scale: float, flat_out: torch.Tensor) -> Callable[[list[tuple[int, int]]], None]:
     """`merge_task_vectors`' chunk work on float32 CPU tensors with `_kernels`' loops, each writing the output
-    directly (float32, or bf16 rounded as it is stored): two to twelve models (unless elected by count) in one
-    pass that keeps the deltas in registers (`pair_delta_merge_into`, `_generated_loops`); otherwise
+    directly (float32, or bf16 rounded as it is stored): two to twelve models (three or more when elected by
+    count) in one pass that keeps the deltas in registers (`pair_delta_merge_into`, `_generated_loops`); otherwise
     each model's masked, rescaled, weighted delta written as a row and the rows combined, a block of entries
     at a time (`rows_merge_into`)."""
     loops = _kernels.loops()
@@ -193,8 +193,8 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
     ws = np.array(weights, dtype=np.float32)
     divide = normalize and abs(total) >= 1e-8
 
-    if consensus != "count" and len(tvs) in _kernels.ONE_PASS_COUNTS:  # one loop from inputs to output, no rows
-        elect = consensus == "sum"
+    if _kernels.one_pass(len(tvs), consensus == "count"):  # one loop from inputs to output, no rows
+        elect, by_count = consensus is not None, consensus == "count"
         how = (elect, False, normalize if elect else divide)  # the loops' elect, weigh (SCE's only), normalize
         divisor = np.float32(0 if elect else total)
         factors = np.array([x for pair in zip(rescales, ws) for x in pair], dtype=np.float32)
@@ -207,7 +207,7 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
                 stored = [rule.stored_array(s, e) for rule in rules]
                 models, base = _sparsify.models_and_base(tvs, s, e)
                 _kernels.one_pass_merge_into(models, base, bounds, stored, _sparsify.ANY_DISTANCE, factors, ws,
-                                             how, divisor, np.float32(scale), outputs.direct(s, e))
+                                             how, divisor, np.float32(scale), outputs.direct(s, e), by_count)
 
         return one_pass
 
@@ -215,7 +215,7 @@ def _compiled_merge(tvs: list, plans: list, weights: list[float], *, consensus: 
     how = (consensus is not None, False, consensus == "count", divide if consensus is None else normalize)  # SCE weighs
 
     def in_blocks(chunks: list[tuple[int, int]]) -> None:
-        """More than twelve models, or election by count: rows a block of entries at a time."""
+        """More than twelve models, or two elected by count: rows a block of entries at a time."""
         rows, scratch = _kernels.rows_scratch(len(tvs))
         outputs = _kernels.OutputChunks(flat_out, max(e - s for s, e in chunks))
         for s, e in chunks:

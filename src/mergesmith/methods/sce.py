@@ -273,13 +273,13 @@ def _compiled_energy(tvs, selection: _Selection, chunks: list[tuple[int, int]]) 
 
 def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: bool, flat_out: torch.Tensor):
     """The merge pass's chunk work on the compiled path (`_kernel_loops.weighted_consensus_into`'s operations),
-    writing the output directly: two to twelve models elected by sum in one pass from the inputs
+    writing the output directly: two to twelve models (three or more elected by count) in one pass from the inputs
     (`pair_delta_merge_into`, `_generated_loops`; three models' merge pass at 1B: 2.6 s through rows of whole
     chunks), otherwise on rows a block of entries at a time (`rows_merge_into`)."""
     ws = np.array(weights, dtype=np.float32)
     floor = np.float32(1e-6)
     count = len(tvs)
-    if count in _kernels.ONE_PASS_COUNTS and not by_count:
+    if _kernels.one_pass(count, by_count):
         how = (True, True, True)  # elect, weigh, normalize
         ones = np.ones(2 * count, dtype=np.float32)  # each model's (rescale, weight): the deltas unscaled
 
@@ -289,7 +289,7 @@ def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: 
                 models, base = models_and_base(tvs, s, e)
                 keep, apart = selection.loop_terms(s, e)
                 _kernels.one_pass_merge_into(models, base, (KEEP_ALL_BOUNDS,) * count, (keep,) * count, apart, ones,
-                                             ws, how, floor, np.float32(1), outputs.direct(s, e))
+                                             ws, how, floor, np.float32(1), outputs.direct(s, e), by_count)
 
         return one_pass
 
@@ -297,7 +297,7 @@ def _compiled_merge(tvs, selection: _Selection, weights: list[float], by_count: 
     factors = np.ones((count, 2), dtype=np.float32)
 
     def in_blocks(chunks):
-        """More than twelve models, or election by count: rows a block of entries at a time (`rows_merge_into`)."""
+        """More than twelve models, or two elected by count: rows a block of entries at a time (`rows_merge_into`)."""
         width = max(e - s for s, e in chunks)
         rows, scratch = _kernels.rows_scratch(count)
         keep_buf, outputs, loops = np.empty(width, dtype=np.uint8), _kernels.OutputChunks(flat_out, width), _kernels.loops()
