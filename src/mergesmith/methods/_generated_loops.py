@@ -1,5 +1,6 @@
 """One-pass loops for any number of models, written out per model count and compiled by numba: the merge
-of masked deltas, and SCE's variance across task vectors.
+of masked deltas (the sign elected by their sum or, a module of its own, by count), and SCE's variance
+across task vectors.
 
 Why: the task-vector merges (TIES, DARE, DELLA, Breadcrumbs, SCE, task arithmetic) and the weighted sums of
 Model Stock and the slerp family combine every model's masked delta entry by entry. Kept in registers, the
@@ -12,7 +13,7 @@ every process). Each count is its own module: a merge compiles, once per machine
 (two to seven seconds for three to eight models, all five operation sets).
 
 The merge's operations are `rows_merge_into`'s, entry by entry and in the same order (`weighted_delta`, then
-`consensus_into` elected by sum, `weighted_consensus_into` or `sum_into`), and the variance's are
+`consensus_into` elected by sum or count, `weighted_consensus_into` or `sum_into`), and the variance's are
 `welford_variance_into`'s, so every count gives the rows' bits; the tests check it.
 
 Where the files go: `MERGESMITH_LOOP_DIR`, else `$XDG_CACHE_HOME/mergesmith/loops` (`~/.cache/...`), else a

@@ -16,7 +16,8 @@ them too; the divergences' loop (`_divergence_loops`) is the one that does not r
 What stays in PyTorch: every other dtype (16-bit compute for mergekit's arithmetic, float64), other devices,
 and any machine without numba (`available()` is then False and the callers take their torch path). Two to
 twelve models merge in one pass from the inputs (`pair_delta_merge_into`, and a loop generated per count:
-`_generated_loops`); more, or an election by count, on rows a block of entries at a time (`rows_merge_into`).
+`_generated_loops`, which also elects by count); more, or two elected by count, on rows a block of entries at
+a time (`rows_merge_into`).
 Inputs stored as bf16 are read by the loops as they are (uint16 bit patterns, widened exactly entry by entry:
 `_kernel_loops.widen`), which saves the float32 copy of every input chunk that torch made before.
 A bf16 output is rounded from the float32 result chunk by chunk (`to_bfloat16`, bit for bit torch's rounding),
