@@ -61,9 +61,9 @@ def _in_order(terms: list[str], start: str | None = None) -> str:
 def merge_loop_source(count: int, by_count: bool = False) -> str:
     """Python source of the module whose `merge_into(models, base, bounds, stored, factors, weights, how,
     divisor, scale, out)` merges `count` models in one pass, the sign elected by the sum of the deltas or,
-    `by_count`, of their signs (one vote a model, `elect_into`'s; such a loop only elects). models, bounds, stored: tuples of `count` (the
-    models' chunks as the loops read them, each keep rule's `Cut` bounds for `kept_delta`, uint8 stored
-    masks, empty for none); factors: each model's (rescale, weight), flat; weights: the election's; how:
+    `by_count`, of their signs (one vote a model, as `elect_into` counts; such a loop only elects).
+    models, bounds, stored: tuples of `count` (the models' chunks as the loops read them, each keep rule's
+    `Cut` bounds for `kept_delta`, uint8 stored masks, empty for none); factors: each model's (rescale, weight), flat; weights: the election's; how:
     (elect, weigh, normalize) as `pair_delta_merge_into` takes it; divisor: the sum's (without election) or
     SCE's floor; out: float32, or a bf16 output's bit patterns."""
     models = range(count)

@@ -398,34 +398,32 @@ def row_bounds(rules: Sequence[KeepRule], start: int) -> tuple[np.ndarray, np.nd
 class RowSum:
     """out = base + scale · Σ wⱼ·(modelⱼ − base) over every entry of a chunk, in `_kernel_loops.rows_merge_into`'s
     sum: each product rounded, added in model order, then scaled and the base added (Model Stock's output,
-    `_linalg.combine_task_vectors` for four or more). Three to twelve models take a generated loop's sum
-    (`_generated_loops`), the same operations in one pass from the inputs (in cache, four models: 1.2 against
-    2.55 ns an entry).
-    Holds the loop's buffers: one a thread."""
+    `_linalg.combine_task_vectors` for four or more). Up to twelve models take `_kernels.one_pass_merge_into`'s
+    sum, the same operations in one pass from the inputs (in cache, four models: 1.2 against 2.55 ns an
+    entry). Holds the loop's buffers: one a thread."""
 
     def __init__(self, weights: Sequence[float], scale: float):
         count = len(weights)
         self.scale = np.float32(scale)
-        self.one_pass = count in _kernels.ONE_PASS_COUNTS and count > 2
+        self.masks = (_NO_MASK,) * count
+        self.one_pass = _kernels.one_pass(count)
         if self.one_pass:
-            self.factors = np.array([x for w in weights for x in (1, w)], dtype=np.float32)
+            self.bounds = (KEEP_ALL_BOUNDS,) * count
+            self.factors = np.array([x for w in weights for x in (1, w)], dtype=np.float32)  # rescale 1, weight w
             return
         self.limits, self.splits = row_bounds([KeepRule()] * count, 0)
-        self.factors = np.array([(1, w) for w in weights], dtype=np.float32)  # rescale 1, weight w
-        self.masks = (_NO_MASK,) * count
+        self.factors = np.array([(1, w) for w in weights], dtype=np.float32)
         self.rows, self.scratch = _kernels.rows_scratch(count)
 
     def into(self, models: Sequence[np.ndarray], base: np.ndarray, out: np.ndarray) -> None:
         """Write the chunk's sum into `out` (float32, or a bf16 output's bit patterns); loop operands."""
         if self.one_pass:  # no election, no division
-            count = len(models)
-            _kernels.one_pass_merge_into(models, base, (KEEP_ALL_BOUNDS,) * count, (_NO_MASK,) * count, ANY_DISTANCE,
-                                         self.factors, self.factors[1::2], (False, False, False), np.float32(1),
-                                         self.scale, out)
+            _kernels.one_pass_merge_into(models, base, self.bounds, self.masks, ANY_DISTANCE, self.factors,
+                                         self.factors[1::2], (False, False, False), np.float32(1), self.scale, out)
             return
         _kernels.loops().rows_merge_into(tuple(models), base, self.limits, self.splits, self.masks, self.factors,
-                              self.factors[:, 1], (False, False, False, False), np.float32(1), self.scale,
-                              self.rows, self.scratch, out)
+                                         self.factors[:, 1], (False, False, False, False), np.float32(1), self.scale,
+                                         self.rows, self.scratch, out)
 
 
 def _cut(threshold: torch.Tensor, n_ge: int, n_gt: int, k: int, nth_tie: Callable[[int], int]) -> Cut:
