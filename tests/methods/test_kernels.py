@@ -94,8 +94,8 @@ def _fourth(models, base, dtype=None, seed=99):
 
 def _models(count, models, base, seed=99):
     """`count` of the family's models: its first ones, or all of them and more fine-tunes (seeds from `seed`)."""
-    for seed in range(seed, seed + count - len(models)):
-        models = _fourth(models, base, seed=seed)
+    for extra_seed in range(seed, seed + count - len(models)):
+        models = _fourth(models, base, seed=extra_seed)
     return models[:count]
 
 
